@@ -1,0 +1,47 @@
+"""batchkit: embedded dynamic batching for Python ML inference.
+
+Many callers each hold one item; the model is fastest on batches. batchkit gathers the items into
+batches, runs the model once per batch, and gives every caller its own answer.
+"""
+
+from __future__ import annotations
+
+from ._core._config import Settings as Settings
+from ._core._decorator import AsyncBatched as AsyncBatched
+from ._core._decorator import SyncBatched as SyncBatched
+from ._core._decorator import batched as batched
+from ._core._errors import BatchkitError as BatchkitError
+from ._core._errors import BatchSizeMismatch as BatchSizeMismatch
+from ._core._errors import ClosedError as ClosedError
+from ._core._errors import ConfigurationError as ConfigurationError
+from ._core._errors import DeadlineExceeded as DeadlineExceeded
+from ._core._errors import ModelError as ModelError
+from ._core._errors import QueueFull as QueueFull
+from ._core._errors import WrongLoopError as WrongLoopError
+from ._core._model import BatchedModel as BatchedModel
+from ._core._stats import LatencySummary as LatencySummary
+from ._core._stats import Statistics as Statistics
+from ._version import __version__ as __version__
+
+__all__ = (
+    "AsyncBatched",
+    "BatchSizeMismatch",
+    "BatchedModel",
+    "BatchkitError",
+    "ClosedError",
+    "ConfigurationError",
+    "DeadlineExceeded",
+    "LatencySummary",
+    "ModelError",
+    "QueueFull",
+    "Settings",
+    "Statistics",
+    "SyncBatched",
+    "WrongLoopError",
+    "__version__",
+    "batched",
+)
+
+import logging as _logging
+
+_logging.getLogger("batchkit").addHandler(_logging.NullHandler())

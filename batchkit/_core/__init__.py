@@ -1,0 +1,1 @@
+"""The engine: imports the standard library and anyio, nothing else."""

@@ -1,0 +1,536 @@
+"""The runner: the only code that awaits. It feeds batches from the queue to the model.
+
+An engine lives in one event loop (asyncio or trio), entered with ``async with``. Within that
+loop callers submit directly; other threads and loops hand their requests over thread-safely.
+Everything that touches the queue or the counters runs on the engine's loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import math
+import threading
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+from anyio.abc import TaskGroup
+
+from ._config import Settings
+from ._errors import (
+    BatchSizeMismatch,
+    ClosedError,
+    ConfigurationError,
+    DeadlineExceeded,
+    ModelError,
+    QueueFull,
+)
+from ._queue import BatchQueue
+from ._requests import EventRequest, FutureRequest, Request, ThreadRequest
+from ._stats import Recorder, Statistics
+
+__all__ = ("Engine",)
+
+
+class _Signal:
+    """Wake every task waiting on it; waits may carry a deadline on the loop clock."""
+
+    __slots__ = ("_count", "_event")
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._count = 0
+
+    @property
+    def has_waiters(self) -> bool:
+        return self._count > 0
+
+    def set(self) -> None:
+        if self._count:
+            self._event.set()
+            self._event = anyio.Event()
+
+    async def wait(self, until: float = math.inf) -> None:
+        event = self._event
+        self._count += 1
+        try:
+            with anyio.CancelScope(deadline=until):
+                await event.wait()
+        finally:
+            self._count -= 1
+
+
+class _AsyncioSignal(_Signal):
+    """The same on asyncio, with bare futures and timer handles (no cancel scopes)."""
+
+    __slots__ = ("_futures", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._futures: list[asyncio.Future[None]] = []
+
+    @property
+    def has_waiters(self) -> bool:
+        return bool(self._futures)
+
+    def set(self) -> None:
+        futures, self._futures = self._futures, []
+        for future in futures:
+            if not future.done():
+                future.set_result(None)
+
+    async def wait(self, until: float = math.inf) -> None:
+        future = self._loop.create_future()
+        self._futures.append(future)
+        timer = None if until == math.inf else self._loop.call_at(until, _wake, future)
+        try:
+            await future
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Engine:
+    """Run one model's batches in the current event loop while entered."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        fn: Callable[[Any], Any],
+        is_async: bool,
+        version: Callable[[], str],
+        recorder: Recorder,
+    ) -> None:
+        self.settings = settings
+        self._fn = fn
+        self._is_async = is_async
+        self._version = version
+        self._queue = BatchQueue(
+            max_batch_size=settings.max_batch_size,
+            max_queue_size=settings.max_queue_size,
+            max_wait=settings.max_wait,
+            max_batch_cost=settings.max_batch_cost,
+            adaptive_wait=settings.adaptive_wait,
+        )
+        self._rec = recorder
+        self._seq = itertools.count()
+        self._in_flight = 0
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._token: anyio.lowlevel.EventLoopToken | None = None
+        self.thread_id = -1
+        self._tg: TaskGroup | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._signal = _AsyncioSignal(self._loop) if self._loop else _Signal()
+        self._clock: Callable[[], float] = self._loop.time if self._loop else anyio.current_time
+        self._token = anyio.lowlevel.current_token()
+        self.thread_id = threading.get_ident()
+        self._closing_event = anyio.Event()
+        self._limiter = anyio.CapacityLimiter(self.settings.max_concurrency)
+        self._workers = self.settings.max_concurrency
+        self._stopped = anyio.Event()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        for _ in range(self._workers):
+            self._tg.start_soon(self._worker)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        self.begin_close(drain=False)
+        assert self._tg is not None
+        return await self._tg.__aexit__(exc_type, exc, tb)
+
+    def begin_close(self, drain: bool) -> None:
+        """Stop accepting items; fail the queued ones unless ``drain``. Call on the loop thread."""
+        if not self._closing:
+            self._closing = True
+            self._closing_event.set()
+        if not drain:
+            for req in self._queue.remove_all():
+                self._fail(req, ClosedError(f"model {self.settings.name!r} was closed"))  # type: ignore[arg-type]
+        self._signal.set()
+
+    async def wait_stopped(self) -> None:
+        """Return once closing finished: every worker has returned."""
+        await self._stopped.wait()
+
+    async def wait_closing(self) -> None:
+        """Return once ``begin_close`` was called."""
+        await self._closing_event.wait()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def in_current_loop(self) -> bool:
+        """Return whether the calling code runs in this engine's event loop."""
+        if self._loop is not None:
+            try:
+                return asyncio.get_running_loop() is self._loop
+            except RuntimeError:
+                return False
+        try:
+            return anyio.lowlevel.current_token() == self._token
+        except Exception:
+            return False
+
+    # -- submitting ----------------------------------------------------------------------------
+
+    def _new_request(self, item: Any, priority: float, deadline: float | None) -> Request:
+        now = self._clock()
+        cost = self._cost(item)
+        if self._loop is not None:
+            return FutureRequest(
+                self._loop.create_future(), item, priority, next(self._seq), now, deadline, cost
+            )
+        return EventRequest(item, priority, next(self._seq), now, deadline, cost)
+
+    def _cost(self, item: Any) -> float:
+        size_fn = self.settings.size_fn
+        if size_fn is None:
+            return 1.0
+        cost = size_fn(item)
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not cost >= 0:
+            raise ConfigurationError(f"size_fn must return a number >= 0, got {cost!r}")
+        return float(cost)
+
+    def _submit(self, req: Request, wait: bool) -> None:
+        if self._closing:
+            raise ClosedError(f"model {self.settings.name!r} is closed")
+        try:
+            self._queue.push(req, wait=wait)
+        except QueueFull:
+            self._rec.rejected += 1
+            raise
+        self._rec.submitted += 1
+        deadline = req.deadline
+        if deadline is not None:
+            if self._loop is not None:
+                req.timer = self._loop.call_at(deadline, self.expire, req)
+            elif isinstance(req, ThreadRequest):
+                assert self._tg is not None
+                self._tg.start_soon(self._expire_at_deadline, req)
+        if self._signal.has_waiters:
+            self._signal.set()
+
+    async def _expire_at_deadline(self, req: Request) -> None:
+        # The timer of a thread request on a loop without timer handles (trio).
+        with anyio.CancelScope() as scope:
+            req.timer = scope
+            if not req.finished:
+                assert req.deadline is not None
+                await anyio.sleep_until(req.deadline)
+                self.expire(req)
+
+    async def call(
+        self, item: Any, priority: float, deadline: float | None, wait: bool
+    ) -> Any:
+        """Submit ``item`` and return its result; run on the engine's loop."""
+        req = self._new_request(item, priority, deadline)
+        self._submit(req, wait)
+        try:
+            return await self._outcome(req)
+        finally:
+            if not req.finished:
+                self.cancel(req)
+
+    async def _outcome(self, req: Request) -> Any:
+        if isinstance(req, FutureRequest):
+            return await req.future
+        assert isinstance(req, EventRequest)
+        if req.deadline is None:
+            await req.event.wait()
+        else:
+            with anyio.CancelScope(deadline=req.deadline):
+                await req.event.wait()
+            if not req.finished:
+                self.expire(req)
+        return req.outcome()
+
+    async def call_many(
+        self,
+        items: Sequence[Any],
+        priority: float,
+        deadline: float | None,
+        wait: bool,
+        return_exceptions: bool,
+    ) -> list[Any]:
+        """Submit all ``items`` at once and return their results in order."""
+        reqs: list[Request] = []
+        try:
+            for item in items:
+                req = self._new_request(item, priority, deadline)
+                self._submit(req, wait)
+                reqs.append(req)
+            results: list[Any] = []
+            for req in reqs:
+                try:
+                    results.append(await self._outcome(req))
+                except Exception as exc:
+                    if not return_exceptions:
+                        raise
+                    results.append(exc)
+            return results
+        finally:
+            for req in reqs:
+                if not req.finished:
+                    self.cancel(req)
+
+    # -- from other threads --------------------------------------------------------------------
+
+    def new_thread_request(
+        self, item: Any, priority: float, timeout: float | None, wait: bool
+    ) -> ThreadRequest:
+        """Build a request in any thread; ``submit_threadsafe`` hands it to the loop."""
+        cost = self._cost(item)
+        return ThreadRequest(
+            concurrent.futures.Future(), timeout, wait, item, priority, 0, 0.0, None, cost
+        )
+
+    def submit_threadsafe(self, reqs: list[ThreadRequest]) -> None:
+        """Hand ``reqs`` to the engine's loop from another thread, without waiting."""
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._submit_external, reqs)
+            except RuntimeError:  # the loop has stopped
+                self._reject_closed(reqs)
+        else:
+            self.run_in_loop(self._submit_external, reqs)
+
+    def _reject_closed(self, reqs: list[ThreadRequest]) -> None:
+        for req in reqs:
+            req.deliver_error(ClosedError(f"model {self.settings.name!r} is closed"))
+
+    def _submit_external(self, reqs: list[ThreadRequest]) -> None:
+        now = self._clock()
+        for req in reqs:
+            req.seq = next(self._seq)
+            req.enqueued_at = now
+            if req.timeout is not None:
+                req.deadline = now + req.timeout
+            try:
+                self._submit(req, req.wait_for_room)
+            except (ClosedError, QueueFull) as exc:
+                req.finished = True
+                req.deliver_error(exc)
+
+    def run_in_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the engine's loop from another thread and return its result."""
+        try:
+            return anyio.from_thread.run_sync(fn, *args, token=self._token)
+        except anyio.RunFinishedError:
+            raise ClosedError(f"model {self.settings.name!r} is closed") from None
+
+    def wait_threadsafe(self, req: ThreadRequest) -> Any:
+        """Block the calling (non-loop) thread until ``req`` has its outcome."""
+        try:
+            return req.future.result()
+        finally:
+            if not req.future.done():
+                self.cancel_threadsafe(req)
+
+    def cancel_threadsafe(self, req: ThreadRequest) -> None:
+        """Withdraw ``req`` from another thread (its caller stopped waiting)."""
+        req.future.cancel()
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self.cancel, req)
+            except RuntimeError:
+                pass
+        else:
+            try:
+                self.run_in_loop(self.cancel, req)
+            except ClosedError:
+                pass
+
+    # -- settling ------------------------------------------------------------------------------
+
+    def cancel(self, req: Request) -> None:
+        """Settle ``req`` as cancelled: its caller stopped waiting. Queued, it is never run."""
+        if req.finished:
+            return
+        req.finished = True
+        self._queue.remove(req)
+        self._rec.cancelled += 1
+        if req.timer is not None:
+            req.timer.cancel()
+
+    def expire(self, req: Request) -> None:
+        """Fail ``req`` with DeadlineExceeded if it has no outcome yet."""
+        if req.finished:
+            return
+        req.finished = True
+        self._queue.remove(req)
+        self._rec.expired += 1
+        if req.timer is not None:
+            req.timer.cancel()
+        req.deliver_error(
+            DeadlineExceeded(f"the deadline passed before model {self.settings.name!r} answered")
+        )
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        if req.finished:
+            return
+        req.finished = True
+        self._rec.failed += 1
+        if req.timer is not None:
+            req.timer.cancel()
+        req.deliver_error(exc)
+
+    # -- running batches -----------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        try:
+            await self._work()
+        finally:
+            self._workers -= 1
+            if not self._workers:
+                self._stopped.set()
+
+    async def _work(self) -> None:
+        queue = self._queue
+        signal = self._signal
+        clock = self._clock
+        while True:
+            now = clock()
+            when = queue.next_dispatch_time(now)
+            if when is None:
+                if self._closing:
+                    return
+                await signal.wait()
+                continue
+            if when > now and not self._closing:
+                await signal.wait(when)
+                continue
+            batch, expired = queue.take(now)
+            for req in expired:
+                self.expire(req)  # type: ignore[arg-type]
+            if batch:
+                self._in_flight += 1
+                try:
+                    await self._run_batch(batch, now)  # type: ignore[arg-type]
+                finally:
+                    self._in_flight -= 1
+
+    async def _run_batch(self, batch: list[Request], dequeued_at: float) -> None:
+        rec = self._rec
+        clock = self._clock
+        start = clock()
+        n = len(batch)
+        try:
+            outputs = await self._invoke([req.item for req in batch])
+        except Exception as exc:
+            if self.settings.isolate_failures and n > 1 and not isinstance(exc, BatchSizeMismatch):
+                half = n // 2
+                await self._run_batch(batch[:half], dequeued_at)
+                await self._run_batch(batch[half:], dequeued_at)
+                return
+            self._record_batch(n, start, clock())
+            for req in batch:
+                self._fail(req, self._batch_error(exc, n))
+            return
+        except BaseException:
+            # The host cancelled the engine mid-batch: nobody else will settle these callers.
+            for req in batch:
+                self._fail(req, ClosedError(f"model {self.settings.name!r} was closed mid-batch"))
+            raise
+        end = clock()
+        self._record_batch(n, start, end)
+        queue_wait = rec.queue_wait.append
+        end_to_end = rec.end_to_end.append
+        completed = failed = 0
+        for req, out in zip(batch, outputs):
+            queue_wait(start - req.enqueued_at)
+            end_to_end(end - req.enqueued_at)
+            if req.finished:
+                continue
+            req.finished = True
+            if req.timer is not None:
+                req.timer.cancel()
+            if isinstance(out, Exception):
+                failed += 1
+                req.deliver_error(out)
+            else:
+                completed += 1
+                req.deliver(out)
+        rec.completed += completed
+        rec.failed += failed
+
+    def _record_batch(self, n: int, start: float, end: float) -> None:
+        rec = self._rec
+        rec.batches += 1
+        rec.batch_sizes[n] += 1
+        rec.compute.append(end - start)
+
+    def _batch_error(self, exc: Exception, n: int) -> ModelError:
+        if isinstance(exc, BatchSizeMismatch):
+            error: ModelError = BatchSizeMismatch(expected=exc.expected, got=exc.got)
+        else:
+            error = ModelError(
+                f"model {self.settings.name!r} raised {type(exc).__name__}: {exc}", batch_size=n
+            )
+        error.__cause__ = exc
+        return error
+
+    async def _invoke(self, items: list[Any]) -> Sequence[Any]:
+        if self._is_async:
+            collate = self.settings.collate
+            out = await self._fn(collate(items) if collate is not None else items)
+            return self._split(out, len(items))
+        return await anyio.to_thread.run_sync(self._invoke_sync, items, limiter=self._limiter)
+
+    def _invoke_sync(self, items: list[Any]) -> Sequence[Any]:
+        collate = self.settings.collate
+        out = self._fn(collate(items) if collate is not None else items)
+        return self._split(out, len(items))
+
+    def _split(self, out: Any, n: int) -> Sequence[Any]:
+        split = self.settings.split
+        outputs = split(out) if split is not None else out
+        try:
+            got = len(outputs)
+        except TypeError:
+            raise ModelError(
+                f"model {self.settings.name!r} returned {type(outputs).__name__}, "
+                "which has no length; return one output per item",
+                batch_size=n,
+            ) from None
+        if got != n:
+            raise BatchSizeMismatch(expected=n, got=got)
+        return outputs  # type: ignore[no-any-return]
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def statistics(self) -> Statistics:
+        """Return a snapshot of the counters; safe from any thread."""
+        return self._rec.snapshot(
+            name=self.settings.name,
+            model_version=self._version(),
+            queue_depth=len(self._queue),
+            waiting_for_room=self._queue.waiting_for_room,
+            in_flight_batches=self._in_flight,
+        )
+

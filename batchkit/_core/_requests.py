@@ -1,0 +1,124 @@
+"""Requests: one submitted item plus the way its caller is woken with the outcome.
+
+Three kinds, one per way of waiting: an asyncio future (callers on an asyncio engine loop), an
+anyio event (callers on any other engine loop, such as trio), and a thread-safe future (sync
+callers in other threads, and async callers on another loop than the engine's).
+
+Each request gets its outcome exactly once: ``finished`` is set by whoever settles it first (the
+runner, the deadline, the caller's cancellation or close) and later attempts are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Any
+
+import anyio
+
+from ._queue import QueueEntry
+
+__all__ = ("EventRequest", "FutureRequest", "Request", "ThreadRequest")
+
+
+class Request(QueueEntry):
+    """A queue entry that carries the item and delivers its outcome."""
+
+    __slots__ = ("finished", "item", "timer")
+
+    def __init__(
+        self,
+        item: Any,
+        priority: float,
+        seq: int,
+        enqueued_at: float,
+        deadline: float | None,
+        cost: float,
+    ) -> None:
+        super().__init__(priority, seq, enqueued_at, deadline, cost)
+        self.item = item
+        self.finished = False
+        # Cancelled once the request is settled: a loop timer or the cancel scope of a timer task.
+        self.timer: asyncio.TimerHandle | anyio.CancelScope | None = None
+
+    def deliver(self, value: Any) -> None:
+        """Wake the caller with ``value``."""
+        raise NotImplementedError
+
+    def deliver_error(self, exc: BaseException) -> None:
+        """Wake the caller with ``exc`` to raise."""
+        raise NotImplementedError
+
+
+class FutureRequest(Request):
+    """Woken through an asyncio future of the engine's loop."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[Any], *args: Any) -> None:
+        super().__init__(*args)
+        self.future = future
+
+    def deliver(self, value: Any) -> None:
+        if not self.future.done():
+            self.future.set_result(value)
+
+    def deliver_error(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class EventRequest(Request):
+    """Woken through an anyio event; the outcome is kept on the request."""
+
+    __slots__ = ("error", "event", "value")
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.event = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def deliver(self, value: Any) -> None:
+        self.value = value
+        self.event.set()
+
+    def deliver_error(self, exc: BaseException) -> None:
+        self.error = exc
+        self.event.set()
+
+    def outcome(self) -> Any:
+        """Return the value, or raise the error, delivered to this request."""
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class ThreadRequest(Request):
+    """Woken through a ``concurrent.futures.Future``, from any thread."""
+
+    __slots__ = ("future", "timeout", "wait_for_room")
+
+    def __init__(
+        self,
+        future: concurrent.futures.Future[Any],
+        timeout: float | None,
+        wait_for_room: bool,
+        *args: Any,
+    ) -> None:
+        super().__init__(*args)
+        self.future = future
+        self.timeout = timeout
+        self.wait_for_room = wait_for_room
+
+    def deliver(self, value: Any) -> None:
+        try:
+            self.future.set_result(value)
+        except concurrent.futures.InvalidStateError:
+            pass  # the waiting side gave up (cancelled) first
+
+    def deliver_error(self, exc: BaseException) -> None:
+        try:
+            self.future.set_exception(exc)
+        except concurrent.futures.InvalidStateError:
+            pass
