@@ -12,6 +12,7 @@ import concurrent.futures
 import itertools
 import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
@@ -95,6 +96,15 @@ class _AsyncioSignal(_Signal):
                 timer.cancel()
 
 
+def _clock_of(loop: asyncio.AbstractEventLoop | None) -> Callable[[], float]:
+    """Return the loop's clock, skipping a Python frame when it is plain ``time.monotonic``."""
+    if loop is None:
+        return anyio.current_time
+    if type(loop).time is asyncio.BaseEventLoop.time:
+        return time.monotonic
+    return loop.time
+
+
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -140,7 +150,7 @@ class Engine:
         except RuntimeError:
             self._loop = None
         self._signal = _AsyncioSignal(self._loop) if self._loop else _Signal()
-        self._clock: Callable[[], float] = self._loop.time if self._loop else anyio.current_time
+        self._clock = _clock_of(self._loop)
         self._token = anyio.lowlevel.current_token()
         self.thread_id = threading.get_ident()
         self._closing_event = anyio.Event()
@@ -199,14 +209,21 @@ class Engine:
 
     # -- submitting ----------------------------------------------------------------------------
 
-    def _new_request(self, item: Any, priority: float, deadline: float | None) -> Request:
+    def submit(self, item: Any, priority: float, deadline: float | None, wait: bool) -> Request:
+        """Queue ``item`` for a caller on the engine's loop and return its request.
+
+        Raises ``ClosedError`` when closing, ``QueueFull`` when full and not ``wait``.
+        """
         now = self._clock()
-        cost = self._cost(item)
+        cost = 1.0 if self.settings.size_fn is None else self._cost(item)
+        req: Request
         if self._loop is not None:
-            return FutureRequest(
-                self._loop.create_future(), item, priority, next(self._seq), now, deadline, cost
-            )
-        return EventRequest(item, priority, next(self._seq), now, deadline, cost)
+            future: asyncio.Future[Any] = asyncio.Future(loop=self._loop)
+            req = FutureRequest(future, item, priority, next(self._seq), now, deadline, cost)
+        else:
+            req = EventRequest(item, priority, next(self._seq), now, deadline, cost)
+        self._submit(req, wait)
+        return req
 
     def _cost(self, item: Any) -> float:
         size_fn = self.settings.size_fn
@@ -245,30 +262,23 @@ class Engine:
                 await anyio.sleep_until(req.deadline)
                 self.expire(req)
 
-    async def call(
-        self, item: Any, priority: float, deadline: float | None, wait: bool
-    ) -> Any:
-        """Submit ``item`` and return its result; run on the engine's loop."""
-        req = self._new_request(item, priority, deadline)
-        self._submit(req, wait)
+    async def outcome(self, req: Request) -> Any:
+        """Wait for the outcome of ``req``, submitted on this loop; withdraw it if cancelled."""
         try:
-            return await self._outcome(req)
+            if isinstance(req, FutureRequest):
+                return await req.future
+            assert isinstance(req, EventRequest)
+            if req.deadline is None:
+                await req.event.wait()
+            else:
+                with anyio.CancelScope(deadline=req.deadline):
+                    await req.event.wait()
+                if not req.finished:
+                    self.expire(req)
+            return req.outcome()
         finally:
             if not req.finished:
                 self.cancel(req)
-
-    async def _outcome(self, req: Request) -> Any:
-        if isinstance(req, FutureRequest):
-            return await req.future
-        assert isinstance(req, EventRequest)
-        if req.deadline is None:
-            await req.event.wait()
-        else:
-            with anyio.CancelScope(deadline=req.deadline):
-                await req.event.wait()
-            if not req.finished:
-                self.expire(req)
-        return req.outcome()
 
     async def call_many(
         self,
@@ -282,13 +292,11 @@ class Engine:
         reqs: list[Request] = []
         try:
             for item in items:
-                req = self._new_request(item, priority, deadline)
-                self._submit(req, wait)
-                reqs.append(req)
+                reqs.append(self.submit(item, priority, deadline, wait))
             results: list[Any] = []
             for req in reqs:
                 try:
-                    results.append(await self._outcome(req))
+                    results.append(await self.outcome(req))
                 except Exception as exc:
                     if not return_exceptions:
                         raise
@@ -473,6 +481,11 @@ class Engine:
             if isinstance(out, Exception):
                 failed += 1
                 req.deliver_error(out)
+            elif req.__class__ is FutureRequest:  # the common case, inlined
+                completed += 1
+                future = req.future  # type: ignore[attr-defined]
+                if not future.done():
+                    future.set_result(out)
             else:
                 completed += 1
                 req.deliver(out)

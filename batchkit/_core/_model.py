@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import math
 import threading
+from threading import get_ident
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Generic, TypeVar
@@ -17,7 +18,7 @@ from anyio.lowlevel import RunVar
 from ._config import Settings, check_timeout
 from ._engine import Engine
 from ._errors import ClosedError, ConfigurationError, WrongLoopError
-from ._requests import ThreadRequest
+from ._requests import FutureRequest, ThreadRequest
 from ._stats import Recorder, Statistics
 
 __all__ = ("BatchedModel",)
@@ -260,7 +261,7 @@ class BatchedModel(Generic[T, R]):
         items = list(items)
         _check_priority(priority)
         engine = self._engine
-        if engine is not None and engine.in_current_loop():
+        if engine is not None and engine.thread_id == get_ident():
             deadline = self._deadline(timeout, deadline)
             return await engine.call_many(items, priority, deadline, True, return_exceptions)
         engine = self._ensure_engine()
@@ -292,10 +293,29 @@ class BatchedModel(Generic[T, R]):
         if priority.__class__ is not int:
             _check_priority(priority)
         engine = self._engine
-        if engine is not None and engine.in_current_loop():
-            if timeout is not None or deadline is not None or self.settings.timeout is not None:
-                deadline = self._deadline(timeout, deadline)
-            return await engine.call(item, priority, deadline, wait)
+        # A thread runs one event loop at a time: an async caller on the engine's thread is
+        # on the engine's loop.
+        if engine is None or engine.thread_id != get_ident():
+            return await self._call_elsewhere(item, priority, timeout, deadline, wait)
+        if timeout is not None or deadline is not None or self.settings.timeout is not None:
+            deadline = self._deadline(timeout, deadline)
+        req = engine.submit(item, priority, deadline, wait)
+        if isinstance(req, FutureRequest):
+            try:
+                return await req.future
+            finally:
+                if not req.finished:
+                    engine.cancel(req)
+        return await engine.outcome(req)
+
+    async def _call_elsewhere(
+        self,
+        item: Any,
+        priority: float,
+        timeout: float | None,
+        deadline: float | None,
+        wait: bool,
+    ) -> Any:
         engine = self._ensure_engine()
         (req,) = self._thread_requests(engine, [item], priority, timeout, deadline, wait)
         engine.submit_threadsafe([req])

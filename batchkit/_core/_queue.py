@@ -112,16 +112,17 @@ class BatchQueue:
 
         Raises ``QueueFull`` when the queue is full and ``wait`` is false.
         """
-        if self.full:
+        limit = self.max_queue_size
+        if limit is not None and (self._queued >= limit or self._waiting_count):
             if not wait:
-                raise QueueFull(f"the queue is full ({self.max_queue_size} items)")
+                raise QueueFull(f"the queue is full ({limit} items)")
             entry.state = WAITING
             self._waiting.append(entry)
             self._waiting_count += 1
-            self._track_deadline(entry)
-            return
-        self._enqueue(entry)
-        self._track_deadline(entry)
+        else:
+            self._enqueue(entry)
+        if entry.deadline is not None:
+            heapq.heappush(self._deadlines, (entry.deadline, entry.seq, entry))
 
     def _enqueue(self, entry: QueueEntry) -> None:
         entry.state = QUEUED
@@ -134,10 +135,6 @@ class BatchQueue:
             self._arrivals.append(entry)
         self._queued += 1
         self._queued_cost += entry.cost
-
-    def _track_deadline(self, entry: QueueEntry) -> None:
-        if entry.deadline is not None:
-            heapq.heappush(self._deadlines, (entry.deadline, entry.seq, entry))
 
     def remove(self, entry: QueueEntry) -> bool:
         """Remove a queued or waiting ``entry``; return whether it was there.

@@ -1,0 +1,58 @@
+"""Developer tasks: `nox -s tests`, `nox -s lint`, `nox -s typecheck`, `nox -s bench`.
+
+Every session installs through constraints.txt, which pins torch to the CPU build these machines
+carry (any other torch pulls several GB of CUDA packages). torch is installed first, on its own.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+CONSTRAINTS = ("-c", "constraints.txt")
+
+
+def install(session: nox.Session, *extras: str, torch: bool = False) -> None:
+    """Install the project with ``extras`` (torch first, when asked) under the constraints."""
+    if torch:
+        session.install(*CONSTRAINTS, "torch")
+    spec = f".[{','.join(extras)}]" if extras else "."
+    session.install(*CONSTRAINTS, "-e", spec)
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """Run the whole test suite (typecheck included, as a test)."""
+    install(session, "dev", "numpy", "torch", torch=True)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """Run ruff over the project."""
+    session.install(*CONSTRAINTS, "ruff")
+    session.run("ruff", "check", "batchkit", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session(python="3.11")
+def typecheck(session: nox.Session) -> None:
+    """Run mypy --strict on batchkit/."""
+    install(session, "dev")
+    session.run("mypy")
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """Run the benchmarks and rewrite docs/benchmarks.md from the figures measured."""
+    install(session, "dev", "numpy", "torch", torch=True)
+    session.run(
+        "pytest",
+        "benchmarks",
+        "-p",
+        "no:cacheprovider",
+        "--benchmark-json=.benchmarks/latest.json",
+        *session.posargs,
+    )
+    session.run("python", "benchmarks/report.py", ".benchmarks/latest.json", "docs/benchmarks.md")
