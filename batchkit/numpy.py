@@ -244,7 +244,7 @@ def _check_multiple_of(multiple_of: object) -> None:
 
 def _pad_axis(arrays: Sequence[NDArray[Any]], axis: int) -> int:
     _check_axis(axis)
-    ndim = arrays[0].ndim
+    ndim: int = arrays[0].ndim
     if not -ndim <= axis < ndim:
         raise ConfigurationError(
             f"axis {axis} is out of range for items of shape {arrays[0].shape}"

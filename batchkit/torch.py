@@ -281,7 +281,7 @@ def _check_multiple_of(multiple_of: object) -> None:
 
 def _pad_axis(tensors: Sequence[torch.Tensor], axis: int) -> int:
     _check_axis(axis)
-    ndim = tensors[0].dim()
+    ndim: int = tensors[0].dim()
     if not -ndim <= axis < ndim:
         raise ConfigurationError(
             f"axis {axis} is out of range for items of shape {tuple(tensors[0].shape)}"

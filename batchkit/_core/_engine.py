@@ -169,7 +169,8 @@ class Engine:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool | None:
-        self.begin_close(drain=False)
+        if not self._closing:  # else an earlier close() chose whether to drain
+            self.begin_close(drain=False)
         assert self._tg is not None
         return await self._tg.__aexit__(exc_type, exc, tb)
 

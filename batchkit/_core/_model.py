@@ -418,15 +418,16 @@ class BatchedModel(Generic[T, R]):
 async def _await_thread_request(engine: Engine, req: ThreadRequest) -> Any:
     """Wait, in an event loop other than the engine's, for a request handed over to it."""
     try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return await anyio.to_thread.run_sync(
-            engine.wait_threadsafe, req, abandon_on_cancel=True, limiter=_bridge_limiter()
-        )
-    try:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): wait in a worker thread
+            return await anyio.to_thread.run_sync(
+                engine.wait_threadsafe, req, abandon_on_cancel=True, limiter=_bridge_limiter()
+            )
         return await asyncio.wrap_future(req.future)
     finally:
-        if not req.future.done():
+        # wrap_future cancels the future when its waiter is cancelled: withdraw the item too.
+        if req.future.cancelled() or not req.future.done():
             engine.cancel_threadsafe(req)
 
 

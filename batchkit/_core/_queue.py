@@ -115,6 +115,8 @@ class BatchQueue:
         limit = self.max_queue_size
         if limit is not None and (self._queued >= limit or self._waiting_count):
             if not wait:
+                # A new entry starts out WAITING: mark it gone, or remove() would count it.
+                entry.state = REMOVED
                 raise QueueFull(f"the queue is full ({limit} items)")
             entry.state = WAITING
             self._waiting.append(entry)
@@ -132,7 +134,12 @@ class BatchQueue:
             heapq.heappush(self._levels_heap, entry.priority)
         level.append(entry)
         if self.max_wait > 0:
-            self._arrivals.append(entry)
+            arrivals = self._arrivals
+            arrivals.append(entry)
+            # Entries that left are trimmed lazily by `_oldest`, which a full batch never calls:
+            # compact now and then, so sustained load does not keep every taken entry alive.
+            if len(arrivals) > 2 * self._queued + 64:
+                self._arrivals = deque(e for e in arrivals if e.state == QUEUED)
         self._queued += 1
         self._queued_cost += entry.cost
 

@@ -1,0 +1,221 @@
+"""Sync callers: threads, a background engine thread, calls from inside a running loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import anyio
+import pytest
+
+from batchkit import BatchedModel, ClosedError, DeadlineExceeded, ModelError, QueueFull
+
+
+def double_all(items: list[int]) -> list[int]:
+    return [2 * i for i in items]
+
+
+def engine_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("batchkit-")]
+
+
+class TestBackgroundEngine:
+    def test_nothing_starts_until_first_use(self) -> None:
+        model = BatchedModel(double_all, name="lazy")
+        assert "batchkit-lazy" not in engine_threads()
+        assert model.call_sync(2) == 4
+        assert "batchkit-lazy" in engine_threads()
+        model.close()
+        assert "batchkit-lazy" not in engine_threads()
+
+    def test_with_block_starts_and_stops_the_thread(self) -> None:
+        with BatchedModel(double_all, name="ctx") as model:
+            assert "batchkit-ctx" in engine_threads()
+            assert model.call_many_sync([1, 2, 3]) == [2, 4, 6]
+        assert "batchkit-ctx" not in engine_threads()
+        with pytest.raises(ClosedError):
+            model.call_sync(1)
+
+    def test_threads_share_batches(self) -> None:
+        gate = threading.Event()
+        batches: list[list[int]] = []
+
+        def model_fn(items: list[int]) -> list[int]:
+            batches.append(list(items))
+            gate.wait(10)
+            return [i + 1 for i in items]
+
+        with BatchedModel(model_fn, max_batch_size=64) as model, ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(model.call_sync, i) for i in range(16)]
+            while model.statistics().submitted < 16:  # bounded: every thread submits promptly
+                threading.Event().wait(0.001)
+            gate.set()
+            assert [f.result(10) for f in futures] == [i + 1 for i in range(16)]
+        assert sum(len(b) for b in batches) == 16
+        assert len(batches) < 16
+
+    def test_sync_timeout(self) -> None:
+        release = threading.Event()
+
+        def slow(items: list[int]) -> list[int]:
+            release.wait(10)
+            return items
+
+        with BatchedModel(slow) as model, ThreadPoolExecutor(1) as pool:
+            first = pool.submit(model.call_sync, 0)
+            with pytest.raises(DeadlineExceeded):
+                model.call_sync(1, timeout=0.05)
+            release.set()
+            assert first.result(10) == 0
+        assert model.statistics().expired == 1
+
+    def test_sync_errors_are_raised_in_the_calling_thread(self) -> None:
+        def broken(items: list[int]) -> list[int]:
+            raise ZeroDivisionError("nope")
+
+        with BatchedModel(broken) as model:
+            with pytest.raises(ModelError) as info:
+                model.call_sync(1)
+        assert isinstance(info.value.__cause__, ZeroDivisionError)
+
+    def test_close_with_drain_from_sync_code(self) -> None:
+        gate = threading.Event()
+
+        def model_fn(items: list[int]) -> list[int]:
+            gate.wait(10)
+            return items
+
+        model = BatchedModel(model_fn, max_batch_size=1)
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(model.call_sync, i) for i in range(4)]
+            while model.statistics().submitted < 4:
+                threading.Event().wait(0.001)
+            threading.Timer(0.01, gate.set).start()
+            model.close(drain=True)
+            assert [f.result(10) for f in futures] == [0, 1, 2, 3]
+
+    def test_close_without_drain_fails_queued_sync_callers(self) -> None:
+        gate = threading.Event()
+
+        def model_fn(items: list[int]) -> list[int]:
+            gate.wait(10)
+            return items
+
+        model = BatchedModel(model_fn, max_batch_size=1)
+        with ThreadPoolExecutor(3) as pool:
+            futures = [pool.submit(model.call_sync, i) for i in range(3)]
+            while model.statistics().submitted < 3:
+                threading.Event().wait(0.001)
+            threading.Timer(0.01, gate.set).start()
+            model.close()
+            outcomes = []
+            for f in futures:
+                try:
+                    outcomes.append(f.result(10))
+                except ClosedError:
+                    outcomes.append("closed")
+        assert outcomes.count("closed") == 2
+
+    def test_sync_nowait_rejection_through_the_background_loop(self) -> None:
+        gate = threading.Event()
+
+        def model_fn(items: list[int]) -> list[int]:
+            gate.wait(10)
+            return items
+
+        async def try_nowait(model: BatchedModel[int, int]) -> Any:
+            try:
+                return await model.call_nowait(9)
+            except QueueFull as exc:
+                return exc
+
+        with BatchedModel(model_fn, max_queue_size=1) as model, ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(model.call_sync, i) for i in range(2)]
+            while model.statistics().queue_depth < 1:
+                threading.Event().wait(0.001)
+            assert isinstance(anyio.run(try_nowait, model), QueueFull)
+            gate.set()
+            assert [f.result(10) for f in futures] == [0, 1]
+
+
+class TestInsideARunningLoop:
+    """What a notebook cell does: sync calls with the kernel's loop running on this thread."""
+
+    def test_call_sync_inside_running_asyncio_loop(self) -> None:
+        async def cell() -> list[int]:
+            with BatchedModel(double_all) as model:
+                return [model.call_sync(1), *model.call_many_sync([2, 3])]
+
+        assert asyncio.run(cell()) == [2, 4, 6]
+
+    def test_await_without_async_with_uses_the_background_engine(self) -> None:
+        async def cell() -> list[int]:
+            model = BatchedModel(double_all)
+            try:
+                return [await model.call(1), *await model.call_many([2, 3])]
+            finally:
+                await model.aclose()
+
+        assert asyncio.run(cell()) == [2, 4, 6]
+
+
+@pytest.mark.anyio
+class TestForeignLoops:
+    async def test_async_callers_on_another_loop_than_the_engine(self) -> None:
+        model = BatchedModel(double_all, max_batch_size=8)
+        try:
+            results: list[int] = []
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(lambda i=i: _append(results, model.call(i)))
+            assert sorted(results) == [2 * i for i in range(20)]
+        finally:
+            await model.aclose()
+
+    async def test_timeout_on_another_loop(self) -> None:
+        gate = threading.Event()
+
+        def model_fn(items: list[int]) -> list[int]:
+            gate.wait(10)
+            return items
+
+        model = BatchedModel(model_fn)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(model.call, 0)
+                await anyio.wait_all_tasks_blocked()
+                with pytest.raises(DeadlineExceeded):
+                    await model.call(1, timeout=0.05)
+                gate.set()
+        finally:
+            await model.aclose()
+
+    async def test_cancelled_caller_on_another_loop_withdraws_its_item(self) -> None:
+        gate, running = threading.Event(), threading.Event()
+        seen: list[int] = []
+
+        def model_fn(items: list[int]) -> list[int]:
+            seen.extend(items)
+            running.set()
+            gate.wait(10)
+            return items
+
+        model = BatchedModel(model_fn)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(model.call, 0)
+                await anyio.to_thread.run_sync(running.wait, 10)
+                with anyio.move_on_after(0.05):
+                    await model.call(1)
+                # The withdrawal reaches the engine's loop before the batch's end does.
+                gate.set()
+            assert seen == [0]
+            assert model.statistics().cancelled == 1
+        finally:
+            await model.aclose()
+
+
+async def _append(results: list[int], awaitable: Any) -> None:
+    results.append(await awaitable)
