@@ -199,6 +199,7 @@ class QueueMachine(RuleBasedStateMachine):
             with pytest.raises(QueueFull):
                 self.queue.push(entry, wait=False)
             self.outcome[entry] = REJECTED
+            assert self.queue.remove(entry) is False  # a rejected entry left nothing behind
         else:
             self.queue.push(entry, wait=wait)
             if full:
@@ -303,6 +304,8 @@ class QueueMachine(RuleBasedStateMachine):
         if hasattr(self, "queue"):
             self.check_remove_all()
             assert all(o not in (QUEUED, WAITING) for o in self.outcome.values())
+            # A final outcome is final: no entry can be removed (or counted) a second time.
+            assert not any(self.queue.remove(entry) for entry in self.outcome)
             assert len(self.queue) == 0
             assert self.queue.waiting_for_room == 0
             assert self.queue.next_dispatch_time(self.now) is None

@@ -27,7 +27,7 @@ class SyncBatched(BatchedModel[T, R]):
         self._options = options
         self._attr: str | None = None
         self._slot_models: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     def __call__(self, item: T, *, priority: float = 0, timeout: float | None = None) -> R:
         """Return the output for ``item`` (see ``call_sync``)."""
@@ -57,7 +57,7 @@ class AsyncBatched(BatchedModel[T, R]):
         self._options = options
         self._attr: str | None = None
         self._slot_models: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+        functools.update_wrapper(self, fn)
 
     async def __call__(
         self,

@@ -484,7 +484,7 @@ class Engine:
                 req.deliver_error(out)
             elif req.__class__ is FutureRequest:  # the common case, inlined
                 completed += 1
-                future = req.future  # type: ignore[attr-defined]
+                future = req.future
                 if not future.done():
                     future.set_result(out)
             else:
@@ -534,7 +534,7 @@ class Engine:
             ) from None
         if got != n:
             raise BatchSizeMismatch(expected=n, got=got)
-        return outputs  # type: ignore[no-any-return]
+        return outputs
 
     # -- statistics ----------------------------------------------------------------------------
 
