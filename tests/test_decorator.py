@@ -40,6 +40,7 @@ class TestFunctions:
 
     def test_bad_settings_are_rejected_at_decoration(self) -> None:
         with pytest.raises(ConfigurationError, match="max_batch_size must be >= 1, got 0"):
+
             @batched(max_batch_size=0)
             def f(xs: list[int]) -> list[int]:
                 return xs
@@ -55,6 +56,7 @@ class TestFunctions:
             results: dict[str, str] = {}
             async with anyio.create_task_group() as tg:
                 for word in ("a", "b", "c"):
+
                     async def one(word: str = word) -> None:
                         results[word] = await shout(word)
 

@@ -58,8 +58,9 @@ class Recorder:
     def __init__(self, specs: tuple[CallSpec, ...]) -> None:
         self.specs = specs
         self.batches: list[tuple[float, list[int], bool]] = []  # (start, items, raised)
-        self.item_errors = {i: ValueError(f"item {i}") for i, s in enumerate(specs)
-                            if s.kind == "item_error"}
+        self.item_errors = {
+            i: ValueError(f"item {i}") for i, s in enumerate(specs) if s.kind == "item_error"
+        }
 
     async def __call__(self, items: list[int]) -> list[Any]:
         start = anyio.current_time()

@@ -32,7 +32,10 @@ async def settle() -> None:
 
 
 async def spawn_calls(
-    tg: anyio.abc.TaskGroup, model: BatchedModel[Any, Any], items: list[Any], results: dict[Any, Any],
+    tg: anyio.abc.TaskGroup,
+    model: BatchedModel[Any, Any],
+    items: list[Any],
+    results: dict[Any, Any],
     **kwargs: Any,
 ) -> None:
     async def one(item: Any) -> None:
@@ -243,7 +246,8 @@ class TestCancellation:
             return [i * 10 for i in items]
 
         results: dict[Any, Any] = {}
-        async with BatchedModel(model_fn, max_batch_size=8) as model, anyio.create_task_group() as tg:
+        model = BatchedModel(model_fn, max_batch_size=8)
+        async with model, anyio.create_task_group() as tg:
             await spawn_calls(tg, model, [0, 1], results)
             with anyio.CancelScope() as scope:
                 tg.start_soon(lambda: _cancel_when_running(scope, running))

@@ -65,7 +65,10 @@ def test_mypy_strict_passes_on_the_package() -> None:
     pytest.importorskip("mypy")
     out = subprocess.run(
         [sys.executable, "-m", "mypy", "--no-incremental", "batchkit"],
-        cwd=ROOT, capture_output=True, text=True, timeout=280,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -109,9 +112,20 @@ def test_batched_maps_list_types_to_item_types(tmp_path: Path) -> None:
         )
     )
     out = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--python-version", "3.11",
-         str(sample)],
-        cwd=ROOT, capture_output=True, text=True, timeout=280,
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-incremental",
+            "--python-version",
+            "3.11",
+            str(sample),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=280,
     )
     errors = [line for line in out.stdout.splitlines() if ": error:" in line]
     # Exactly one error: the deliberately wrong item type on the last line.

@@ -111,7 +111,9 @@ class _Decorator:
         self._options = options
 
     @overload
-    def __call__(self, fn: Callable[[list[T]], Awaitable[Sequence[R]]], /) -> AsyncBatched[T, R]: ...
+    def __call__(
+        self, fn: Callable[[list[T]], Awaitable[Sequence[R]]], /
+    ) -> AsyncBatched[T, R]: ...
     @overload
     def __call__(
         self, fn: Callable[[Any, list[T]], Awaitable[Sequence[R]]], /

@@ -471,7 +471,7 @@ class Engine:
         queue_wait = rec.queue_wait.append
         end_to_end = rec.end_to_end.append
         completed = failed = 0
-        for req, out in zip(batch, outputs):
+        for req, out in zip(batch, outputs, strict=True):
             queue_wait(start - req.enqueued_at)
             end_to_end(end - req.enqueued_at)
             if req.finished:
@@ -547,4 +547,3 @@ class Engine:
             waiting_for_room=self._queue.waiting_for_room,
             in_flight_batches=self._in_flight,
         )
-

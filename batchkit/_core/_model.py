@@ -6,8 +6,8 @@ import asyncio
 import inspect
 import math
 import threading
-from threading import get_ident
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from threading import get_ident
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
@@ -484,11 +484,7 @@ class _BackgroundHost:
 
 
 def _check_priority(priority: object) -> None:
-    if (
-        isinstance(priority, bool)
-        or not isinstance(priority, (int, float))
-        or math.isnan(priority)
-    ):
+    if isinstance(priority, bool) or not isinstance(priority, (int, float)) or math.isnan(priority):
         raise ConfigurationError(f"priority must be a number, got {priority!r}")
 
 

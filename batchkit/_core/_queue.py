@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterator
+
 from ._errors import QueueFull
 
 __all__ = ("BatchQueue", "QueueEntry")
@@ -172,7 +173,7 @@ class BatchQueue:
                 self._enqueue(entry)
 
     def expire(self, now: float) -> list[QueueEntry]:
-        """Remove and return every queued or waiting entry whose deadline is at or before ``now``."""
+        """Remove and return the queued or waiting entries whose deadline is <= ``now``."""
         expired: list[QueueEntry] = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:

@@ -55,7 +55,7 @@ class FutureRequest(Request):
 
     __slots__ = ("future",)
 
-    def __init__(  # noqa: PLR0913
+    def __init__(
         self,
         future: asyncio.Future[Any],
         item: Any,
