@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,12 @@ def test_import_configures_no_logging_handlers_beyond_a_null_handler() -> None:
 
 
 def test_all_lists_exactly_the_public_names() -> None:
-    public = {name for name in vars(batchkit) if not name.startswith("_")} - {"annotations"}
+    # Optional submodules (batchkit.numpy, batchkit.torch) appear once imported; not re-exported.
+    public = {
+        name
+        for name, value in vars(batchkit).items()
+        if not name.startswith("_") and not isinstance(value, types.ModuleType)
+    } - {"annotations"}
     assert isinstance(batchkit.__all__, tuple)
     assert set(batchkit.__all__) - {"__version__"} == public
     for name in batchkit.__all__:
