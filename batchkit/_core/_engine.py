@@ -41,15 +41,12 @@ __all__ = ("Engine",)
 class _Signal:
     """Wake every task waiting on it; waits may carry a deadline on the loop clock."""
 
-    __slots__ = ("_count", "_event")
+    __slots__ = ("_count", "_event", "waiting")
 
     def __init__(self) -> None:
         self._event = anyio.Event()
         self._count = 0
-
-    @property
-    def has_waiters(self) -> bool:
-        return self._count > 0
+        self.waiting = False  # whether a task waits: checked on every submit, so no property
 
     def set(self) -> None:
         if self._count:
@@ -59,11 +56,13 @@ class _Signal:
     async def wait(self, until: float = math.inf) -> None:
         event = self._event
         self._count += 1
+        self.waiting = True
         try:
             with anyio.CancelScope(deadline=until):
                 await event.wait()
         finally:
             self._count -= 1
+            self.waiting = self._count > 0
 
 
 class _AsyncioSignal(_Signal):
@@ -74,13 +73,11 @@ class _AsyncioSignal(_Signal):
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._futures: list[asyncio.Future[None]] = []
-
-    @property
-    def has_waiters(self) -> bool:
-        return bool(self._futures)
+        self.waiting = False
 
     def set(self) -> None:
         futures, self._futures = self._futures, []
+        self.waiting = False
         for future in futures:
             if not future.done():
                 future.set_result(None)
@@ -88,6 +85,7 @@ class _AsyncioSignal(_Signal):
     async def wait(self, until: float = math.inf) -> None:
         future = self._loop.create_future()
         self._futures.append(future)
+        self.waiting = True
         timer = None if until == math.inf else self._loop.call_at(until, _wake, future)
         try:
             await future
@@ -125,7 +123,7 @@ class Engine:
         self._fn = fn
         self._is_async = is_async
         self._version = version
-        self._queue = BatchQueue(
+        self._queue: BatchQueue[Request] = BatchQueue(
             max_batch_size=settings.max_batch_size,
             max_queue_size=settings.max_queue_size,
             max_wait=settings.max_wait,
@@ -181,7 +179,7 @@ class Engine:
             self._closing_event.set()
         if not drain:
             for req in self._queue.remove_all():
-                self._fail(req, ClosedError(f"model {self.settings.name!r} was closed"))  # type: ignore[arg-type]
+                self._fail(req, ClosedError(f"model {self.settings.name!r} was closed"))
         self._signal.set()
 
     async def wait_stopped(self) -> None:
@@ -213,16 +211,19 @@ class Engine:
     def submit(self, item: Any, priority: float, deadline: float | None, wait: bool) -> Request:
         """Queue ``item`` for a caller on the engine's loop and return its request.
 
+        On asyncio the caller may simply await ``request.future``: a cancelled future withdraws
+        the item (it is noticed when the item would be dispatched, or when room is needed).
         Raises ``ClosedError`` when closing, ``QueueFull`` when full and not ``wait``.
         """
-        now = self._clock()
         cost = 1.0 if self.settings.size_fn is None else self._cost(item)
         req: Request
         if self._loop is not None:
             future: asyncio.Future[Any] = asyncio.Future(loop=self._loop)
-            req = FutureRequest(future, item, priority, next(self._seq), now, deadline, cost)
+            req = FutureRequest(
+                future, item, priority, next(self._seq), self._clock(), deadline, cost
+            )
         else:
-            req = EventRequest(item, priority, next(self._seq), now, deadline, cost)
+            req = EventRequest(item, priority, next(self._seq), self._clock(), deadline, cost)
         self._submit(req, wait)
         return req
 
@@ -238,8 +239,11 @@ class Engine:
     def _submit(self, req: Request, wait: bool) -> None:
         if self._closing:
             raise ClosedError(f"model {self.settings.name!r} is closed")
+        queue = self._queue
+        if queue.max_queue_size is not None and queue.full:
+            self._drop_abandoned(queue.entries())
         try:
-            self._queue.push(req, wait=wait)
+            queue.push(req, wait=wait)
         except QueueFull:
             self._rec.rejected += 1
             raise
@@ -251,7 +255,7 @@ class Engine:
             elif isinstance(req, ThreadRequest):
                 assert self._tg is not None
                 self._tg.start_soon(self._expire_at_deadline, req)
-        if self._signal.has_waiters:
+        if self._signal.waiting:
             self._signal.set()
 
     async def _expire_at_deadline(self, req: Request) -> None:
@@ -377,6 +381,20 @@ class Engine:
 
     # -- settling ------------------------------------------------------------------------------
 
+    def _drop_abandoned(self, reqs: list[Request]) -> list[Request]:
+        """Settle as cancelled the asyncio requests whose caller cancelled the future; return
+        the others. (Cancelled futures are found here, lazily, to keep the per-item path short.)
+        """
+        if self._loop is None:
+            return reqs
+        live = []
+        for req in reqs:
+            if req.__class__ is FutureRequest and req.future.cancelled():
+                self.cancel(req)
+            else:
+                live.append(req)
+        return live
+
     def cancel(self, req: Request) -> None:
         """Settle ``req`` as cancelled: its caller stopped waiting. Queued, it is never run."""
         if req.finished:
@@ -402,6 +420,9 @@ class Engine:
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         if req.finished:
+            return
+        if req.__class__ is FutureRequest and req.future.cancelled():
+            self.cancel(req)
             return
         req.finished = True
         self._rec.failed += 1
@@ -436,11 +457,12 @@ class Engine:
                 continue
             batch, expired = queue.take(now)
             for req in expired:
-                self.expire(req)  # type: ignore[arg-type]
+                self.expire(req)
+            batch = self._drop_abandoned(batch)
             if batch:
                 self._in_flight += 1
                 try:
-                    await self._run_batch(batch, now)  # type: ignore[arg-type]
+                    await self._run_batch(batch, now)
                 finally:
                     self._in_flight -= 1
 
@@ -470,7 +492,7 @@ class Engine:
         self._record_batch(n, start, end)
         queue_wait = rec.queue_wait.append
         end_to_end = rec.end_to_end.append
-        completed = failed = 0
+        completed = failed = cancelled = 0
         for req, out in zip(batch, outputs, strict=True):
             queue_wait(start - req.enqueued_at)
             end_to_end(end - req.enqueued_at)
@@ -483,15 +505,18 @@ class Engine:
                 failed += 1
                 req.deliver_error(out)
             elif req.__class__ is FutureRequest:  # the common case, inlined
-                completed += 1
                 future = req.future
-                if not future.done():
+                if future.done():  # the caller cancelled it while the batch ran
+                    cancelled += 1
+                else:
+                    completed += 1
                     future.set_result(out)
             else:
                 completed += 1
                 req.deliver(out)
         rec.completed += completed
         rec.failed += failed
+        rec.cancelled += cancelled
 
     def _record_batch(self, n: int, start: float, end: float) -> None:
         rec = self._rec

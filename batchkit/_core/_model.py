@@ -212,37 +212,65 @@ class BatchedModel(Generic[T, R]):
 
     # -- async entry points --------------------------------------------------------------------
 
-    async def call(
+    def call(
         self,
         item: T,
         *,
         priority: float = 0,
         timeout: float | None = None,
         deadline: float | None = None,
-    ) -> R:
-        """Submit one item and return its output.
+    ) -> Awaitable[R]:
+        """Submit one item and return an awaitable of its output: ``await model.call(item)``.
 
-        Lower ``priority`` numbers are served first; equal priorities in arrival order.
-        ``timeout`` (seconds) or ``deadline`` (absolute, on ``anyio.current_time()``) bound the
-        whole call; without either, the model's default ``timeout`` applies. A full bounded queue
-        makes the call wait for room, within that bound.
+        The item is submitted at once (in the engine's own asyncio loop, the awaitable is a bare
+        future, the cheapest thing to await). Lower ``priority`` numbers are served first; equal
+        priorities in arrival order. ``timeout`` (seconds) or ``deadline`` (absolute, on
+        ``anyio.current_time()``) bound the whole call; without either, the model's default
+        ``timeout`` applies. A full bounded queue makes the call wait for room, within that bound.
+        Cancelling the await withdraws the item; if its batch already runs, only this caller
+        misses the output.
 
-        Raises ``DeadlineExceeded`` when the bound passes first, ``ModelError`` when the model
-        failed for the whole batch, the item's own exception when the model returned one in its
-        slot, and ``ClosedError`` when the model is or gets closed.
+        Awaiting raises ``DeadlineExceeded`` when the bound passes first, ``ModelError`` when the
+        model failed for the whole batch, the item's own exception when the model returned one
+        in its slot, and ``ClosedError`` when the model is or gets closed.
         """
-        return await self._call(item, priority, timeout, deadline, True)  # type: ignore[no-any-return]
+        return self._submit(item, priority, timeout, deadline, True)
 
-    async def call_nowait(
+    def call_nowait(
         self,
         item: T,
         *,
         priority: float = 0,
         timeout: float | None = None,
         deadline: float | None = None,
-    ) -> R:
-        """Like ``call()``, but raise ``QueueFull`` at once instead of waiting for room."""
-        return await self._call(item, priority, timeout, deadline, False)  # type: ignore[no-any-return]
+    ) -> Awaitable[R]:
+        """Like ``call()``, but fail with ``QueueFull`` at once instead of waiting for room.
+
+        On the engine's own loop ``QueueFull`` is raised by this call itself; elsewhere, by
+        awaiting its result.
+        """
+        return self._submit(item, priority, timeout, deadline, False)
+
+    def _submit(
+        self,
+        item: Any,
+        priority: float,
+        timeout: float | None,
+        deadline: float | None,
+        wait: bool,
+    ) -> Awaitable[Any]:
+        engine = self._engine
+        # A thread runs one event loop at a time: code on the engine's thread runs in its loop.
+        if engine is None or engine.thread_id != get_ident():
+            return self._call_elsewhere(item, priority, timeout, deadline, wait)
+        if priority.__class__ is not int:
+            _check_priority(priority)
+        if timeout is not None or deadline is not None or self.settings.timeout is not None:
+            deadline = self._deadline(timeout, deadline)
+        req = engine.submit(item, priority, deadline, wait)
+        if isinstance(req, FutureRequest):
+            return req.future
+        return engine.outcome(req)
 
     async def call_many(
         self,
@@ -282,32 +310,6 @@ class BatchedModel(Generic[T, R]):
                     engine.cancel_threadsafe(req)
         return results
 
-    async def _call(
-        self,
-        item: Any,
-        priority: float,
-        timeout: float | None,
-        deadline: float | None,
-        wait: bool,
-    ) -> Any:
-        if priority.__class__ is not int:
-            _check_priority(priority)
-        engine = self._engine
-        # A thread runs one event loop at a time: an async caller on the engine's thread is
-        # on the engine's loop.
-        if engine is None or engine.thread_id != get_ident():
-            return await self._call_elsewhere(item, priority, timeout, deadline, wait)
-        if timeout is not None or deadline is not None or self.settings.timeout is not None:
-            deadline = self._deadline(timeout, deadline)
-        req = engine.submit(item, priority, deadline, wait)
-        if isinstance(req, FutureRequest):
-            try:
-                return await req.future
-            finally:
-                if not req.finished:
-                    engine.cancel(req)
-        return await engine.outcome(req)
-
     async def _call_elsewhere(
         self,
         item: Any,
@@ -316,6 +318,7 @@ class BatchedModel(Generic[T, R]):
         deadline: float | None,
         wait: bool,
     ) -> Any:
+        _check_priority(priority)
         engine = self._ensure_engine()
         (req,) = self._thread_requests(engine, [item], priority, timeout, deadline, wait)
         engine.submit_threadsafe([req])

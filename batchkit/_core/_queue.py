@@ -15,6 +15,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from collections.abc import Iterator
+from typing import Generic, TypeVar
 
 from ._errors import QueueFull
 
@@ -48,7 +49,10 @@ class QueueEntry:
         self.state = WAITING
 
 
-class BatchQueue:
+E = TypeVar("E", bound=QueueEntry)
+
+
+class BatchQueue(Generic[E]):
     """Priority queue of entries that hands out batches according to the batching policy.
 
     ``max_wait`` 0 is greedy: a batch leaves as soon as it is asked for. A positive ``max_wait``
@@ -74,11 +78,11 @@ class BatchQueue:
         self.max_batch_cost = max_batch_cost
         self.adaptive_wait = adaptive_wait
         # priority -> FIFO of entries; `_levels_heap` holds each priority present exactly once.
-        self._levels: dict[float, deque[QueueEntry]] = {}
+        self._levels: dict[float, deque[E]] = {}
         self._levels_heap: list[float] = []
-        self._arrivals: deque[QueueEntry] = deque()  # only kept when max_wait > 0
-        self._deadlines: list[tuple[float, int, QueueEntry]] = []
-        self._waiting: deque[QueueEntry] = deque()
+        self._arrivals: deque[E] = deque()  # only kept when max_wait > 0
+        self._deadlines: list[tuple[float, int, E]] = []
+        self._waiting: deque[E] = deque()
         self._queued = 0
         self._queued_cost = 0.0
         self._waiting_count = 0
@@ -108,7 +112,7 @@ class BatchQueue:
 
     # -- entering and leaving ----------------------------------------------------------------
 
-    def push(self, entry: QueueEntry, *, wait: bool = True) -> None:
+    def push(self, entry: E, *, wait: bool = True) -> None:
         """Queue ``entry``, or park it until there is room.
 
         Raises ``QueueFull`` when the queue is full and ``wait`` is false.
@@ -127,7 +131,7 @@ class BatchQueue:
         if entry.deadline is not None:
             heapq.heappush(self._deadlines, (entry.deadline, entry.seq, entry))
 
-    def _enqueue(self, entry: QueueEntry) -> None:
+    def _enqueue(self, entry: E) -> None:
         entry.state = QUEUED
         level = self._levels.get(entry.priority)
         if level is None:
@@ -144,7 +148,7 @@ class BatchQueue:
         self._queued += 1
         self._queued_cost += entry.cost
 
-    def remove(self, entry: QueueEntry) -> bool:
+    def remove(self, entry: E) -> bool:
         """Remove a queued or waiting ``entry``; return whether it was there.
 
         The entry stays in the internal structures, marked removed, and is skipped later.
@@ -172,9 +176,9 @@ class BatchQueue:
                 self._waiting_count -= 1
                 self._enqueue(entry)
 
-    def expire(self, now: float) -> list[QueueEntry]:
+    def expire(self, now: float) -> list[E]:
         """Remove and return the queued or waiting entries whose deadline is <= ``now``."""
-        expired: list[QueueEntry] = []
+        expired: list[E] = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
             entry = heapq.heappop(deadlines)[2]
@@ -189,7 +193,12 @@ class BatchQueue:
             heapq.heappop(deadlines)
         return deadlines[0][0] if deadlines else None
 
-    def remove_all(self) -> list[QueueEntry]:
+    def entries(self) -> list[E]:
+        """Return the queued and waiting entries, in no particular order."""
+        queued = [e for e in self._iter_queued() if e.state == QUEUED]
+        return queued + [e for e in self._waiting if e.state == WAITING]
+
+    def remove_all(self) -> list[E]:
         """Remove and return every queued and waiting entry, in dispatch order."""
         entries = [e for e in self._iter_queued() if e.state == QUEUED]
         entries.sort(key=_order_key)
@@ -205,7 +214,7 @@ class BatchQueue:
         self._queued_cost = 0.0
         return entries
 
-    def _iter_queued(self) -> Iterator[QueueEntry]:
+    def _iter_queued(self) -> Iterator[E]:
         for level in self._levels.values():
             yield from level
 
@@ -217,7 +226,7 @@ class BatchQueue:
         budget = self.max_batch_cost
         return budget is not None and self._queued_cost >= budget
 
-    def _oldest(self) -> QueueEntry:
+    def _oldest(self) -> E:
         arrivals = self._arrivals
         while arrivals[0].state != QUEUED:
             arrivals.popleft()
@@ -244,13 +253,13 @@ class BatchQueue:
                 return now
         return oldest.enqueued_at + self.max_wait
 
-    def take(self, now: float) -> tuple[list[QueueEntry], list[QueueEntry]]:
+    def take(self, now: float) -> tuple[list[E], list[E]]:
         """Remove and return ``(batch, expired)``: the next batch, and entries found expired.
 
         The batch follows priority then arrival order and respects the size and cost limits.
         """
         expired = self.expire(now) if self._deadlines else []
-        batch: list[QueueEntry] = []
+        batch: list[E] = []
         limit = self.max_batch_size
         budget = self.max_batch_cost
         cost = 0.0

@@ -1,0 +1,46 @@
+"""Benchmark fixtures, and the machine facts the report prints (added to the JSON's machine_info).
+
+Run with ``nox -s bench``, or by hand:
+``pytest benchmarks -p no:cacheprovider --benchmark-json=.benchmarks/latest.json`` then
+``python benchmarks/report.py .benchmarks/latest.json docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import batchkit
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    """Add what the report needs beyond pytest-benchmark's own machine facts."""
+    try:
+        import torch
+    except ImportError:
+        torch_version = None
+    else:
+        torch_version = torch.__version__
+    machine_info["batchkit_version"] = batchkit.__version__
+    machine_info["torch_version"] = torch_version
+    machine_info["cpu_count"] = os.cpu_count()
+    machine_info["platform"] = platform.platform()
+    machine_info["load_average"] = list(os.getloadavg())
+
+
+@pytest.fixture(autouse=True)
+def no_engine_threads_left() -> Iterator[None]:
+    """Fail a benchmark that leaves a batchkit background thread running."""
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    left = [
+        t.name
+        for t in threading.enumerate()
+        if t.ident not in before and t.name.startswith("batchkit-")
+    ]
+    assert not left, f"background engine threads left running: {left}"
