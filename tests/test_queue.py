@@ -17,9 +17,12 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
+    MultipleResults,
     RuleBasedStateMachine,
     initialize,
     invariant,
+    multiple,
+    precondition,
     rule,
 )
 
@@ -88,7 +91,7 @@ TAKEN, REMOVED, EXPIRED, REJECTED, REMOVED_ALL = (
 
 # Dyadic values only, so that every sum of times and costs is exact in binary floating point.
 PRIORITIES = (0, 1, 2, 0.5, -1.5)
-COSTS = (0.5, 1.0, 2.0, 5.0)
+COSTS = (1.0, 0.5, 2.0, 5.0)
 DEADLINE_OFFSETS = (-1.0, 0.0, 0.5, 1.0, 3.0)
 CLOCK_STEPS = (0.0, 0.25, 0.5, 1.0, 2.0)
 
@@ -180,16 +183,9 @@ class QueueMachine(RuleBasedStateMachine):
         self.settle(expired, EXPIRED)
         self.model_admit()
 
-    # -- rules -----------------------------------------------------------------------------------
-
-    @rule(
-        target=entries,
-        priority=st.sampled_from(PRIORITIES),
-        deadline_in=st.none() | st.sampled_from(DEADLINE_OFFSETS),
-        cost=st.sampled_from(COSTS),
-        wait=st.booleans(),
-    )
-    def push(self, priority: float, deadline_in: float | None, cost: float, wait: bool) -> Entry:
+    def push_one(
+        self, priority: float, deadline_in: float | None, cost: float, wait: bool
+    ) -> Entry:
         deadline = None if deadline_in is None else self.now + deadline_in
         if self.queue.max_batch_cost is None:
             cost = 1.0
@@ -210,6 +206,25 @@ class QueueMachine(RuleBasedStateMachine):
                 self.outcome[entry] = QUEUED
         return entry
 
+    # -- rules -----------------------------------------------------------------------------------
+
+    @rule(
+        target=entries,
+        pushes=st.lists(
+            st.tuples(
+                st.sampled_from(PRIORITIES),
+                st.none() | st.sampled_from(DEADLINE_OFFSETS),
+                st.sampled_from(COSTS),
+                st.booleans(),
+            ),
+            min_size=1,
+            max_size=4,
+        ),
+    )
+    def push(self, pushes: list[tuple[float, float | None, float, bool]]) -> MultipleResults[Entry]:
+        # Several arrivals at the same instant, so that batches have something to gather.
+        return multiple(*(self.push_one(*spec) for spec in pushes))
+
     @rule(entry=entries)
     def remove(self, entry: Entry) -> None:
         live = self.outcome[entry] in (QUEUED, WAITING)
@@ -222,6 +237,7 @@ class QueueMachine(RuleBasedStateMachine):
     def advance(self, step: float) -> None:
         self.now += step
 
+    @precondition(lambda self: self.queued or self.waiting)
     @rule()
     def take(self) -> None:
         batch, expired = self.queue.take(self.now)
@@ -239,6 +255,7 @@ class QueueMachine(RuleBasedStateMachine):
         self.settle(batch, TAKEN)
         self.model_admit()
 
+    @precondition(lambda self: self.queued or self.waiting)
     @rule()
     def expire(self) -> None:
         self.check_expired(self.queue.expire(self.now))
@@ -249,8 +266,8 @@ class QueueMachine(RuleBasedStateMachine):
             return
         self.check_remove_all()
 
-    @rule()
-    def next_dispatch_time(self) -> None:
+    @invariant()
+    def dispatch_time_matches_the_model(self) -> None:
         when = self.queue.next_dispatch_time(self.now)
         if not self.queued:
             assert when is None

@@ -59,16 +59,16 @@ class AsyncBatched(BatchedModel[T, R]):
         self._slot_models: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         functools.update_wrapper(self, fn)
 
-    def __call__(
+    async def __call__(
         self,
         item: T,
         *,
         priority: float = 0,
         timeout: float | None = None,
         deadline: float | None = None,
-    ) -> Awaitable[R]:
-        """Submit ``item`` and return an awaitable of its output (see ``call``)."""
-        return self.call(item, priority=priority, timeout=timeout, deadline=deadline)
+    ) -> R:
+        """Return the output for ``item`` (see ``call``)."""
+        return await self.call(item, priority=priority, timeout=timeout, deadline=deadline)
 
     def __set_name__(self, owner: type, name: str) -> None:
         self._attr = name

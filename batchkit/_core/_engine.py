@@ -211,9 +211,9 @@ class Engine:
     def submit(self, item: Any, priority: float, deadline: float | None, wait: bool) -> Request:
         """Queue ``item`` for a caller on the engine's loop and return its request.
 
-        On asyncio the caller may simply await ``request.future``: a cancelled future withdraws
-        the item (it is noticed when the item would be dispatched, or when room is needed).
-        Raises ``ClosedError`` when closing, ``QueueFull`` when full and not ``wait``.
+        The caller awaits ``outcome(request)`` (or, on asyncio, ``request.future`` and then
+        ``cancel(request)`` if it stopped waiting first). Raises ``ClosedError`` when closing,
+        ``QueueFull`` when full and not ``wait``.
         """
         cost = 1.0 if self.settings.size_fn is None else self._cost(item)
         req: Request
@@ -239,11 +239,8 @@ class Engine:
     def _submit(self, req: Request, wait: bool) -> None:
         if self._closing:
             raise ClosedError(f"model {self.settings.name!r} is closed")
-        queue = self._queue
-        if queue.max_queue_size is not None and queue.full:
-            self._drop_abandoned(queue.entries())
         try:
-            queue.push(req, wait=wait)
+            self._queue.push(req, wait=wait)
         except QueueFull:
             self._rec.rejected += 1
             raise
@@ -381,20 +378,6 @@ class Engine:
 
     # -- settling ------------------------------------------------------------------------------
 
-    def _drop_abandoned(self, reqs: list[Request]) -> list[Request]:
-        """Settle as cancelled the asyncio requests whose caller cancelled the future; return
-        the others. (Cancelled futures are found here, lazily, to keep the per-item path short.)
-        """
-        if self._loop is None:
-            return reqs
-        live = []
-        for req in reqs:
-            if req.__class__ is FutureRequest and req.future.cancelled():
-                self.cancel(req)
-            else:
-                live.append(req)
-        return live
-
     def cancel(self, req: Request) -> None:
         """Settle ``req`` as cancelled: its caller stopped waiting. Queued, it is never run."""
         if req.finished:
@@ -420,9 +403,6 @@ class Engine:
 
     def _fail(self, req: Request, exc: BaseException) -> None:
         if req.finished:
-            return
-        if req.__class__ is FutureRequest and req.future.cancelled():
-            self.cancel(req)
             return
         req.finished = True
         self._rec.failed += 1
@@ -458,7 +438,6 @@ class Engine:
             batch, expired = queue.take(now)
             for req in expired:
                 self.expire(req)
-            batch = self._drop_abandoned(batch)
             if batch:
                 self._in_flight += 1
                 try:
@@ -492,7 +471,7 @@ class Engine:
         self._record_batch(n, start, end)
         queue_wait = rec.queue_wait.append
         end_to_end = rec.end_to_end.append
-        completed = failed = cancelled = 0
+        completed = failed = 0
         for req, out in zip(batch, outputs, strict=True):
             queue_wait(start - req.enqueued_at)
             end_to_end(end - req.enqueued_at)
@@ -505,18 +484,15 @@ class Engine:
                 failed += 1
                 req.deliver_error(out)
             elif req.__class__ is FutureRequest:  # the common case, inlined
+                completed += 1
                 future = req.future
-                if future.done():  # the caller cancelled it while the batch ran
-                    cancelled += 1
-                else:
-                    completed += 1
+                if not future.done():  # else its task was cancelled and has yet to withdraw it
                     future.set_result(out)
             else:
                 completed += 1
                 req.deliver(out)
         rec.completed += completed
         rec.failed += failed
-        rec.cancelled += cancelled
 
     def _record_batch(self, n: int, start: float, end: float) -> None:
         rec = self._rec

@@ -18,7 +18,7 @@ from anyio.lowlevel import RunVar
 from ._config import Settings, check_timeout
 from ._engine import Engine
 from ._errors import ClosedError, ConfigurationError, WrongLoopError
-from ._requests import FutureRequest, ThreadRequest
+from ._requests import FutureRequest, Request, ThreadRequest
 from ._stats import Recorder, Statistics
 
 __all__ = ("BatchedModel",)
@@ -212,65 +212,69 @@ class BatchedModel(Generic[T, R]):
 
     # -- async entry points --------------------------------------------------------------------
 
-    def call(
+    async def call(
         self,
         item: T,
         *,
         priority: float = 0,
         timeout: float | None = None,
         deadline: float | None = None,
-    ) -> Awaitable[R]:
-        """Submit one item and return an awaitable of its output: ``await model.call(item)``.
+    ) -> R:
+        """Submit one item and return its output.
 
-        The item is submitted at once (in the engine's own asyncio loop, the awaitable is a bare
-        future, the cheapest thing to await). Lower ``priority`` numbers are served first; equal
-        priorities in arrival order. ``timeout`` (seconds) or ``deadline`` (absolute, on
-        ``anyio.current_time()``) bound the whole call; without either, the model's default
-        ``timeout`` applies. A full bounded queue makes the call wait for room, within that bound.
-        Cancelling the await withdraws the item; if its batch already runs, only this caller
-        misses the output.
+        Lower ``priority`` numbers are served first; equal priorities in arrival order.
+        ``timeout`` (seconds) or ``deadline`` (absolute, on ``anyio.current_time()``) bound the
+        whole call; without either, the model's default ``timeout`` applies. A full bounded queue
+        makes the call wait for room, within that bound. Cancelling the call withdraws a queued
+        item; if its batch already runs, only this caller misses the output.
 
-        Awaiting raises ``DeadlineExceeded`` when the bound passes first, ``ModelError`` when the
-        model failed for the whole batch, the item's own exception when the model returned one
-        in its slot, and ``ClosedError`` when the model is or gets closed.
+        Raises ``DeadlineExceeded`` when the bound passes first, ``ModelError`` when the model
+        failed for the whole batch, the item's own exception when the model returned one in its
+        slot, and ``ClosedError`` when the model is or gets closed.
         """
-        return self._submit(item, priority, timeout, deadline, True)
+        engine = self._engine
+        # A thread runs one event loop at a time: a coroutine on the engine's thread runs in its
+        # loop, so the caller may submit directly.
+        if engine is None or engine.thread_id != get_ident():
+            return await self._call_elsewhere(item, priority, timeout, deadline, True)  # type: ignore[no-any-return]
+        req = self._submit_here(engine, item, priority, timeout, deadline, True)
+        if req.__class__ is FutureRequest:  # the hottest path in batchkit: inlined
+            try:
+                return await req.future  # type: ignore[no-any-return]
+            finally:
+                if not req.finished:
+                    engine.cancel(req)
+        return await engine.outcome(req)  # type: ignore[no-any-return]
 
-    def call_nowait(
+    async def call_nowait(
         self,
         item: T,
         *,
         priority: float = 0,
         timeout: float | None = None,
         deadline: float | None = None,
-    ) -> Awaitable[R]:
-        """Like ``call()``, but fail with ``QueueFull`` at once instead of waiting for room.
+    ) -> R:
+        """Like ``call()``, but raise ``QueueFull`` at once instead of waiting for room."""
+        engine = self._engine
+        if engine is None or engine.thread_id != get_ident():
+            return await self._call_elsewhere(item, priority, timeout, deadline, False)  # type: ignore[no-any-return]
+        req = self._submit_here(engine, item, priority, timeout, deadline, False)
+        return await engine.outcome(req)  # type: ignore[no-any-return]
 
-        On the engine's own loop ``QueueFull`` is raised by this call itself; elsewhere, by
-        awaiting its result.
-        """
-        return self._submit(item, priority, timeout, deadline, False)
-
-    def _submit(
+    def _submit_here(
         self,
+        engine: Engine,
         item: Any,
         priority: float,
         timeout: float | None,
         deadline: float | None,
         wait: bool,
-    ) -> Awaitable[Any]:
-        engine = self._engine
-        # A thread runs one event loop at a time: code on the engine's thread runs in its loop.
-        if engine is None or engine.thread_id != get_ident():
-            return self._call_elsewhere(item, priority, timeout, deadline, wait)
+    ) -> Request:
         if priority.__class__ is not int:
             _check_priority(priority)
         if timeout is not None or deadline is not None or self.settings.timeout is not None:
             deadline = self._deadline(timeout, deadline)
-        req = engine.submit(item, priority, deadline, wait)
-        if isinstance(req, FutureRequest):
-            return req.future
-        return engine.outcome(req)
+        return engine.submit(item, priority, deadline, wait)
 
     async def call_many(
         self,

@@ -193,11 +193,6 @@ class BatchQueue(Generic[E]):
             heapq.heappop(deadlines)
         return deadlines[0][0] if deadlines else None
 
-    def entries(self) -> list[E]:
-        """Return the queued and waiting entries, in no particular order."""
-        queued = [e for e in self._iter_queued() if e.state == QUEUED]
-        return queued + [e for e in self._waiting if e.state == WAITING]
-
     def remove_all(self) -> list[E]:
         """Remove and return every queued and waiting entry, in dispatch order."""
         entries = [e for e in self._iter_queued() if e.state == QUEUED]
