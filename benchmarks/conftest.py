@@ -18,7 +18,9 @@ import pytest
 import batchkit
 
 
-def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+def pytest_benchmark_update_machine_info(
+    config: pytest.Config, machine_info: dict[str, Any]
+) -> None:
     """Add what the report needs beyond pytest-benchmark's own machine facts."""
     try:
         import torch

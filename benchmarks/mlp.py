@@ -22,7 +22,7 @@ HIDDEN = 1024
 
 
 class MLP:
-    """Linear(256 -> 1024), ReLU, Linear(1024 -> 256), in eval mode, with ``torch.set_num_threads(1)``.
+    """Linear(256 -> 1024), ReLU, Linear(1024 -> 256) in eval mode, on one torch thread.
 
     Build it inside the benchmark (it imports torch); ``close`` restores torch's thread count.
     """

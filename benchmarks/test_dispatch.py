@@ -113,17 +113,33 @@ def summarize(
         "rounds, ratios are medians of the per-round ratios"
     )
     for name, label in (("batchkit", "batchkit"), ("baseline", "baseline"), ("floor", "floor")):
-        f.figure(f"{name}_us_wall", f"{label}: wall time per item", 1e6 * median(wall[name]) / ITEMS, "us")
-        f.figure(f"{name}_us_cpu", f"{label}: CPU time per item", 1e6 * median(cpu[name]) / ITEMS, "us")
+        f.figure(
+            f"{name}_us_wall",
+            f"{label}: wall time per item",
+            1e6 * median(wall[name]) / ITEMS,
+            "us",
+        )
+        f.figure(
+            f"{name}_us_cpu", f"{label}: CPU time per item", 1e6 * median(cpu[name]) / ITEMS, "us"
+        )
         f.figure(f"{name}_items_s", f"{label}: items/s", ITEMS / median(wall[name]), "items/s")
     vs_base = [b / k for k, b in zip(wall["batchkit"], wall["baseline"], strict=True)]
     vs_floor = [fl / k for k, fl in zip(wall["batchkit"], wall["floor"], strict=True)]
-    f.figure("vs_baseline", "batchkit items/s / baseline items/s (median of rounds)", median(vs_base), "x")
+    f.figure(
+        "vs_baseline",
+        "batchkit items/s / baseline items/s (median of rounds)",
+        median(vs_base),
+        "x",
+    )
     f.figure("vs_baseline_min", "  lowest round", min(vs_base), "x")
     f.figure("vs_baseline_max", "  highest round", max(vs_base), "x")
-    f.figure("vs_floor", "batchkit items/s / floor items/s (median of rounds)", median(vs_floor), "x")
+    f.figure(
+        "vs_floor", "batchkit items/s / floor items/s (median of rounds)", median(vs_floor), "x"
+    )
     f.figure("batchkit_mean_batch", "batchkit: mean batch size", mean_batch_size(sizes), "items")
-    f.figure("baseline_mean_batch", "baseline: mean batch size", mean_batch_size(base_sizes), "items")
+    f.figure(
+        "baseline_mean_batch", "baseline: mean batch size", mean_batch_size(base_sizes), "items"
+    )
     f.distribution("batchkit batch sizes (timed rounds)", sizes)
     f.distribution("baseline batch sizes (timed rounds)", base_sizes)
     f.target("batchkit CPU time per item", "batchkit_us_cpu", "<=", TARGET_US_PER_ITEM)

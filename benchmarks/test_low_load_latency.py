@@ -19,10 +19,9 @@ import pytest
 from batchkit import BatchedModel
 
 from ._measure import Findings, percentile
+from .mlp import MLP
 
 pytest.importorskip("torch")
-
-from .mlp import MLP  # noqa: E402
 
 CALLS = 2_000  # of each kind, after WARMUP of each
 WARMUP = 200
@@ -57,9 +56,7 @@ async def measure_async(mlp: MLP) -> Findings:
                 direct_ns.append(d)
                 kit_ns.append(k)
         stats = model.statistics()
-    f = Findings(
-        "latency_async", "Low-load latency: one async caller, `await model.call(x)`", 3
-    )
+    f = Findings("latency_async", "Low-load latency: one async caller, `await model.call(x)`", 3)
     f.setup(
         "one asyncio caller, calls one after another, `BatchedModel(forward)` with default "
         "settings under `async with model:`; the sync model function runs in a worker thread"
@@ -95,9 +92,7 @@ def measure_sync(mlp: MLP) -> Findings:
                 direct_ns.append(d)
                 kit_ns.append(k)
         stats = model.statistics()
-    f = Findings(
-        "latency_sync", "Low-load latency: one thread, `model.call_sync(x)`", 4
-    )
+    f = Findings("latency_sync", "Low-load latency: one thread, `model.call_sync(x)`", 4)
     f.setup(
         "the main thread calls `model.call_sync(x)` one call after another; the engine runs "
         "on its background event-loop thread (`with model:`), default settings; the sync model "
@@ -124,12 +119,16 @@ def summarize(f: Findings, direct_ns: list[int], kit_ns: list[int], stats: Any) 
         f.figure(f"added_{tag}", f"added by batchkit: {tag}", kit - direct, "ms")
     f.figure("mean_batch", "batchkit: mean batch size", stats.mean_batch_size, "items")
     f.figure(
-        "compute_p50", "batchkit: model call as the engine times it, p50 (incl. thread hop)",
-        1e3 * stats.compute.p50, "ms",
+        "compute_p50",
+        "batchkit: model call as the engine times it, p50 (incl. thread hop)",
+        1e3 * stats.compute.p50,
+        "ms",
     )
     f.figure(
-        "end_to_end_p50", "batchkit: submit to outcome as the engine times it, p50",
-        1e3 * stats.end_to_end.p50, "ms",
+        "end_to_end_p50",
+        "batchkit: submit to outcome as the engine times it, p50",
+        1e3 * stats.end_to_end.p50,
+        "ms",
     )
     f.target("added latency at p50", "added_p50", "<=", TARGET_ADDED_P50_MS)
     f.note(

@@ -17,10 +17,9 @@ import pytest
 from batchkit import BatchedModel
 
 from ._measure import Findings, batch_size_delta, mean_batch_size, median, rotated
+from .mlp import MLP
 
 pytest.importorskip("torch")
-
-from .mlp import MLP  # noqa: E402
 
 CALLERS = 128
 MAX_BATCH_SIZE = 64
@@ -106,14 +105,23 @@ async def measure(mlp: MLP) -> Findings:
     # The compute samples (the last 4,096 batches) are nearly all from the timed rounds.
     busy = stats1.compute.mean * batches
     f.figure(
-        "compute_p50", "batchkit: model call per batch, p50 (incl. thread hop)",
-        1e3 * stats1.compute.p50, "ms",
+        "compute_p50",
+        "batchkit: model call per batch, p50 (incl. thread hop)",
+        1e3 * stats1.compute.p50,
+        "ms",
     )
     f.figure(
-        "ceiling_batch_ms", "ceiling: model call per batch, median",
-        1e3 * median(times["ceiling"]) / BATCHES_PER_ROUND, "ms",
+        "ceiling_batch_ms",
+        "ceiling: model call per batch, median",
+        1e3 * median(times["ceiling"]) / BATCHES_PER_ROUND,
+        "ms",
     )
-    f.figure("model_busy", "batchkit: share of wall time a batch was running (approx.)", 100 * busy / sum(times["batchkit"]), "%")
+    f.figure(
+        "model_busy",
+        "batchkit: share of wall time a batch was running (approx.)",
+        100 * busy / sum(times["batchkit"]),
+        "%",
+    )
     f.distribution("batchkit batch sizes (timed rounds)", sizes)
     f.target("batchkit items/s, share of the ceiling", "of_ceiling", ">=", 100 * TARGET_OF_CEILING)
     return f

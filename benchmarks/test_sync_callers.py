@@ -18,10 +18,9 @@ import pytest
 from batchkit import BatchedModel
 
 from ._measure import Findings, batch_size_delta, mean_batch_size, median, rotated
+from .mlp import MLP
 
 pytest.importorskip("torch")
-
-from .mlp import MLP  # noqa: E402
 
 THREADS = 16
 MAX_BATCH_SIZE = 32

@@ -529,3 +529,137 @@ class TestStatistics:
             stats.completed = 0  # type: ignore[misc]
         with pytest.raises(TypeError):
             stats.batch_sizes[1] = 3  # type: ignore[index]
+
+
+class TestReviewedEdges:
+    async def test_body_exception_propagates_unwrapped_and_running_batch_finishes(self) -> None:
+        fake = GatedModel()
+        results: dict[Any, Any] = {}
+
+        async def open_when_blocked() -> None:
+            await settle()
+            fake.open()
+
+        async with anyio.create_task_group() as tg:
+            with pytest.raises(KeyError, match="from the body"):
+                async with BatchedModel(fake) as model:
+                    await spawn_calls(tg, model, [1], results)
+                    tg.start_soon(open_when_blocked)
+                    raise KeyError("from the body")
+            await settle()  # let the caller task pick up the outcome delivered at exit
+            assert results == {1: 10}
+
+    async def test_call_many_failure_leaves_no_unretrieved_exception(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        import gc
+
+        async def broken(items: list[int]) -> list[int]:
+            raise RuntimeError("whole batch")
+
+        async with BatchedModel(broken, max_batch_size=4) as model:
+            with pytest.raises(ModelError):
+                await model.call_many(range(4))
+        gc.collect()
+        assert "never retrieved" not in caplog.text
+
+    async def test_isolation_does_not_rerun_callers_that_gave_up(self) -> None:
+        gave_up = anyio.Event()
+        batches: list[list[int]] = []
+
+        async def model_fn(items: list[int]) -> list[int]:
+            batches.append(list(items))
+            if len(items) > 1:
+                await gave_up.wait()
+            if 13 in items:
+                raise ValueError("poison")
+            return items
+
+        results: dict[Any, Any] = {}
+        model = BatchedModel(model_fn, max_batch_size=8, isolate_failures=True)
+        async with model, anyio.create_task_group() as tg:
+
+            async def impatient() -> None:
+                try:
+                    await model.call(2, timeout=0.05)
+                except DeadlineExceeded:
+                    gave_up.set()
+
+            results[13] = None
+            tg.start_soon(lambda: _store(results, 13, model.call(13)))
+            tg.start_soon(impatient)
+        assert batches in ([[13, 2], [13]], [[2, 13], [13]])  # trio may start either task first
+        assert isinstance(results[13], ModelError)
+
+    async def test_output_without_length_is_not_wrapped_twice_nor_isolated(self) -> None:
+        calls: list[list[int]] = []
+
+        async def scalar(items: list[int]) -> int:
+            calls.append(items)
+            return 3
+
+        model = BatchedModel(scalar, isolate_failures=True)  # type: ignore[arg-type]
+        async with model:
+            results = await model.call_many(range(4), return_exceptions=True)
+        assert len(calls) == 1
+        for error in results:
+            assert isinstance(error, ModelError)
+            assert "raised ModelError" not in str(error)
+            assert "no length" in str(error)
+
+    async def test_async_with_after_background_use_explains_itself(self) -> None:
+        async def times_ten(items: list[int]) -> list[int]:
+            return [i * 10 for i in items]
+
+        model = BatchedModel(times_ten)
+        try:
+            assert await model.call(1) == 10  # no `async with`: starts the background engine
+            with pytest.raises(WrongLoopError, match="background thread"):
+                await model.__aenter__()
+        finally:
+            await model.aclose()
+
+    async def test_second_async_with_explains_itself(self) -> None:
+        model = BatchedModel(GatedModel(gated=False))
+        async with model:
+            with pytest.raises(WrongLoopError, match="another `async with`"):
+                await model.__aenter__()
+
+
+async def _store(results: dict[Any, Any], key: Any, awaitable: Any) -> None:
+    try:
+        results[key] = await awaitable
+    except Exception as exc:
+        results[key] = exc
+
+
+def test_adaptive_wait_needs_a_wait() -> None:
+    with pytest.raises(ConfigurationError, match="adaptive_wait needs a max_wait > 0"):
+        BatchedModel(GatedModel(), adaptive_wait=True)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("max_batch_size", 0, "max_batch_size must be >= 1, got 0"),
+        ("max_batch_size", 2.5, "max_batch_size must be an int, got 2.5"),
+        ("max_concurrency", 0, "max_concurrency must be >= 1, got 0"),
+        ("max_queue_size", 0, "max_queue_size must be >= 1, got 0"),
+        ("max_wait", -1, "max_wait must be >= 0, got -1"),
+        ("max_wait", math.nan, "max_wait must be >= 0, got nan"),
+        ("timeout", 0, "timeout must be > 0, got 0"),
+        ("max_batch_cost", 5, "size_fn and max_batch_cost go together"),
+        ("collate", 3, "collate must be callable, got 3"),
+        ("name", "", "name must be a non-empty string"),
+    ],
+)
+def test_bad_settings_name_the_setting_and_value(setting: str, value: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        BatchedModel(GatedModel(), **{setting: value})
+    assert message in str(info.value)
+    assert isinstance(info.value, ValueError)
+
+
+def test_model_must_be_callable() -> None:
+    with pytest.raises(ConfigurationError, match="callable"):
+        BatchedModel(42)  # type: ignore[arg-type]

@@ -39,6 +39,8 @@ class Settings:
             _check_number("timeout", self.timeout, allow_zero=False)
         if self.max_batch_cost is not None:
             _check_number("max_batch_cost", self.max_batch_cost, allow_zero=False)
+        if self.adaptive_wait and self.max_wait == 0:
+            raise ConfigurationError("adaptive_wait needs a max_wait > 0 to adapt, got max_wait=0")
         if (self.size_fn is None) != (self.max_batch_cost is None):
             raise ConfigurationError(
                 "size_fn and max_batch_cost go together: give both or neither, got "

@@ -166,11 +166,13 @@ class Engine:
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
-    ) -> bool | None:
+    ) -> None:
         if not self._closing:  # else an earlier close() chose whether to drain
             self.begin_close(drain=False)
         assert self._tg is not None
-        return await self._tg.__aexit__(exc_type, exc, tb)
+        # The workers never raise, and the body's own exception is not theirs: wait for them as
+        # if the body ended normally, so that exception propagates as it is (not in a group).
+        await self._tg.__aexit__(None, None, None)
 
     def begin_close(self, drain: bool) -> None:
         """Stop accepting items; fail the queued ones unless ``drain``. Call on the loop thread."""
@@ -241,8 +243,9 @@ class Engine:
             raise ClosedError(f"model {self.settings.name!r} is closed")
         try:
             self._queue.push(req, wait=wait)
-        except QueueFull:
+        except QueueFull as exc:
             self._rec.rejected += 1
+            exc.retry_after = self._retry_after()
             raise
         self._rec.submitted += 1
         deadline = req.deadline
@@ -308,6 +311,8 @@ class Engine:
             for req in reqs:
                 if not req.finished:
                     self.cancel(req)
+                elif isinstance(req, FutureRequest) and req.future.done():
+                    req.future.exception()  # retrieved: asyncio must not log it as lost
 
     # -- from other threads --------------------------------------------------------------------
 
@@ -453,12 +458,11 @@ class Engine:
         try:
             outputs = await self._invoke([req.item for req in batch])
         except Exception as exc:
-            if self.settings.isolate_failures and n > 1 and not isinstance(exc, BatchSizeMismatch):
-                half = n // 2
-                await self._run_batch(batch[:half], dequeued_at)
-                await self._run_batch(batch[half:], dequeued_at)
-                return
             self._record_batch(n, start, clock())
+            # Output errors (wrong count, no length) are the model's bug, not a poison item's.
+            if self.settings.isolate_failures and n > 1 and not isinstance(exc, ModelError):
+                await self._retry_halves(batch, dequeued_at)
+                return
             for req in batch:
                 self._fail(req, self._batch_error(exc, n))
             return
@@ -494,6 +498,25 @@ class Engine:
         rec.completed += completed
         rec.failed += failed
 
+    async def _retry_halves(self, batch: list[Request], dequeued_at: float) -> None:
+        half = len(batch) // 2
+        for part in (batch[:half], batch[half:]):
+            # Callers that gave up (cancelled, expired) meanwhile are not run again.
+            part = [req for req in part if not req.finished]
+            if part:
+                await self._run_batch(part, dequeued_at)
+
+    def _retry_after(self) -> float:
+        """Estimate the seconds until the queue has room: the batches ahead times their cost."""
+        compute = self._rec.compute
+        if not compute:
+            return 1.0
+        recent = list(compute)[-16:]
+        per_batch = sum(recent) / len(recent)
+        settings = self.settings
+        batches_ahead = len(self._queue) / (settings.max_batch_size * settings.max_concurrency)
+        return min(60.0, max(0.001, per_batch * max(1.0, batches_ahead)))
+
     def _record_batch(self, n: int, start: float, end: float) -> None:
         rec = self._rec
         rec.batches += 1
@@ -503,6 +526,8 @@ class Engine:
     def _batch_error(self, exc: Exception, n: int) -> ModelError:
         if isinstance(exc, BatchSizeMismatch):
             error: ModelError = BatchSizeMismatch(expected=exc.expected, got=exc.got)
+        elif isinstance(exc, ModelError):  # raised here about the output: a copy per caller
+            error = ModelError(str(exc), batch_size=exc.batch_size)
         else:
             error = ModelError(
                 f"model {self.settings.name!r} raised {type(exc).__name__}: {exc}", batch_size=n

@@ -50,8 +50,8 @@ class ClosedError(BatchkitError, RuntimeError):
 class QueueFull(BatchkitError):
     """Raised by ``call_nowait()`` when the queue holds ``max_queue_size`` items.
 
-    ``retry_after`` is a hint, in seconds, of when room is likely; adapters send it as
-    ``Retry-After``.
+    ``retry_after`` estimates, in seconds, when room is likely (from the recent batch compute
+    time and the batches queued ahead); adapters send it as ``Retry-After``.
     """
 
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
@@ -67,9 +67,11 @@ class DeadlineExceeded(BatchkitError, TimeoutError):
 
 
 class WrongLoopError(BatchkitError, RuntimeError):
-    """Raised by the sync entry points when called on the thread running the engine's loop.
+    """Raised when a call would need the engine in another event loop than it runs in.
 
-    Blocking that thread would deadlock; use the async entry points there.
+    The sync entry points raise it on the thread running the engine's loop (blocking it would
+    deadlock: use the async entry points there); ``async with model`` raises it when the model
+    already runs elsewhere (on its background thread, or under another ``async with``).
     """
 
 

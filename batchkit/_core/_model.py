@@ -126,10 +126,16 @@ class BatchedModel(Generic[T, R]):
         with self._lock:
             if self._closed:
                 raise ClosedError(f"model {self.name!r} is closed")
+            if self._host is not None:
+                raise WrongLoopError(
+                    f"model {self.name!r} already runs on its own background thread (started by "
+                    "a call made outside `async with`); keep using it that way, or give "
+                    "`async with` a model that has not been called yet"
+                )
             if self._engine is not None:
                 raise WrongLoopError(
-                    f"model {self.name!r} is already running "
-                    + ("on its background thread; close() it first" if self._host else "")
+                    f"model {self.name!r} already runs under another `async with`; "
+                    "a model runs in one event loop at a time"
                 )
             self._engine = self._new_engine()
         try:

@@ -1,0 +1,184 @@
+"""Write docs/benchmarks.md from a pytest-benchmark JSON file.
+
+Usage: ``python benchmarks/report.py .benchmarks/latest.json docs/benchmarks.md``
+
+Every figure, target and verdict comes from the JSON: the benchmarks record what they measured in
+``extra_info`` (see ``benchmarks/_measure.py``), and the machine and commit come from the JSON's
+``machine_info`` and ``commit_info``. Nothing here is typed by hand but the words around them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+MICRO = "\u00b5"
+OPS = {"<=": "\u2264", ">=": "\u2265"}
+
+REPRODUCE = (
+    "nox -s bench",
+    "# or, in a virtualenv with the dev, numpy and torch extras:",
+    "pytest benchmarks -p no:cacheprovider --benchmark-json=.benchmarks/latest.json",
+    "python benchmarks/report.py .benchmarks/latest.json docs/benchmarks.md",
+)
+
+
+def fmt(value: float, unit: str) -> str:
+    """Format a figure for the table by its unit."""
+    if unit == "us":
+        return f"{value:,.2f} {MICRO}s"
+    if unit == "ms":
+        return f"{value:,.3f} ms"
+    if unit == "items/s":
+        return f"{value:,.0f} items/s"
+    if unit == "x":
+        return f"{value:,.2f}x"
+    if unit == "%":
+        return f"{value:,.1f} %"
+    if unit == "items":
+        return f"{value:,.1f}"
+    return f"{value:,.4g} {unit}".rstrip()
+
+
+def machine_section(data: dict[str, Any], source: str) -> list[str]:
+    machine = data.get("machine_info", {})
+    commit = data.get("commit_info", {})
+    cpu = machine.get("cpu", {}) or {}
+    when = data.get("datetime")
+    date = datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M UTC") if when else "unknown"
+    commit_id = str(commit.get("id") or "unknown")[:10]
+    if commit.get("dirty"):
+        commit_id += " plus uncommitted changes"
+    load = machine.get("load_average")
+    rows = [
+        ("date", date),
+        ("commit", f"{commit_id} ({commit.get('branch', '?')})"),
+        ("batchkit", str(machine.get("batchkit_version", "unknown"))),
+        (
+            "Python",
+            f"{machine.get('python_version', '?')} ({machine.get('python_implementation', '?')})",
+        ),
+        ("torch", str(machine.get("torch_version") or "not installed")),
+        ("platform", str(machine.get("platform") or machine.get("system", "?"))),
+        (
+            "CPU",
+            f"{cpu.get('brand_raw') or machine.get('processor') or '?'}, "
+            f"{machine.get('cpu_count', cpu.get('count', '?'))} logical CPUs",
+        ),
+    ]
+    if load:
+        rows.append(("load average at start (1, 5, 15 min)", ", ".join(f"{x:.2f}" for x in load)))
+    lines = [
+        "## Machine and run",
+        "",
+        "| | |",
+        "| --- | --- |",
+        *(f"| {k} | {v} |" for k, v in rows),
+        "",
+        f"Source: `{source}`, written by pytest-benchmark {data.get('version', '?')}.",
+        "",
+    ]
+    return lines
+
+
+def verdict(target: dict[str, Any]) -> str:
+    return "met" if target["met"] else "**not met**"
+
+
+def summary_section(benches: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "## Targets",
+        "",
+        "| scenario | target | measured | verdict |",
+        "| --- | --- | --- | --- |",
+    ]
+    for info in benches:
+        figures = {f["key"]: f for f in info["figures"]}
+        for target in info["targets"]:
+            fig = figures[target["key"]]
+            lines.append(
+                f"| {info['title']} | {target['label']} {OPS[target['op']]} "
+                f"{fmt(target['threshold'], fig['unit'])} | {fmt(fig['value'], fig['unit'])} "
+                f"| {verdict(target)} |"
+            )
+    lines.append("")
+    return lines
+
+
+def scenario_section(number: int, info: dict[str, Any]) -> list[str]:
+    lines = [f"## {number}. {info['title']}", ""]
+    lines += [f"- {line}" for line in info["setup"]]
+    lines += ["", "| figure | value |", "| --- | --- |"]
+    lines += [f"| {f['label']} | {fmt(f['value'], f['unit'])} |" for f in info["figures"]]
+    lines.append("")
+    for dist in info["distributions"]:
+        sizes = ", ".join(f"{size}: {n}" for size, n in dist["sizes"].items())
+        lines.append(f"{dist['label']} (size: batches): {sizes or 'none'}")
+        lines.append("")
+    figures = {f["key"]: f for f in info["figures"]}
+    for target in info["targets"]:
+        fig = figures[target["key"]]
+        lines.append(
+            f"Target: {target['label']} {OPS[target['op']]} "
+            f"{fmt(target['threshold'], fig['unit'])}: {fmt(fig['value'], fig['unit'])}, "
+            f"{verdict(target)}."
+        )
+        lines.append("")
+    for note in info["notes"]:
+        lines += [note, ""]
+    load = info.get("load_average")
+    if load:
+        lines += [
+            f"Load average (1 min) before and after: {load[0]:.2f}, "
+            f"{info.get('load_average_after', [float('nan')])[0]:.2f}.",
+            "",
+        ]
+    return lines
+
+
+def render(data: dict[str, Any], source: str) -> str:
+    benches = [
+        b["extra_info"] for b in data.get("benchmarks", []) if "scenario" in b.get("extra_info", {})
+    ]
+    benches.sort(key=lambda info: info["order"])
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Generated by benchmarks/report.py from pytest-benchmark's JSON; do not edit. -->",
+        "",
+        "Each benchmark measures what it compares in the same run, alternating between them, and "
+        "reports ratios: absolute times drift on shared machines, ratios taken side by side much "
+        "less. Reproduce with:",
+        "",
+        "```sh",
+        *REPRODUCE,
+        "```",
+        "",
+    ]
+    lines += machine_section(data, source)
+    if not benches:
+        lines += ["No benchmark results in this run.", ""]
+    else:
+        lines += summary_section(benches)
+        for number, info in enumerate(benches, start=1):
+            lines += scenario_section(number, info)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3:
+        print(f"usage: {argv[0]} BENCHMARK_JSON OUTPUT_MD", file=sys.stderr)
+        return 2
+    source, output = Path(argv[1]), Path(argv[2])
+    data = json.loads(source.read_text(encoding="utf-8"))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(render(data, source.as_posix()), encoding="utf-8")
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
