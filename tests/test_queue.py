@@ -566,6 +566,27 @@ class TestRemove:
         assert len(queue) == 0
         assert queue.next_dispatch_time(0.0) is None
 
+    def test_remove_an_entry_never_pushed(self) -> None:
+        queue = BatchQueue(max_batch_size=10, max_queue_size=2)
+        feed = Feed(queue)
+        assert queue.remove(feed.make()) is False
+        assert (len(queue), queue.waiting_for_room) == (0, 0)
+        entry = feed.push()
+        assert queue.take(0.0)[0] == [entry]
+
+    def test_removed_entries_behind_a_starving_level_are_released(self) -> None:
+        queue: BatchQueue[Entry] = BatchQueue(max_batch_size=1)
+        feed = Feed(queue)
+        feed.push(priority=0)
+        refs = []
+        for _ in range(1000):  # callers at a lower priority give up before being served
+            entry = feed.push(priority=5)
+            refs.append(weakref.ref(entry))
+            assert queue.remove(entry) is True
+            del entry
+        assert sum(ref() is not None for ref in refs) <= 130
+        assert len(queue) == 1
+
     def test_remove_a_taken_entry(self) -> None:
         queue = BatchQueue(max_batch_size=10)
         entry = Feed(queue).push()

@@ -22,6 +22,7 @@ from ._errors import QueueFull
 __all__ = ("BatchQueue", "QueueEntry")
 
 # Entry states. Ints, compared by identity of value, to keep the per-item path cheap.
+NEW = -1  # not pushed yet
 WAITING = 0  # waiting for room in a bounded queue
 QUEUED = 1
 TAKEN = 2  # handed to the runner in a batch
@@ -46,7 +47,7 @@ class QueueEntry:
         self.enqueued_at = enqueued_at
         self.deadline = deadline
         self.cost = cost
-        self.state = WAITING
+        self.state = NEW
 
 
 E = TypeVar("E", bound=QueueEntry)
@@ -86,6 +87,7 @@ class BatchQueue(Generic[E]):
         self._queued = 0
         self._queued_cost = 0.0
         self._waiting_count = 0
+        self._removed = 0  # removals since the last compaction
         # Adaptive wait: a score in [0, 1] of how often recent waits gathered more entries.
         self._wait_score = 1.0
         self._batches_since_wait = 0
@@ -164,8 +166,27 @@ class BatchQueue(Generic[E]):
         else:
             return False
         entry.state = REMOVED
+        self._removed += 1
+        if self._removed > 64 and self._removed > self._queued + self._waiting_count:
+            self._compact()
         self._admit_waiting()
         return True
+
+    def _compact(self) -> None:
+        # Removed entries are skipped lazily; when they outnumber the live ones (many callers
+        # gave up behind a starving priority level or in a full queue), drop them for good.
+        for priority, level in list(self._levels.items()):
+            live = deque(e for e in level if e.state == QUEUED)
+            if live:
+                self._levels[priority] = live
+            else:
+                del self._levels[priority]
+        self._levels_heap = sorted(self._levels)
+        self._waiting = deque(e for e in self._waiting if e.state == WAITING)
+        self._arrivals = deque(e for e in self._arrivals if e.state == QUEUED)
+        self._deadlines = [d for d in self._deadlines if d[2].state < TAKEN]
+        heapq.heapify(self._deadlines)
+        self._removed = 0
 
     def _admit_waiting(self) -> None:
         limit = self.max_queue_size

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 
-from ._queue import QueueEntry
+from ._queue import NEW, QueueEntry
 
 __all__ = ("EventRequest", "FutureRequest", "Request", "ThreadRequest")
 
@@ -73,7 +73,7 @@ class FutureRequest(Request):
         self.enqueued_at = enqueued_at
         self.deadline = deadline
         self.cost = cost
-        self.state = 0
+        self.state = NEW
         self.finished = False
         self.timer = None
 
