@@ -106,7 +106,17 @@ def test_batched_maps_list_types_to_item_types(tmp_path: Path) -> None:
             assert_type(lengths("abc"), int)
             assert_type(scores, AsyncBatched[float, str])
             assert_type(Model().predict(3), float)
-            model = BatchedModel(lambda xs: xs)
+            def over_tuples(batch: tuple[int, ...]) -> dict[str, list[str]]:
+                return {"out": [str(x) for x in batch]}
+
+            def pick(out: dict[str, list[str]]) -> list[str]:
+                return out["out"]
+
+            def to_tuple(items: list[int]) -> tuple[int, ...]:
+                return tuple(items)
+
+            collated = BatchedModel(over_tuples, collate=to_tuple, split=pick, max_batch_size=8)
+            assert_type(collated, BatchedModel[int, str])
 
             async def use() -> None:
                 assert_type(await scores(1.0), str)

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from threading import get_ident
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, overload
 
 import anyio
 import anyio.to_thread
@@ -21,6 +21,9 @@ from ._errors import ClosedError, ConfigurationError, WrongLoopError
 from ._requests import FutureRequest, Request, ThreadRequest
 from ._stats import Recorder, Statistics
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 __all__ = ("BatchedModel",)
 
 T = TypeVar("T")
@@ -28,6 +31,21 @@ R = TypeVar("R")
 
 # Async callers on another loop than the engine's, without asyncio, wait in worker threads.
 _BRIDGE_THREADS = 256
+
+
+class _Settings(TypedDict, total=False):
+    """The settings that do not depend on the item and output types (for the overloads)."""
+
+    max_batch_size: int
+    max_wait: float
+    adaptive_wait: bool
+    max_queue_size: int | None
+    max_concurrency: int
+    timeout: float | None
+    max_batch_cost: float | None
+    isolate_failures: bool
+    name: str | None
+    version: str
 
 
 class BatchedModel(Generic[T, R]):
@@ -63,9 +81,49 @@ class BatchedModel(Generic[T, R]):
     ``close()`` (or ``with model:``) stops.
     """
 
+    @overload
     def __init__(
         self,
         fn: Callable[[list[T]], Sequence[R]] | Callable[[list[T]], Awaitable[Sequence[R]]],
+        *,
+        size_fn: Callable[[T], float] | None = None,
+        collate: None = None,
+        split: None = None,
+        **settings: Unpack[_Settings],
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        *,
+        size_fn: Callable[[T], float] | None = None,
+        collate: Callable[[list[T]], Any],
+        split: Callable[[Any], Sequence[R]],
+        **settings: Unpack[_Settings],
+    ) -> None: ...
+    @overload
+    def __init__(
+        self: BatchedModel[T, Any],
+        fn: Callable[[Any], Any],
+        *,
+        size_fn: Callable[[T], float] | None = None,
+        collate: Callable[[list[T]], Any],
+        split: None = None,
+        **settings: Unpack[_Settings],
+    ) -> None: ...
+    @overload
+    def __init__(
+        self,
+        fn: Callable[[list[T]], Any],
+        *,
+        size_fn: Callable[[T], float] | None = None,
+        collate: None = None,
+        split: Callable[[Any], Sequence[R]],
+        **settings: Unpack[_Settings],
+    ) -> None: ...
+    def __init__(
+        self,
+        fn: Callable[..., Any],
         *,
         max_batch_size: int = 32,
         max_wait: float = 0.0,
