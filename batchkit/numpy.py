@@ -13,24 +13,22 @@ This module imports numpy; ``import batchkit`` does not.
 from __future__ import annotations
 
 import functools
-import inspect
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, overload
 
 try:
     import numpy as np
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("batchkit.numpy needs numpy: pip install 'batchkit[numpy]'") from exc
 
-from ._core._errors import BatchSizeMismatch, ConfigurationError
+from . import _collate
+from ._core._errors import ConfigurationError
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray
 
 __all__ = ("Padded", "grouped", "pad", "shape_of", "split", "stack")
-
-_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True, eq=False)
@@ -67,12 +65,8 @@ class Padded:
         """
         if axis is None:
             return Padded(values, self.lengths, self.axis)
-        _check_axis(axis)
-        if not -values.ndim < axis < values.ndim - 1:
-            raise ConfigurationError(
-                f"axis {axis} is out of range for output rows of shape {values.shape[1:]}"
-            )
-        return Padded(values, self.lengths, axis % (values.ndim - 1))
+        row_axis = _collate.normalize_axis(axis, values.shape[1:], "output rows")
+        return Padded(values, self.lengths, row_axis)
 
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.values.shape))
@@ -92,12 +86,7 @@ def stack(items: Sequence[ArrayLike]) -> NDArray[Any]:
     for items of different shapes (the message names them; see ``pad`` and ``grouped``).
     """
     arrays = _as_arrays(items, "stack")
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ConfigurationError(
-            f"stack needs items of one shape, got shapes {_describe(arrays)}; use pad() for "
-            "items of different lengths or grouped() to batch by shape"
-        )
+    _collate.check_one_shape([a.shape for a in arrays])
     return np.stack(arrays)
 
 
@@ -119,17 +108,13 @@ def pad(
     ``batch.values``, ``batch.lengths`` and ``batch.mask``. Raises ``ConfigurationError`` for no
     items, a bad argument, or items whose shapes differ other than along ``axis``.
     """
-    _check_multiple_of(multiple_of)
+    _collate.check_multiple_of(multiple_of)
     arrays = _as_arrays(items, "pad")
-    ax = _pad_axis(arrays, axis)
-    lengths = [a.shape[ax] for a in arrays]
-    size = _padded_size(max(lengths), multiple_of)
-    shape = (len(arrays), *arrays[0].shape[:ax], size, *arrays[0].shape[ax + 1 :])
+    ax, lengths, shape = _collate.pad_layout([a.shape for a in arrays], axis, multiple_of)
     dtype = functools.reduce(np.promote_types, (a.dtype for a in arrays))
     out = np.full(shape, value, dtype=dtype)
-    for i, (array, length) in enumerate(zip(arrays, lengths, strict=True)):
-        index: tuple[int | slice, ...] = (i, *[slice(None)] * ax, slice(0, length))
-        out[index] = array
+    for row, array, length in zip(out, arrays, lengths, strict=True):
+        _narrow(row, ax, length)[...] = array
     return Padded(out, np.asarray(lengths, dtype=np.int64), ax)
 
 
@@ -150,9 +135,7 @@ def split(
     one item's output. Raises ``ConfigurationError`` for anything else, for parts with
     different batch sizes, or for lengths that do not fit.
     """
-    _check_axis(axis)
-    limits = None if lengths is None else _int_list(lengths)
-    return _rows(output, limits, axis)
+    return _collate.split(output, lengths, axis, _OPS)
 
 
 @overload
@@ -193,76 +176,15 @@ def grouped(
     A group whose output has the wrong length raises ``BatchSizeMismatch``; ``fn``'s own errors
     propagate and fail the whole batch.
     """
-    if not callable(fn):
-        raise ConfigurationError(f"grouped needs a callable model, got {fn!r}")
-    if _is_async(fn):
-
-        async def run_async(items: Sequence[Any]) -> list[Any]:
-            results: list[Any] = [None] * len(items)
-            for group in _partition(items, key):
-                output = await fn(collate([items[i] for i in group]))
-                _place(results, group, split(output))
-            return results
-
-        return _named(run_async, fn)
-
-    def run(items: Sequence[Any]) -> list[Any]:
-        results: list[Any] = [None] * len(items)
-        for group in _partition(items, key):
-            _place(results, group, split(fn(collate([items[i] for i in group]))))
-        return results
-
-    return _named(run, fn)
+    return _collate.grouped(fn, key, collate, split)
 
 
-# -- checks --------------------------------------------------------------------------------------
+# -- array library -------------------------------------------------------------------------------
 
 
 def _as_arrays(items: Sequence[ArrayLike], caller: str) -> list[NDArray[Any]]:
-    if not items:
-        raise ConfigurationError(f"{caller} needs at least one item, got {items!r}")
+    _collate.require_items(items, caller)
     return [np.asarray(item) for item in items]
-
-
-def _describe(arrays: Sequence[NDArray[Any]]) -> str:
-    shapes = list(dict.fromkeys(a.shape for a in arrays))
-    shown = ", ".join(map(str, shapes[:5]))
-    return shown + (f" and {len(shapes) - 5} more" if len(shapes) > 5 else "")
-
-
-def _check_axis(axis: object) -> None:
-    if isinstance(axis, bool) or not isinstance(axis, int):
-        raise ConfigurationError(f"axis must be an int, got {axis!r}")
-
-
-def _check_multiple_of(multiple_of: object) -> None:
-    if multiple_of is None:
-        return
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise ConfigurationError(f"multiple_of must be an int >= 1 or None, got {multiple_of!r}")
-
-
-def _pad_axis(arrays: Sequence[NDArray[Any]], axis: int) -> int:
-    _check_axis(axis)
-    ndim: int = arrays[0].ndim
-    if not -ndim <= axis < ndim:
-        raise ConfigurationError(
-            f"axis {axis} is out of range for items of shape {arrays[0].shape}"
-        )
-    ax = axis % ndim
-    rest = {a.shape[:ax] + a.shape[ax + 1 :] if a.ndim == ndim else None for a in arrays}
-    if len(rest) > 1:
-        raise ConfigurationError(
-            f"pad needs items whose shapes differ only along axis {axis}, got shapes "
-            f"{_describe(arrays)}; use grouped() to batch by shape"
-        )
-    return ax
-
-
-def _padded_size(longest: int, multiple_of: int | None) -> int:
-    if multiple_of is None:
-        return longest
-    return -(-longest // multiple_of) * multiple_of
 
 
 def _int_list(lengths: Sequence[int] | NDArray[Any]) -> list[int]:
@@ -272,105 +194,26 @@ def _int_list(lengths: Sequence[int] | NDArray[Any]) -> list[int]:
     return [int(v) for v in values]
 
 
-# -- splitting -----------------------------------------------------------------------------------
-
-
-def _rows(output: Any, lengths: list[int] | None, axis: int) -> list[Any]:
-    if isinstance(output, Padded):
-        return _trim(_array_rows(output.values), _int_list(output.lengths), output.axis)
-    if isinstance(output, np.ndarray):
-        rows = _array_rows(output)
-        return rows if lengths is None else _trim(rows, lengths, axis)
-    if isinstance(output, list):
-        return output
-    if isinstance(output, tuple):
-        columns = [_rows(part, lengths, axis) for part in output]
-        _check_counts(output, list(range(len(output))), columns)
-        return [_like(output, parts) for parts in zip(*columns, strict=True)]
-    if isinstance(output, Mapping):
-        keys = list(output)
-        columns = [_rows(output[k], lengths, axis) for k in keys]
-        _check_counts(output, keys, columns)
-        return [dict(zip(keys, parts, strict=True)) for parts in zip(*columns, strict=True)]
-    raise ConfigurationError(
-        f"split cannot split a {type(output).__name__}; return an array, a Padded, a tuple or "
-        "dict of them, or a list with one output per item"
-    )
-
-
 def _array_rows(array: NDArray[Any]) -> list[NDArray[Any]]:
     if array.ndim == 0:
         raise ConfigurationError(f"split needs a batch axis, got a 0-d array {array!r}")
     return list(array)
 
 
-def _trim(rows: list[NDArray[Any]], lengths: list[int], axis: int) -> list[NDArray[Any]]:
-    if len(lengths) != len(rows):
-        raise ConfigurationError(f"split got {len(lengths)} lengths for {len(rows)} rows")
-    return [_trim_row(row, length, axis) for row, length in zip(rows, lengths, strict=True)]
+def _row_shape(row: NDArray[Any]) -> tuple[int, ...]:
+    return tuple(row.shape)
 
 
-def _trim_row(row: NDArray[Any], length: int, axis: int) -> NDArray[Any]:
-    if not -row.ndim <= axis < row.ndim:
-        raise ConfigurationError(
-            f"axis {axis} is out of range for output rows of shape {row.shape}"
-        )
-    if not 0 <= length <= row.shape[axis]:
-        raise ConfigurationError(
-            f"length {length} does not fit output rows of size {row.shape[axis]} along axis {axis}"
-        )
-    index = (slice(None),) * (axis % row.ndim) + (slice(0, length),)
-    return row[index]
+def _narrow(row: NDArray[Any], axis: int, length: int) -> NDArray[Any]:
+    return row[(slice(None),) * axis + (slice(0, length),)]
 
 
-def _like(output: tuple[Any, ...], parts: tuple[Any, ...]) -> tuple[Any, ...]:
-    if hasattr(output, "_fields"):  # a named tuple: keep its type and field names
-        return type(output)(*parts)
-    return parts
-
-
-def _check_counts(output: object, names: Sequence[object], columns: list[list[Any]]) -> None:
-    if not columns:
-        raise ConfigurationError(f"split got an empty {type(output).__name__}: nothing to split")
-    counts = {len(c) for c in columns}
-    if len(counts) > 1:
-        sizes = ", ".join(f"{len(c)} for {name!r}" for name, c in zip(names, columns, strict=True))
-        raise ConfigurationError(f"split got parts with different batch sizes: {sizes}")
-
-
-# -- grouping ------------------------------------------------------------------------------------
-
-
-def _partition(items: Sequence[Any], key: Callable[[Any], Hashable]) -> list[list[int]]:
-    groups: dict[Hashable, list[int]] = {}
-    for i, item in enumerate(items):
-        k = key(item)
-        try:
-            groups.setdefault(k, []).append(i)
-        except TypeError:
-            raise ConfigurationError(
-                f"grouped's key must return a hashable value, got {k!r}"
-            ) from None
-    return list(groups.values())
-
-
-def _place(results: list[Any], group: list[int], outputs: Sequence[Any]) -> None:
-    if len(outputs) != len(group):
-        raise BatchSizeMismatch(expected=len(group), got=len(outputs))
-    for i, out in zip(group, outputs, strict=True):
-        results[i] = out
-
-
-def _is_async(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004
-    )
-
-
-def _named(wrapper: _F, fn: object) -> _F:
-    # The model's name in errors and statistics comes from the wrapped function.
-    for attr in ("__name__", "__qualname__"):
-        name = getattr(fn, attr, None)
-        if isinstance(name, str):
-            setattr(wrapper, attr, name)
-    return wrapper
+_OPS = _collate.ArrayOps(
+    array_type=np.ndarray,
+    padded_type=Padded,
+    noun="an array",
+    shape=_row_shape,
+    rows=_array_rows,
+    narrow=_narrow,
+    int_list=_int_list,
+)
