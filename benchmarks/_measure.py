@@ -68,11 +68,13 @@ class Findings:
     that, so nothing in ``docs/benchmarks.md`` is typed by hand.
     """
 
-    def __init__(self, scenario: str, title: str, order: int) -> None:
+    def __init__(self, scenario: str, title: str, *, order: int, number: str = "") -> None:
+        """Start the findings; create them before measuring, as this records the load average."""
         self.doc: dict[str, Any] = {
             "scenario": scenario,
             "title": title,
             "order": order,
+            "number": number,
             "setup": [],
             "figures": [],
             "targets": [],

@@ -1,12 +1,13 @@
-"""A plain hand-written asyncio batcher: the reference the dispatch benchmark compares against.
+"""Hand-written asyncio batchers: the references the dispatch benchmark compares batchkit with.
 
-It is what a careful engineer writes in twenty lines when they need batching and no library:
-an ``asyncio.Queue`` of ``(item, future)`` pairs and one worker task. The worker waits for one
-pair, takes whatever else is already queued (up to ``max_batch_size`` in all) without waiting,
-runs the model once, and sets each caller's future. It has none of batchkit's features
-(priorities, deadlines, cancellation bookkeeping, bounded queue, statistics, sync callers), so
-it is the floor a batching library's per-item cost is judged against. It is deliberately not
-slowed down, and deliberately not micro-optimised beyond the obvious either.
+``QueueBatcher`` is what a careful engineer writes in twenty lines when they need batching and no
+library: an ``asyncio.Queue`` of ``(item, future)`` pairs and one worker task. The worker waits
+for one pair, takes whatever else is already queued (up to ``max_batch_size`` in all) without
+waiting, runs the model once, and sets each caller's future. It has none of batchkit's features
+(priorities, deadlines, cancellation bookkeeping, bounded queue, statistics, sync callers). It is
+deliberately not slowed down, and deliberately not micro-optimised beyond the obvious either.
+
+``MinimalBatcher`` is the floor: the least an asyncio batcher can do per item.
 """
 
 from __future__ import annotations

@@ -17,6 +17,12 @@ import pytest
 
 import batchkit
 
+_LOAD_AT_START: list[float] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _LOAD_AT_START[:] = os.getloadavg()
+
 
 def pytest_benchmark_update_machine_info(
     config: pytest.Config, machine_info: dict[str, Any]
@@ -32,7 +38,8 @@ def pytest_benchmark_update_machine_info(
     machine_info["torch_version"] = torch_version
     machine_info["cpu_count"] = os.cpu_count()
     machine_info["platform"] = platform.platform()
-    machine_info["load_average"] = list(os.getloadavg())
+    machine_info["load_average_start"] = list(_LOAD_AT_START)
+    machine_info["load_average_end"] = list(os.getloadavg())
 
 
 @pytest.fixture(autouse=True)

@@ -52,7 +52,8 @@ def machine_section(data: dict[str, Any], source: str) -> list[str]:
     commit_id = str(commit.get("id") or "unknown")[:10]
     if commit.get("dirty"):
         commit_id += " plus uncommitted changes"
-    load = machine.get("load_average")
+    load_start = machine.get("load_average_start")
+    load_end = machine.get("load_average_end")
     rows = [
         ("date", date),
         ("commit", f"{commit_id} ({commit.get('branch', '?')})"),
@@ -69,8 +70,10 @@ def machine_section(data: dict[str, Any], source: str) -> list[str]:
             f"{machine.get('cpu_count', cpu.get('count', '?'))} logical CPUs",
         ),
     ]
-    if load:
-        rows.append(("load average at start (1, 5, 15 min)", ", ".join(f"{x:.2f}" for x in load)))
+    for label, load in (("start", load_start), ("end", load_end)):
+        if load:
+            figures = ", ".join(f"{x:.2f}" for x in load)
+            rows.append((f"load average at the run's {label} (1, 5, 15 min)", figures))
     lines = [
         "## Machine and run",
         "",
@@ -100,7 +103,7 @@ def summary_section(benches: list[dict[str, Any]]) -> list[str]:
         for target in info["targets"]:
             fig = figures[target["key"]]
             lines.append(
-                f"| {info['title']} | {target['label']} {OPS[target['op']]} "
+                f"| {heading(info)} | {target['label']} {OPS[target['op']]} "
                 f"{fmt(target['threshold'], fig['unit'])} | {fmt(fig['value'], fig['unit'])} "
                 f"| {verdict(target)} |"
             )
@@ -108,8 +111,12 @@ def summary_section(benches: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def scenario_section(number: int, info: dict[str, Any]) -> list[str]:
-    lines = [f"## {number}. {info['title']}", ""]
+def heading(info: dict[str, Any]) -> str:
+    return f"{info['number']}. {info['title']}" if info.get("number") else info["title"]
+
+
+def scenario_section(info: dict[str, Any]) -> list[str]:
+    lines = [f"## {heading(info)}", ""]
     lines += [f"- {line}" for line in info["setup"]]
     lines += ["", "| figure | value |", "| --- | --- |"]
     lines += [f"| {f['label']} | {fmt(f['value'], f['unit'])} |" for f in info["figures"]]
@@ -131,9 +138,10 @@ def scenario_section(number: int, info: dict[str, Any]) -> list[str]:
         lines += [note, ""]
     load = info.get("load_average")
     if load:
+        after = info.get("load_average_after") or [float("nan")]
         lines += [
-            f"Load average (1 min) before and after: {load[0]:.2f}, "
-            f"{info.get('load_average_after', [float('nan')])[0]:.2f}.",
+            f"Load average (1 min) when this benchmark started and ended: {load[0]:.2f}, "
+            f"{after[0]:.2f}.",
             "",
         ]
     return lines
@@ -163,8 +171,8 @@ def render(data: dict[str, Any], source: str) -> str:
         lines += ["No benchmark results in this run.", ""]
     else:
         lines += summary_section(benches)
-        for number, info in enumerate(benches, start=1):
-            lines += scenario_section(number, info)
+        for info in benches:
+            lines += scenario_section(info)
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,9 +30,30 @@ WARMUP = 200
 TARGET_ADDED_P50_MS = 0.1  # from the issue
 
 
+def timed(mlp: MLP, store: list[int]) -> Callable[[list[Any]], Any]:
+    """Return the model function, noting in ``store`` how long each call of it took."""
+    clock = time.perf_counter_ns
+    forward = mlp.forward
+
+    def model(items: list[Any]) -> Any:
+        t0 = clock()
+        out = forward(items)
+        store.append(clock() - t0)
+        return out
+
+    return model
+
+
 async def measure_async(mlp: MLP) -> Findings:
+    f = Findings(
+        "latency_async",
+        "Low-load latency: one async caller, `await model.call(x)`",
+        order=3,
+        number="3a",
+    )
     x = mlp.items(1)[0]
-    model = BatchedModel(mlp.forward)
+    inside_ns: list[int] = []
+    model = BatchedModel(timed(mlp, inside_ns), name="mlp")
     direct_ns: list[int] = []
     kit_ns: list[int] = []
     clock = time.perf_counter_ns
@@ -56,17 +78,23 @@ async def measure_async(mlp: MLP) -> Findings:
                 direct_ns.append(d)
                 kit_ns.append(k)
         stats = model.statistics()
-    f = Findings("latency_async", "Low-load latency: one async caller, `await model.call(x)`", 3)
     f.setup(
         "one asyncio caller, calls one after another, `BatchedModel(forward)` with default "
         "settings under `async with model:`; the sync model function runs in a worker thread"
     )
-    return summarize(f, direct_ns, kit_ns, stats)
+    return summarize(f, direct_ns, kit_ns, inside_ns[WARMUP:], stats)
 
 
 def measure_sync(mlp: MLP) -> Findings:
+    f = Findings(
+        "latency_sync",
+        "Low-load latency: one thread, `model.call_sync(x)`",
+        order=4,
+        number="3b",
+    )
     x = mlp.items(1)[0]
-    model = BatchedModel(mlp.forward)
+    inside_ns: list[int] = []
+    model = BatchedModel(timed(mlp, inside_ns), name="mlp")
     direct_ns: list[int] = []
     kit_ns: list[int] = []
     clock = time.perf_counter_ns
@@ -92,16 +120,17 @@ def measure_sync(mlp: MLP) -> Findings:
                 direct_ns.append(d)
                 kit_ns.append(k)
         stats = model.statistics()
-    f = Findings("latency_sync", "Low-load latency: one thread, `model.call_sync(x)`", 4)
     f.setup(
         "the main thread calls `model.call_sync(x)` one call after another; the engine runs "
         "on its background event-loop thread (`with model:`), default settings; the sync model "
         "function runs in a worker thread of that loop"
     )
-    return summarize(f, direct_ns, kit_ns, stats)
+    return summarize(f, direct_ns, kit_ns, inside_ns[WARMUP:], stats)
 
 
-def summarize(f: Findings, direct_ns: list[int], kit_ns: list[int], stats: Any) -> Findings:
+def summarize(
+    f: Findings, direct_ns: list[int], kit_ns: list[int], inside_ns: list[int], stats: Any
+) -> Findings:
     f.setup(
         "model: the MLP of the throughput benchmark on a one-item list (stack, forward, unbind), "
         "one CPU thread"
@@ -118,6 +147,12 @@ def summarize(f: Findings, direct_ns: list[int], kit_ns: list[int], stats: Any) 
         f.figure(f"batchkit_{tag}", f"batchkit call: {tag}", kit, "ms")
         f.figure(f"added_{tag}", f"added by batchkit: {tag}", kit - direct, "ms")
     f.figure("mean_batch", "batchkit: mean batch size", stats.mean_batch_size, "items")
+    f.figure(
+        "inside_p50",
+        "batchkit: the model function itself, timed inside it, p50",
+        percentile([ms * v for v in inside_ns], 0.5),
+        "ms",
+    )
     f.figure(
         "compute_p50",
         "batchkit: model call as the engine times it, p50 (incl. thread hop)",

@@ -84,7 +84,7 @@ def loop_trips() -> list[int]:
 
 
 def measure() -> Findings:
-    f = Findings("machine", "Context: thread hand-off round trips on this machine", 0)
+    f = Findings("machine", "Context: thread hand-off round trips on this machine", order=0)
     f.setup(f"{TRIPS:,} round trips each, after {WARMUP} warm-up trips; no batchkit involved")
     f.setup(
         f"CPython switch interval {1e3 * sys.getswitchinterval():g} ms (how long a thread may "

@@ -25,7 +25,7 @@ pytest.importorskip("torch")
 THREADS = 16
 MAX_BATCH_SIZE = 32
 CALLS_PER_THREAD = 40  # per round
-ROUNDS = 7
+ROUNDS = 9
 
 TARGET_VS_UNBATCHED = 2.0  # from the issue
 
@@ -56,8 +56,14 @@ def run_threads(work: Callable[[int], None]) -> float:
 
 
 def measure(mlp: MLP) -> Findings:
+    f = Findings(
+        "sync_callers",
+        "Sync callers: 16 threads, `call_sync` vs calling the model",
+        order=5,
+        number="4",
+    )
     inputs = mlp.items(THREADS)
-    model = BatchedModel(mlp.forward, max_batch_size=MAX_BATCH_SIZE)
+    model = BatchedModel(mlp.forward, max_batch_size=MAX_BATCH_SIZE, name="mlp")
     forward = mlp.forward
 
     def batched(n: int) -> None:
@@ -86,7 +92,6 @@ def measure(mlp: MLP) -> Findings:
         sizes = batch_size_delta(before, model.statistics().batch_sizes)
 
     items = THREADS * CALLS_PER_THREAD
-    f = Findings("sync_callers", "Sync callers: 16 threads, `call_sync` vs calling the model", 5)
     f.setup(
         f"{THREADS} threads, {CALLS_PER_THREAD} calls each per round, one after another; "
         "the MLP of the throughput benchmark, one CPU thread per torch call"
