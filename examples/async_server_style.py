@@ -48,7 +48,8 @@ async def handle(
 async def main() -> None:
     async with model:
         # A burst of 40 bulk requests and one interactive request arrive together. 24 fit in
-        # the queue; the rest are refused at once (the first batch has not left yet).
+        # the queue; the rest, the interactive one included (priority does not make room), are
+        # refused at once with Retry-After 1 s (no batch has run yet to estimate from).
         bulk = [
             asyncio.create_task(handle(f"bulk-{i}", "x" * i, interactive=False)) for i in range(40)
         ]

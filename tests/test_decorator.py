@@ -108,7 +108,7 @@ class TestMethods:
             assert a.scale is a.scale
             assert a.scale is not b.scale
             assert a.batches == [[5]] and b.batches == [[5]]
-            engines = [t for t in threading.enumerate() if t.name.startswith("batchkit-")]
+            engines = [t for t in threading.enumerate() if t.name == f"batchkit-{a.scale.name}"]
             assert len(engines) == 2
         finally:
             a.scale.close()

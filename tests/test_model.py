@@ -564,12 +564,14 @@ class TestReviewedEdges:
         assert "never retrieved" not in caplog.text
 
     async def test_isolation_does_not_rerun_callers_that_gave_up(self) -> None:
-        gave_up = anyio.Event()
+        first_gate, gave_up = anyio.Event(), anyio.Event()
         batches: list[list[int]] = []
 
         async def model_fn(items: list[int]) -> list[int]:
             batches.append(list(items))
-            if len(items) > 1:
+            if 0 in items:
+                await first_gate.wait()
+            elif len(items) > 1:
                 await gave_up.wait()
             if 13 in items:
                 raise ValueError("poison")
@@ -585,10 +587,10 @@ class TestReviewedEdges:
                 except DeadlineExceeded:
                     gave_up.set()
 
-            results[13] = None
-            tg.start_soon(lambda: _store(results, 13, model.call(13)))
+            await spawn_calls(tg, model, [0, 13], results)  # 0 holds the model; 13 queues
             tg.start_soon(impatient)
-        assert batches in ([[13, 2], [13]], [[2, 13], [13]])  # trio may start either task first
+            tg.start_soon(_open_when_blocked, first_gate)
+        assert batches == [[0], [13, 2], [13]]
         assert isinstance(results[13], ModelError)
 
     async def test_output_without_length_is_not_wrapped_twice_nor_isolated(self) -> None:

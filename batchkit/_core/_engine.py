@@ -13,7 +13,8 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
@@ -36,6 +37,9 @@ from ._requests import EventRequest, FutureRequest, Request, ThreadRequest
 from ._stats import Recorder, Statistics
 
 __all__ = ("Engine",)
+
+# A started batch: its requests, the model's pending result, and when it started.
+_Running = tuple[list[Request], Awaitable[Sequence[Any]], float]
 
 
 class _Signal:
@@ -138,6 +142,7 @@ class Engine:
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self.thread_id = -1
         self._tg: TaskGroup | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._limiter: anyio.CapacityLimiter | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -153,6 +158,14 @@ class Engine:
         self.thread_id = threading.get_ident()
         self._closing_event = anyio.Event()
         self._limiter = anyio.CapacityLimiter(self.settings.max_concurrency)
+        # A sync model on asyncio runs in the engine's own threads: handing a batch over is one
+        # queue put, with no checkpoints, so the next batch starts while results go out.
+        self._executor = None
+        if self._loop is not None and not self._is_async:
+            self._executor = ThreadPoolExecutor(
+                self.settings.max_concurrency,
+                thread_name_prefix=f"batchkit-{self.settings.name}-model",
+            )
         self._workers = self.settings.max_concurrency
         self._stopped = anyio.Event()
         self._tg = anyio.create_task_group()
@@ -172,7 +185,11 @@ class Engine:
         assert self._tg is not None
         # The workers never raise, and the body's own exception is not theirs: wait for them as
         # if the body ended normally, so that exception propagates as it is (not in a group).
-        await self._tg.__aexit__(None, None, None)
+        try:
+            await self._tg.__aexit__(None, None, None)
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)  # every batch has ended: nothing to wait for
 
     def begin_close(self, drain: bool) -> None:
         """Stop accepting items; fail the queued ones unless ``drain``. Call on the loop thread."""
@@ -426,53 +443,96 @@ class Engine:
                 self._stopped.set()
 
     async def _work(self) -> None:
-        queue = self._queue
-        signal = self._signal
-        clock = self._clock
+        running = None
         while True:
-            now = clock()
+            if running is None:
+                batch = await self._next_batch()
+                if batch is None:
+                    return
+                running = self._start(batch)
+            running = await self._complete(running, prefetch=self._executor is not None)
+
+    async def _next_batch(self) -> list[Request] | None:
+        """Wait until the policy releases a batch and take it; None once closed and empty."""
+        queue = self._queue
+        while True:
+            now = self._clock()
             when = queue.next_dispatch_time(now)
             if when is None:
                 if self._closing:
-                    return
-                await signal.wait()
-                continue
-            if when > now and not self._closing:
-                await signal.wait(when)
-                continue
-            batch, expired = queue.take(now)
-            for req in expired:
-                self.expire(req)
-            if batch:
-                self._in_flight += 1
-                try:
-                    await self._run_batch(batch, now)
-                finally:
-                    self._in_flight -= 1
+                    return None
+                await self._signal.wait()
+            elif when > now and not self._closing:
+                await self._signal.wait(when)
+            else:
+                batch = self._take(now)
+                if batch:
+                    return batch
 
-    async def _run_batch(self, batch: list[Request], dequeued_at: float) -> None:
-        rec = self._rec
-        clock = self._clock
-        start = clock()
+    def _take(self, now: float) -> list[Request]:
+        batch, expired = self._queue.take(now)
+        for req in expired:
+            self.expire(req)
+        return batch
+
+    def _start(self, batch: list[Request]) -> _Running:
+        """Start the model on ``batch``: in the engine's thread pool, or as a coroutine."""
+        self._in_flight += 1
+        items = [req.item for req in batch]
+        job: Awaitable[Sequence[Any]]
+        if self._executor is not None:
+            assert self._loop is not None
+            job = self._loop.run_in_executor(self._executor, self._invoke_sync, items)
+        else:
+            job = self._invoke(items)
+        return batch, job, self._clock()
+
+    def _start_ready(self) -> _Running | None:
+        """Start the next batch now if the policy releases one now."""
+        now = self._clock()
+        when = self._queue.next_dispatch_time(now)
+        if when is None or when > now:
+            return None
+        batch = self._take(now)
+        return self._start(batch) if batch else None
+
+    async def _complete(self, running: _Running, *, prefetch: bool) -> _Running | None:
+        """Await a started batch and settle its callers; return the next batch if started.
+
+        With ``prefetch``, the next batch is started before this one's callers are woken, so a
+        model in a worker thread computes while the loop hands out results.
+        """
+        batch, job, start = running
         n = len(batch)
         try:
-            outputs = await self._invoke([req.item for req in batch])
+            try:
+                outputs = await job
+            finally:
+                self._in_flight -= 1
         except Exception as exc:
-            self._record_batch(n, start, clock())
+            self._record_batch(n, start, self._clock())
             # Output errors (wrong count, no length) are the model's bug, not a poison item's.
             if self.settings.isolate_failures and n > 1 and not isinstance(exc, ModelError):
-                await self._retry_halves(batch, dequeued_at)
-                return
+                await self._retry_halves(batch)
+                return None
             for req in batch:
                 self._fail(req, self._batch_error(exc, n))
-            return
+            return None
         except BaseException:
             # The host cancelled the engine mid-batch: nobody else will settle these callers.
             for req in batch:
                 self._fail(req, ClosedError(f"model {self.settings.name!r} was closed mid-batch"))
             raise
-        end = clock()
+        end = self._clock()
         self._record_batch(n, start, end)
+        ahead = self._start_ready() if prefetch else None
+        self._deliver(batch, outputs, start, end)
+        return ahead
+
+    def _deliver(
+        self, batch: list[Request], outputs: Sequence[Any], start: float, end: float
+    ) -> None:
+        rec = self._rec
         queue_wait = rec.queue_wait.append
         end_to_end = rec.end_to_end.append
         completed = failed = 0
@@ -498,16 +558,17 @@ class Engine:
         rec.completed += completed
         rec.failed += failed
 
-    async def _retry_halves(self, batch: list[Request], dequeued_at: float) -> None:
+    async def _retry_halves(self, batch: list[Request]) -> None:
         half = len(batch) // 2
         for part in (batch[:half], batch[half:]):
             # Callers that gave up (cancelled, expired) meanwhile are not run again.
             part = [req for req in part if not req.finished]
             if part:
-                await self._run_batch(part, dequeued_at)
+                await self._complete(self._start(part), prefetch=False)
 
     def _retry_after(self) -> float:
-        """Estimate the seconds until the queue has room: the batches ahead times their cost."""
+        """Estimate the seconds until the queue has room: full batches ahead per slot, times
+        the recent compute time of one batch."""
         compute = self._rec.compute
         if not compute:
             return 1.0

@@ -7,7 +7,7 @@ The hierarchy::
     ├── ClosedError (also RuntimeError)       the model was closed, or closes while you wait
     ├── QueueFull                             the bounded queue had no room
     ├── DeadlineExceeded (also TimeoutError)  the call's deadline passed before its outcome
-    ├── WrongLoopError (also RuntimeError)    a sync call would block the engine's own loop
+    ├── WrongLoopError (also RuntimeError)    the engine runs in another loop than this call needs
     └── ModelError                            the model function failed for a whole batch
         └── BatchSizeMismatch                 the model returned the wrong number of outputs
 

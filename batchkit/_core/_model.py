@@ -63,7 +63,8 @@ class BatchedModel(Generic[T, R]):
     - ``max_wait``: seconds a batch that is not full may wait for company, counted from its
       oldest item. 0 (the default) dispatches greedily: whatever is queued leaves as soon as a
       batch slot is free.
-    - ``adaptive_wait``: wait only while waiting has recently gathered more items.
+    - ``adaptive_wait``: wait only while waiting has recently gathered more items (needs a
+      positive ``max_wait``).
     - ``max_queue_size``: bound on queued items (None: unbounded); see ``call_nowait``.
     - ``max_concurrency``: batches running at once.
     - ``timeout``: default seconds a call may take, when the call gives none.

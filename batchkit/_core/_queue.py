@@ -3,7 +3,7 @@
 Nothing here awaits or reads a clock, so the whole policy can be driven step by step by tests.
 
 Invariants:
-- an entry is in exactly one state: waiting for room, queued, taken, or removed;
+- an entry is in exactly one state: new (not pushed), waiting for room, queued, taken, removed;
 - entries leave in priority order (lower number first), ties in arrival (``seq``) order;
 - a batch never holds more than ``max_batch_size`` entries, nor more than ``max_batch_cost``
   total cost unless a single entry alone exceeds it (it then leaves alone);
@@ -122,8 +122,7 @@ class BatchQueue(Generic[E]):
         limit = self.max_queue_size
         if limit is not None and (self._queued >= limit or self._waiting_count):
             if not wait:
-                # A new entry starts out WAITING: mark it gone, or remove() would count it.
-                entry.state = REMOVED
+                entry.state = REMOVED  # refused: a later remove() must not count it
                 raise QueueFull(f"the queue is full ({limit} items)")
             entry.state = WAITING
             self._waiting.append(entry)
