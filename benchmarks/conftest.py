@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import platform
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 import batchkit
+
+# Shared with the test suite: fail a benchmark that leaves an engine thread running.
+from tests.conftest import no_engine_threads_left as no_engine_threads_left
 
 _LOAD_AT_START: list[float] = []
 
@@ -40,16 +41,3 @@ def pytest_benchmark_update_machine_info(
     machine_info["platform"] = platform.platform()
     machine_info["load_average_start"] = list(_LOAD_AT_START)
     machine_info["load_average_end"] = list(os.getloadavg())
-
-
-@pytest.fixture(autouse=True)
-def no_engine_threads_left() -> Iterator[None]:
-    """Fail a benchmark that leaves a batchkit background thread running."""
-    before = {t.ident for t in threading.enumerate()}
-    yield
-    left = [
-        t.name
-        for t in threading.enumerate()
-        if t.ident not in before and t.name.startswith("batchkit-")
-    ]
-    assert not left, f"background engine threads left running: {left}"
