@@ -209,10 +209,6 @@ class Engine:
         """Return once ``begin_close`` was called."""
         await self._closing_event.wait()
 
-    @property
-    def closing(self) -> bool:
-        return self._closing
-
     def in_current_loop(self) -> bool:
         """Return whether the calling code runs in this engine's event loop."""
         if self._loop is not None:
