@@ -665,3 +665,47 @@ def test_bad_settings_name_the_setting_and_value(setting: str, value: Any, messa
 def test_model_must_be_callable() -> None:
     with pytest.raises(ConfigurationError, match="callable"):
         BatchedModel(42)  # type: ignore[arg-type]
+
+
+class TestWorkerThreadEdges:
+    async def test_sync_model_raising_stopiteration_fails_the_batch_and_keeps_serving(
+        self,
+    ) -> None:
+        def model_fn(items: list[int]) -> list[int]:
+            if 0 in items:
+                raise StopIteration
+            return items
+
+        async with BatchedModel(model_fn) as model:
+            with anyio.fail_after(10):
+                with pytest.raises(ModelError) as info:
+                    await model.call(0)
+                assert isinstance(info.value.__cause__, RuntimeError)
+                assert await model.call(1) == 1
+
+    async def test_host_cancelled_during_isolation_retry_settles_every_caller(self) -> None:
+        second_attempt = anyio.Event()
+        attempts: list[list[int]] = []
+
+        async def model_fn(items: list[int]) -> list[int]:
+            attempts.append(list(items))
+            if len(attempts) > 1:
+                second_attempt.set()
+                await anyio.sleep_forever()
+            raise ValueError("poison somewhere")
+
+        outcomes: list[Any] = []
+
+        async def caller(model: BatchedModel[int, int]) -> None:
+            outcomes.extend(await model.call_many([1, 2, 3, 4], return_exceptions=True))
+
+        model = BatchedModel(model_fn, max_batch_size=4, isolate_failures=True)
+        async with anyio.create_task_group() as outer:
+            with anyio.CancelScope() as host:
+                async with model:
+                    outer.start_soon(caller, model)
+                    await second_attempt.wait()
+                    host.cancel()
+        assert attempts == [[1, 2, 3, 4], [1, 2]]
+        assert len(outcomes) == 4
+        assert all(isinstance(o, ClosedError) for o in outcomes)

@@ -143,6 +143,7 @@ class Engine:
         self.thread_id = -1
         self._tg: TaskGroup | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._abandoned = False  # a batch was left running when the host cancelled the engine
         self._limiter: anyio.CapacityLimiter | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -189,7 +190,9 @@ class Engine:
             await self._tg.__aexit__(None, None, None)
         finally:
             if self._executor is not None:
-                self._executor.shutdown(wait=True)  # every batch has ended: nothing to wait for
+                # Normally every batch has ended and this returns at once; after the host was
+                # cancelled mid-batch, do not block the loop on a model still running.
+                self._executor.shutdown(wait=not self._abandoned)
 
     def begin_close(self, drain: bool) -> None:
         """Stop accepting items; fail the queued ones unless ``drain``. Call on the loop thread."""
@@ -475,11 +478,14 @@ class Engine:
         """Start the model on ``batch``: in the engine's thread pool, or as a coroutine."""
         self._in_flight += 1
         items = [req.item for req in batch]
-        job: Awaitable[Sequence[Any]]
+        job: Awaitable[Sequence[Any]] | None = None
         if self._executor is not None:
             assert self._loop is not None
-            job = self._loop.run_in_executor(self._executor, self._invoke_sync, items)
-        else:
+            try:
+                job = self._loop.run_in_executor(self._executor, self._invoke_sync, items)
+            except RuntimeError:  # the pool refuses work (interpreter shutdown): use anyio's
+                self._executor = None
+        if job is None:
             job = self._invoke(items)
         return batch, job, self._clock()
 
@@ -516,8 +522,8 @@ class Engine:
             return None
         except BaseException:
             # The host cancelled the engine mid-batch: nobody else will settle these callers.
-            for req in batch:
-                self._fail(req, ClosedError(f"model {self.settings.name!r} was closed mid-batch"))
+            self._abandoned = True
+            self._fail_all(batch)
             raise
         end = self._clock()
         self._record_batch(n, start, end)
@@ -556,11 +562,19 @@ class Engine:
 
     async def _retry_halves(self, batch: list[Request]) -> None:
         half = len(batch) // 2
-        for part in (batch[:half], batch[half:]):
-            # Callers that gave up (cancelled, expired) meanwhile are not run again.
-            part = [req for req in part if not req.finished]
-            if part:
-                await self._complete(self._start(part), prefetch=False)
+        try:
+            for part in (batch[:half], batch[half:]):
+                # Callers that gave up (cancelled, expired) meanwhile are not run again.
+                part = [req for req in part if not req.finished]
+                if part:
+                    await self._complete(self._start(part), prefetch=False)
+        except BaseException:  # cancelled mid-retry: settle the half not yet run
+            self._fail_all(batch)
+            raise
+
+    def _fail_all(self, batch: list[Request]) -> None:
+        for req in batch:
+            self._fail(req, ClosedError(f"model {self.settings.name!r} was closed mid-batch"))
 
     def _retry_after(self) -> float:
         """Estimate the seconds until the queue has room: full batches ahead per slot, times
@@ -601,7 +615,10 @@ class Engine:
 
     def _invoke_sync(self, items: list[Any]) -> Sequence[Any]:
         collate = self.settings.collate
-        out = self._fn(collate(items) if collate is not None else items)
+        try:
+            out = self._fn(collate(items) if collate is not None else items)
+        except StopIteration as exc:  # an asyncio future cannot carry it: it would never finish
+            raise RuntimeError(f"the model raised StopIteration: {exc!r}") from exc
         return self._split(out, len(items))
 
     def _split(self, out: Any, n: int) -> Sequence[Any]:
