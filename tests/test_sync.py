@@ -219,3 +219,16 @@ class TestForeignLoops:
 
 async def _append(results: list[int], awaitable: Any) -> None:
     results.append(await awaitable)
+
+
+def test_close_from_inside_the_model_does_not_deadlock() -> None:
+    def model_fn(items: list[str]) -> list[str]:
+        if "stop" in items:
+            model.close()
+        return items
+
+    model = BatchedModel(model_fn)
+    assert model.call_sync("stop", timeout=5) == "stop"
+    with pytest.raises(ClosedError):
+        model.call_sync("again")
+    model.close()  # idempotent: joins the engine thread, which has ended

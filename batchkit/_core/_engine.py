@@ -38,6 +38,9 @@ from ._stats import Recorder, Statistics
 
 __all__ = ("Engine",)
 
+# Seconds past a thread request's deadline after which its waiter stops waiting for the engine.
+_DEAD_LOOP_GRACE = 5.0
+
 # A started batch: its requests, the model's pending result, and when it started.
 _Running = tuple[list[Request], Awaitable[Sequence[Any]], float]
 
@@ -144,6 +147,7 @@ class Engine:
         self._tg: TaskGroup | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._abandoned = False  # a batch was left running when the host cancelled the engine
+        self.in_model = threading.local()  # `active` while this thread runs the sync model
         self._limiter: anyio.CapacityLimiter | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -378,7 +382,18 @@ class Engine:
     def wait_threadsafe(self, req: ThreadRequest) -> Any:
         """Block the calling (non-loop) thread until ``req`` has its outcome."""
         try:
-            return req.future.result()
+            if req.timeout is None:
+                return req.future.result()
+            try:
+                # The engine's timer settles it at the deadline; waiting longer means the
+                # engine's loop died under us (a BaseException from the model, say).
+                return req.future.result(timeout=req.timeout + _DEAD_LOOP_GRACE)
+            except concurrent.futures.TimeoutError:
+                if req.future.done():  # DeadlineExceeded is a TimeoutError too: the real outcome
+                    raise
+                raise ClosedError(
+                    f"model {self.settings.name!r} stopped without answering"
+                ) from None
         finally:
             if not req.future.done():
                 self.cancel_threadsafe(req)
@@ -615,10 +630,13 @@ class Engine:
 
     def _invoke_sync(self, items: list[Any]) -> Sequence[Any]:
         collate = self.settings.collate
+        self.in_model.active = True
         try:
             out = self._fn(collate(items) if collate is not None else items)
         except StopIteration as exc:  # an asyncio future cannot carry it: it would never finish
             raise RuntimeError(f"the model raised StopIteration: {exc!r}") from exc
+        finally:
+            self.in_model.active = False
         return self._split(out, len(items))
 
     def _split(self, out: Any, n: int) -> Sequence[Any]:

@@ -255,9 +255,9 @@ class BatchedModel(Generic[T, R]):
             self._closed = True
             engine, host = self._engine, self._host
         if host is not None:
-            host.stop(drain)
-            with self._lock:
-                self._engine = self._host = None
+            if host.stop(drain):
+                with self._lock:
+                    self._engine = self._host = None
         elif engine is not None:
             if threading.get_ident() == engine.thread_id:
                 engine.begin_close(drain)
@@ -545,14 +545,19 @@ class _BackgroundHost:
             self._ready.set()
             await self.engine.wait_closing()
 
-    def stop(self, drain: bool) -> None:
+    def stop(self, drain: bool) -> bool:
+        """Close the engine; return whether its thread was joined (not from inside the model)."""
         if self._thread.is_alive():
             try:
                 self.engine.run_in_loop(self.engine.begin_close, drain)
-            except ClosedError:
+            except (ClosedError, RuntimeError):  # its loop has just ended
                 pass
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        # close() from inside the model (or the engine's own thread) must not wait for itself.
+        inside = getattr(self.engine.in_model, "active", False)
+        if inside or self._thread is threading.current_thread():
+            return False
+        self._thread.join()
+        return True
 
 
 def _check_priority(priority: object) -> None:
