@@ -17,6 +17,48 @@ def double_all(items: list[int]) -> list[int]:
     return [2 * i for i in items]
 
 
+def wait_for(condition: Any, limit: float = 10.0) -> None:
+    """Block until ``condition()`` holds, for state another thread changes (bounded)."""
+    done = threading.Event()
+    deadline = threading.Event()
+    timer = threading.Timer(limit, deadline.set)
+    timer.start()
+    try:
+        while not condition():
+            assert not deadline.is_set(), "condition never held"
+            done.wait(0.001)
+    finally:
+        timer.cancel()
+
+
+def held_sync_calls(
+    pool: ThreadPoolExecutor, n: int
+) -> tuple[BatchedModel[int, int], threading.Event, list[Any]]:
+    """Submit ``n`` sync calls, one per batch, with the first held in the model until the gate."""
+    gate = threading.Event()
+
+    def model_fn(items: list[int]) -> list[int]:
+        gate.wait(10)
+        return items
+
+    model = BatchedModel(model_fn, max_batch_size=1)
+    futures = []
+    for i in range(n):  # one at a time, so the item order is the submission order
+        futures.append(pool.submit(model.call_sync, i))
+        wait_for(lambda i=i: model.statistics().submitted == i + 1)
+    return model, gate, futures
+
+
+def _refused(model: BatchedModel[int, int]) -> bool:
+    try:
+        model.call_sync(99, timeout=0.001)
+    except ClosedError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
 def engine_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("batchkit-")]
 
@@ -49,8 +91,7 @@ class TestBackgroundEngine:
 
         with BatchedModel(model_fn, max_batch_size=64) as model, ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(model.call_sync, i) for i in range(16)]
-            while model.statistics().submitted < 16:  # bounded: every thread submits promptly
-                threading.Event().wait(0.001)
+            wait_for(lambda: model.statistics().submitted == 16)
             gate.set()
             assert [f.result(10) for f in futures] == [i + 1 for i in range(16)]
         assert sum(len(b) for b in batches) == 16
@@ -81,42 +122,31 @@ class TestBackgroundEngine:
         assert isinstance(info.value.__cause__, ZeroDivisionError)
 
     def test_close_with_drain_from_sync_code(self) -> None:
-        gate = threading.Event()
-
-        def model_fn(items: list[int]) -> list[int]:
-            gate.wait(10)
-            return items
-
-        model = BatchedModel(model_fn, max_batch_size=1)
         with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(model.call_sync, i) for i in range(4)]
-            while model.statistics().submitted < 4:
-                threading.Event().wait(0.001)
-            threading.Timer(0.01, gate.set).start()
-            model.close(drain=True)
+            model, gate, futures = held_sync_calls(pool, 4)
+            closer = threading.Thread(target=lambda: model.close(drain=True))
+            closer.start()
+            wait_for(lambda: _refused(model))  # closed to new calls, queued items kept
+            gate.set()
+            closer.join(10)
             assert [f.result(10) for f in futures] == [0, 1, 2, 3]
+        assert model.statistics().failed == 0
 
     def test_close_without_drain_fails_queued_sync_callers(self) -> None:
-        gate = threading.Event()
-
-        def model_fn(items: list[int]) -> list[int]:
-            gate.wait(10)
-            return items
-
-        model = BatchedModel(model_fn, max_batch_size=1)
         with ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(model.call_sync, i) for i in range(3)]
-            while model.statistics().submitted < 3:
-                threading.Event().wait(0.001)
-            threading.Timer(0.01, gate.set).start()
-            model.close()
+            model, gate, futures = held_sync_calls(pool, 3)
+            closer = threading.Thread(target=model.close)
+            closer.start()
+            wait_for(lambda: model.statistics().failed == 2)  # the queued two, at once
+            gate.set()  # only now may the running batch end
+            closer.join(10)
             outcomes = []
             for f in futures:
                 try:
                     outcomes.append(f.result(10))
                 except ClosedError:
                     outcomes.append("closed")
-        assert outcomes.count("closed") == 2
+        assert outcomes == [0, "closed", "closed"]
 
     def test_sync_nowait_rejection_through_the_background_loop(self) -> None:
         gate = threading.Event()
@@ -133,8 +163,7 @@ class TestBackgroundEngine:
 
         with BatchedModel(model_fn, max_queue_size=1) as model, ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(model.call_sync, i) for i in range(2)]
-            while model.statistics().queue_depth < 1:
-                threading.Event().wait(0.001)
+            wait_for(lambda: model.statistics().queue_depth == 1)
             assert isinstance(anyio.run(try_nowait, model), QueueFull)
             gate.set()
             assert [f.result(10) for f in futures] == [0, 1]
