@@ -15,10 +15,17 @@ from ._core._errors import BatchSizeMismatch as BatchSizeMismatch
 from ._core._errors import ClosedError as ClosedError
 from ._core._errors import ConfigurationError as ConfigurationError
 from ._core._errors import DeadlineExceeded as DeadlineExceeded
+from ._core._errors import ForbiddenPath as ForbiddenPath
+from ._core._errors import IncompatibleWeights as IncompatibleWeights
 from ._core._errors import ModelError as ModelError
 from ._core._errors import QueueFull as QueueFull
+from ._core._errors import SwapError as SwapError
+from ._core._errors import ValidationFailed as ValidationFailed
+from ._core._errors import WarmupFailed as WarmupFailed
+from ._core._errors import WeightsNotFound as WeightsNotFound
 from ._core._errors import WrongLoopError as WrongLoopError
 from ._core._model import BatchedModel as BatchedModel
+from ._core._slot import Versioned as Versioned
 from ._core._stats import LatencySummary as LatencySummary
 from ._core._stats import Statistics as Statistics
 from ._version import __version__ as __version__
@@ -31,12 +38,19 @@ __all__ = (
     "ClosedError",
     "ConfigurationError",
     "DeadlineExceeded",
+    "ForbiddenPath",
+    "IncompatibleWeights",
     "LatencySummary",
     "ModelError",
     "QueueFull",
     "Settings",
     "Statistics",
+    "SwapError",
     "SyncBatched",
+    "ValidationFailed",
+    "Versioned",
+    "WarmupFailed",
+    "WeightsNotFound",
     "WrongLoopError",
     "__version__",
     "batched",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ class Settings:
     collate: Callable[[list[Any]], Any] | None = None
     split: Callable[[Any], Sequence[Any]] | None = None
     isolate_failures: bool = False
+    weights_dir: str | os.PathLike[str] | None = None
+    keep_previous: bool = True
 
     def __post_init__(self) -> None:
         _check_int("max_batch_size", self.max_batch_size, minimum=1)
@@ -50,6 +53,8 @@ class Settings:
             value = getattr(self, field)
             if value is not None and not callable(value):
                 raise ConfigurationError(f"{field} must be callable, got {value!r}")
+        if self.weights_dir is not None and not isinstance(self.weights_dir, (str, os.PathLike)):
+            raise ConfigurationError(f"weights_dir must be a path, got {self.weights_dir!r}")
         if not isinstance(self.name, str) or not self.name:
             raise ConfigurationError(f"name must be a non-empty string, got {self.name!r}")
 

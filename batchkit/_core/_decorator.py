@@ -7,7 +7,8 @@ import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar, overload
 
-from ._model import BatchedModel, _is_async_callable
+from ._model import BatchedModel
+from ._swap import is_async_callable
 
 __all__ = ("AsyncBatched", "SyncBatched", "batched")
 
@@ -127,7 +128,7 @@ class _Decorator:
     @overload
     def __call__(self, fn: Callable[..., Any], /) -> SyncBatched[Any, Any]: ...
     def __call__(self, fn: Callable[..., Any], /) -> Any:
-        if _is_async_callable(fn):
+        if is_async_callable(fn):
             return AsyncBatched(fn, **self._options)
         return SyncBatched(fn, **self._options)
 

@@ -34,15 +34,17 @@ from ._errors import (
 )
 from ._queue import BatchQueue
 from ._requests import EventRequest, FutureRequest, Request, ThreadRequest
+from ._slot import Installed, ModelSlot
 from ._stats import Recorder, Statistics
 
-__all__ = ("Engine",)
+__all__ = ("Engine", "run_sync_batch", "split_outputs")
 
 # Seconds past a thread request's deadline after which its waiter stops waiting for the engine.
 _DEAD_LOOP_GRACE = 5.0
 
-# A started batch: its requests, the model's pending result, and when it started.
-_Running = tuple[list[Request], Awaitable[Sequence[Any]], float]
+# A started batch: its requests, the model's pending result, when it started, and the model
+# installation it runs on (the whole batch runs on that one).
+_Running = tuple[list[Request], Awaitable[Sequence[Any]], float, Installed]
 
 
 class _Signal:
@@ -121,15 +123,11 @@ class Engine:
     def __init__(
         self,
         settings: Settings,
-        fn: Callable[[Any], Any],
-        is_async: bool,
-        version: Callable[[], str],
+        slot: ModelSlot,
         recorder: Recorder,
     ) -> None:
         self.settings = settings
-        self._fn = fn
-        self._is_async = is_async
-        self._version = version
+        self._slot = slot
         self._queue: BatchQueue[Request] = BatchQueue(
             max_batch_size=settings.max_batch_size,
             max_queue_size=settings.max_queue_size,
@@ -149,6 +147,11 @@ class Engine:
         self._abandoned = False  # a batch was left running when the host cancelled the engine
         self.in_model = threading.local()  # `active` while this thread runs the sync model
         self._limiter: anyio.CapacityLimiter | None = None
+        # Pausing (for an in-place swap): no batch starts while paused; the futures resolve
+        # once every worker is parked, that is when no batch runs.
+        self._paused = 0
+        self._parked = 0
+        self._idle_waiters: list[concurrent.futures.Future[None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -166,11 +169,7 @@ class Engine:
         # A sync model on asyncio runs in the engine's own threads: handing a batch over is one
         # queue put, with no checkpoints, so the next batch starts while results go out.
         self._executor = None
-        if self._loop is not None and not self._is_async:
-            self._executor = ThreadPoolExecutor(
-                self.settings.max_concurrency,
-                thread_name_prefix=f"batchkit-{self.settings.name}-model",
-            )
+        self._own_threads = self._loop is not None
         self._workers = self.settings.max_concurrency
         self._stopped = anyio.Event()
         self._tg = anyio.create_task_group()
@@ -193,6 +192,7 @@ class Engine:
         try:
             await self._tg.__aexit__(None, None, None)
         finally:
+            self._own_threads = False
             if self._executor is not None:
                 # Normally every batch has ended and this returns at once; after the host was
                 # cancelled mid-batch, do not block the loop on a model still running.
@@ -215,6 +215,35 @@ class Engine:
     async def wait_closing(self) -> None:
         """Return once ``begin_close`` was called."""
         await self._closing_event.wait()
+
+    @property
+    def token(self) -> anyio.lowlevel.EventLoopToken | None:
+        """Return the token of the engine's loop (for ``anyio.from_thread``)."""
+        return self._token
+
+    def pause(self) -> concurrent.futures.Future[None]:
+        """Start no batch until ``resume()``; the future resolves once no batch runs.
+
+        Call on the loop thread. Queued items keep their deadlines meanwhile.
+        """
+        self._paused += 1
+        idle: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._idle_waiters.append(idle)
+        self._check_idle()
+        return idle
+
+    def resume(self) -> None:
+        """Undo one ``pause()``. Call on the loop thread."""
+        self._paused -= 1
+        if not self._paused:
+            self._signal.set()
+
+    def _check_idle(self) -> None:
+        if self._paused and self._parked >= self._workers:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for idle in waiters:
+                if not idle.done():
+                    idle.set_result(None)
 
     def in_current_loop(self) -> bool:
         """Return whether the calling code runs in this engine's event loop."""
@@ -312,8 +341,9 @@ class Engine:
         deadline: float | None,
         wait: bool,
         return_exceptions: bool,
+        versioned: bool = False,
     ) -> list[Any]:
-        """Submit all ``items`` at once and return their results in order."""
+        """Submit all ``items`` at once and return their results (``Versioned``) in order."""
         reqs: list[Request] = []
         try:
             for item in items:
@@ -321,7 +351,8 @@ class Engine:
             results: list[Any] = []
             for req in reqs:
                 try:
-                    results.append(await self.outcome(req))
+                    value = await self.outcome(req)
+                    results.append(req.versioned(value) if versioned else value)
                 except Exception as exc:
                     if not return_exceptions:
                         raise
@@ -455,6 +486,7 @@ class Engine:
             self._workers -= 1
             if not self._workers:
                 self._stopped.set()
+            self._check_idle()
 
     async def _work(self) -> None:
         running = None
@@ -464,12 +496,24 @@ class Engine:
                 if batch is None:
                     return
                 running = self._start(batch)
-            running = await self._complete(running, prefetch=self._executor is not None)
+            running = await self._complete(running, prefetch=self._own_threads)
 
     async def _next_batch(self) -> list[Request] | None:
         """Wait until the policy releases a batch and take it; None once closed and empty."""
+        self._parked += 1
+        try:
+            if self._paused:
+                self._check_idle()
+            return await self._wait_for_batch()
+        finally:
+            self._parked -= 1
+
+    async def _wait_for_batch(self) -> list[Request] | None:
         queue = self._queue
         while True:
+            if self._paused:
+                await self._signal.wait()
+                continue
             now = self._clock()
             when = queue.next_dispatch_time(now)
             if when is None:
@@ -492,23 +536,31 @@ class Engine:
     def _start(self, batch: list[Request]) -> _Running:
         """Start the model on ``batch``: in the engine's thread pool, or as a coroutine."""
         self._in_flight += 1
+        installed = self._slot.current  # the whole batch runs on this installation
         items = [req.item for req in batch]
         job: Awaitable[Sequence[Any]] | None = None
-        if self._executor is not None:
+        if self._own_threads and not installed.is_async:
             assert self._loop is not None
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(
+                    self.settings.max_concurrency,
+                    thread_name_prefix=f"batchkit-{self.settings.name}-model",
+                )
             try:
-                job = self._loop.run_in_executor(self._executor, self._invoke_sync, items)
+                job = self._loop.run_in_executor(
+                    self._executor, self._invoke_sync, items, installed
+                )
             except RuntimeError:  # the pool refuses work (interpreter shutdown): use anyio's
-                self._executor = None
+                self._own_threads = False
         if job is None:
-            job = self._invoke(items)
-        return batch, job, self._clock()
+            job = self._invoke(items, installed)
+        return batch, job, self._clock(), installed
 
     def _start_ready(self) -> _Running | None:
         """Start the next batch now if the policy releases one now."""
         now = self._clock()
         when = self._queue.next_dispatch_time(now)
-        if when is None or when > now:
+        if when is None or when > now or self._paused:
             return None
         batch = self._take(now)
         return self._start(batch) if batch else None
@@ -519,7 +571,7 @@ class Engine:
         With ``prefetch``, the next batch is started before this one's callers are woken, so a
         model in a worker thread computes while the loop hands out results.
         """
-        batch, job, start = running
+        batch, job, start, installed = running
         n = len(batch)
         try:
             try:
@@ -533,7 +585,7 @@ class Engine:
                 await self._retry_halves(batch)
                 return None
             for req in batch:
-                self._fail(req, self._batch_error(exc, n))
+                self._fail(req, self._batch_error(exc, n, installed.version))
             return None
         except BaseException:
             # The host cancelled the engine mid-batch: nobody else will settle these callers.
@@ -542,12 +594,18 @@ class Engine:
             raise
         end = self._clock()
         self._record_batch(n, start, end)
-        ahead = self._start_ready() if prefetch else None
-        self._deliver(batch, outputs, start, end)
+        # Only a model in the engine's threads computes while the loop hands results out.
+        ahead = self._start_ready() if prefetch and not installed.is_async else None
+        self._deliver(batch, outputs, start, end, installed.version)
         return ahead
 
     def _deliver(
-        self, batch: list[Request], outputs: Sequence[Any], start: float, end: float
+        self,
+        batch: list[Request],
+        outputs: Sequence[Any],
+        start: float,
+        end: float,
+        version: str,
     ) -> None:
         rec = self._rec
         queue_wait = rec.queue_wait.append
@@ -559,6 +617,7 @@ class Engine:
             if req.finished:
                 continue
             req.finished = True
+            req.version = version
             if req.timer is not None:
                 req.timer.cancel()
             if isinstance(out, Exception):
@@ -609,7 +668,7 @@ class Engine:
         rec.batch_sizes[n] += 1
         rec.compute.append(end - start)
 
-    def _batch_error(self, exc: Exception, n: int) -> ModelError:
+    def _batch_error(self, exc: Exception, n: int, version: str) -> ModelError:
         if isinstance(exc, BatchSizeMismatch):
             error: ModelError = BatchSizeMismatch(expected=exc.expected, got=exc.got)
         elif isinstance(exc, ModelError):  # raised here about the output: a copy per caller
@@ -618,41 +677,25 @@ class Engine:
             error = ModelError(
                 f"model {self.settings.name!r} raised {type(exc).__name__}: {exc}", batch_size=n
             )
+        error.version = version
         error.__cause__ = exc
         return error
 
-    async def _invoke(self, items: list[Any]) -> Sequence[Any]:
-        if self._is_async:
+    async def _invoke(self, items: list[Any], installed: Installed) -> Sequence[Any]:
+        if installed.is_async:
             collate = self.settings.collate
-            out = await self._fn(collate(items) if collate is not None else items)
-            return self._split(out, len(items))
-        return await anyio.to_thread.run_sync(self._invoke_sync, items, limiter=self._limiter)
+            out = await installed.model(collate(items) if collate is not None else items)
+            return split_outputs(self.settings, out, len(items))
+        return await anyio.to_thread.run_sync(
+            self._invoke_sync, items, installed, limiter=self._limiter
+        )
 
-    def _invoke_sync(self, items: list[Any]) -> Sequence[Any]:
-        collate = self.settings.collate
+    def _invoke_sync(self, items: list[Any], installed: Installed) -> Sequence[Any]:
         self.in_model.active = True
         try:
-            out = self._fn(collate(items) if collate is not None else items)
-        except StopIteration as exc:  # an asyncio future cannot carry it: it would never finish
-            raise RuntimeError(f"the model raised StopIteration: {exc!r}") from exc
+            return run_sync_batch(self.settings, installed.model, items)
         finally:
             self.in_model.active = False
-        return self._split(out, len(items))
-
-    def _split(self, out: Any, n: int) -> Sequence[Any]:
-        split = self.settings.split
-        outputs = split(out) if split is not None else out
-        try:
-            got = len(outputs)
-        except TypeError:
-            raise ModelError(
-                f"model {self.settings.name!r} returned {type(outputs).__name__}, "
-                "which has no length; return one output per item",
-                batch_size=n,
-            ) from None
-        if got != n:
-            raise BatchSizeMismatch(expected=n, got=got)
-        return outputs
 
     # -- statistics ----------------------------------------------------------------------------
 
@@ -660,8 +703,35 @@ class Engine:
         """Return a snapshot of the counters; safe from any thread."""
         return self._rec.snapshot(
             name=self.settings.name,
-            model_version=self._version(),
+            model_version=self._slot.current.version,
             queue_depth=len(self._queue),
             waiting_for_room=self._queue.waiting_for_room,
             in_flight_batches=self._in_flight,
         )
+
+
+def run_sync_batch(settings: Settings, fn: Callable[[Any], Any], items: list[Any]) -> Sequence[Any]:
+    """Run the sync model ``fn`` on ``items`` (collated) and return one output per item."""
+    collate = settings.collate
+    try:
+        out = fn(collate(items) if collate is not None else items)
+    except StopIteration as exc:  # an asyncio future cannot carry it: it would never finish
+        raise RuntimeError(f"the model raised StopIteration: {exc!r}") from exc
+    return split_outputs(settings, out, len(items))
+
+
+def split_outputs(settings: Settings, out: Any, n: int) -> Sequence[Any]:
+    """Turn the model's output for ``n`` items into one output per item, checking the count."""
+    split = settings.split
+    outputs = split(out) if split is not None else out
+    try:
+        got = len(outputs)
+    except TypeError:
+        raise ModelError(
+            f"model {settings.name!r} returned {type(outputs).__name__}, "
+            "which has no length; return one output per item",
+            batch_size=n,
+        ) from None
+    if got != n:
+        raise BatchSizeMismatch(expected=n, got=got)
+    return outputs

@@ -8,8 +8,14 @@ The hierarchy::
     ├── QueueFull                             the bounded queue had no room
     ├── DeadlineExceeded (also TimeoutError)  the call's deadline passed before its outcome
     ├── WrongLoopError (also RuntimeError)    the engine runs in another loop than this call needs
-    └── ModelError                            the model function failed for a whole batch
-        └── BatchSizeMismatch                 the model returned the wrong number of outputs
+    ├── ModelError                            the model function failed for a whole batch
+    │   └── BatchSizeMismatch                 the model returned the wrong number of outputs
+    └── SwapError                             swap() or rollback() failed; the old model serves
+        ├── WeightsNotFound (also FileNotFoundError)  no weights file at the path given
+        ├── ForbiddenPath (also PermissionError)      the path is outside ``weights_dir``
+        ├── IncompatibleWeights (also ValueError)     the weights do not fit the architecture
+        ├── WarmupFailed                              the new model failed its warm-up batch
+        └── ValidationFailed                          the validation callback rejected it
 
 A model that returns an exception instance in one item's slot fails only that caller, with that
 exception as it is (not wrapped).
@@ -23,8 +29,14 @@ __all__ = (
     "ClosedError",
     "ConfigurationError",
     "DeadlineExceeded",
+    "ForbiddenPath",
+    "IncompatibleWeights",
     "ModelError",
     "QueueFull",
+    "SwapError",
+    "ValidationFailed",
+    "WarmupFailed",
+    "WeightsNotFound",
     "WrongLoopError",
 )
 
@@ -79,12 +91,13 @@ class ModelError(BatchkitError):
     """Raised to every caller of a batch when the model function raised.
 
     The original exception is chained as ``__cause__``; ``batch_size`` is the size of the batch
-    that failed.
+    that failed and ``version`` the model version that ran it (None if it never ran).
     """
 
-    def __init__(self, message: str, *, batch_size: int) -> None:
+    def __init__(self, message: str, *, batch_size: int, version: str | None = None) -> None:
         super().__init__(message)
         self.batch_size = batch_size
+        self.version = version
 
 
 class BatchSizeMismatch(ModelError):
@@ -96,3 +109,34 @@ class BatchSizeMismatch(ModelError):
         )
         self.expected = expected
         self.got = got
+
+
+class SwapError(BatchkitError):
+    """Raised by ``swap()`` and ``rollback()`` when the new model cannot be published.
+
+    Nothing changed: the model that served before still serves, and the next swap may be tried.
+    A failure inside the preparation (loading, moving, building) is chained as ``__cause__``.
+    """
+
+
+class WeightsNotFound(SwapError, FileNotFoundError):
+    """Raised by ``swap()`` when a weights path names no file."""
+
+
+class ForbiddenPath(SwapError, PermissionError):
+    """Raised by ``swap()`` when a weights path lies outside the model's ``weights_dir``."""
+
+
+class IncompatibleWeights(SwapError, ValueError):
+    """Raised by ``swap()`` when weights cannot be loaded into the model's architecture.
+
+    The message lists the missing and unexpected names and the mismatched shapes.
+    """
+
+
+class WarmupFailed(SwapError):
+    """Raised by ``swap()`` when the new model raised (or answered wrongly) on the warm-up."""
+
+
+class ValidationFailed(SwapError):
+    """Raised by ``swap()`` when the validation callback returned False or raised."""

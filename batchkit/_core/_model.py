@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import math
+import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from functools import partial
 from threading import get_ident
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, overload
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
@@ -19,7 +21,9 @@ from ._config import Settings, check_timeout
 from ._engine import Engine
 from ._errors import ClosedError, ConfigurationError, WrongLoopError
 from ._requests import FutureRequest, Request, ThreadRequest
+from ._slot import Installed, ModelSlot, Versioned
 from ._stats import Recorder, Statistics
+from ._swap import Swapper, is_async_callable
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -46,6 +50,8 @@ class _Settings(TypedDict, total=False):
     isolate_failures: bool
     name: str | None
     version: str
+    weights_dir: str | os.PathLike[str] | None
+    keep_previous: bool
 
 
 class BatchedModel(Generic[T, R]):
@@ -75,7 +81,11 @@ class BatchedModel(Generic[T, R]):
     - ``isolate_failures``: when a batch fails, split it in halves and retry, so only the items
       that fail on their own get the error.
     - ``name``: shown in errors and statistics (default: the function's name).
-    - ``version``: the model version reported in statistics.
+    - ``version``: the version of ``fn``, reported with every output (``call_versioned``) and
+      in statistics; ``swap()`` installs later versions.
+    - ``weights_dir``: when set, ``swap()`` loads weights only from files inside it.
+    - ``keep_previous``: keep the replaced model after a swap so ``rollback()`` can restore it
+      (set False to release it at once, as soon as no batch uses it).
 
     Nothing starts in ``__init__``. Run the engine in your event loop with ``async with model:``
     (the fast path for servers), or let the first call start it on a background thread that
@@ -139,9 +149,12 @@ class BatchedModel(Generic[T, R]):
         isolate_failures: bool = False,
         name: str | None = None,
         version: str = "1",
+        weights_dir: str | os.PathLike[str] | None = None,
+        keep_previous: bool = True,
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"the model must be callable, got {fn!r}")
+        _check_version(version)
         self.settings = Settings(
             name=name if name is not None else _name_of(fn),
             max_batch_size=max_batch_size,
@@ -155,15 +168,16 @@ class BatchedModel(Generic[T, R]):
             collate=collate,
             split=split,
             isolate_failures=isolate_failures,
+            weights_dir=weights_dir,
+            keep_previous=keep_previous,
         )
-        self._fn: Callable[[Any], Any] = fn
-        self._is_async = _is_async_callable(fn)
-        self._version = str(version)
+        self._slot = ModelSlot(Installed(fn, is_async_callable(fn), version))
         self._recorder = Recorder()
         self._lock = threading.Lock()
         self._engine: Engine | None = None
         self._host: _BackgroundHost | None = None
         self._closed = False
+        self._swapper = Swapper(self.settings, self._slot, self._recorder, lambda: self._engine)
 
     @property
     def name(self) -> str:
@@ -172,8 +186,13 @@ class BatchedModel(Generic[T, R]):
 
     @property
     def version(self) -> str:
-        """Return the version of the model now serving."""
-        return self._version
+        """Return the version of the model now serving (batches starting now run on it)."""
+        return self._slot.current.version
+
+    @property
+    def model(self) -> Callable[..., Any]:
+        """Return the model function (or module) now serving."""
+        return self._slot.current.model
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "running" if self._engine else "idle"
@@ -230,9 +249,7 @@ class BatchedModel(Generic[T, R]):
         self.close()
 
     def _new_engine(self) -> Engine:
-        return Engine(
-            self.settings, self._fn, self._is_async, lambda: self._version, self._recorder
-        )
+        return Engine(self.settings, self._slot, self._recorder)
 
     def _ensure_engine(self) -> Engine:
         with self._lock:
@@ -301,7 +318,7 @@ class BatchedModel(Generic[T, R]):
         # A thread runs one event loop at a time: a coroutine on the engine's thread runs in its
         # loop, so the caller may submit directly.
         if engine is None or engine.thread_id != get_ident():
-            return await self._call_elsewhere(item, priority, timeout, deadline, True)  # type: ignore[no-any-return]
+            return (await self._call_elsewhere(item, priority, timeout, deadline, True))[0]  # type: ignore[no-any-return]
         req = self._submit_here(engine, item, priority, timeout, deadline, True)
         if req.__class__ is FutureRequest:  # the hottest path in batchkit: inlined
             try:
@@ -322,9 +339,29 @@ class BatchedModel(Generic[T, R]):
         """Like ``call()``, but raise ``QueueFull`` at once instead of waiting for room."""
         engine = self._engine
         if engine is None or engine.thread_id != get_ident():
-            return await self._call_elsewhere(item, priority, timeout, deadline, False)  # type: ignore[no-any-return]
+            return (await self._call_elsewhere(item, priority, timeout, deadline, False))[0]  # type: ignore[no-any-return]
         req = self._submit_here(engine, item, priority, timeout, deadline, False)
         return await engine.outcome(req)  # type: ignore[no-any-return]
+
+    async def call_versioned(
+        self,
+        item: T,
+        *,
+        priority: float = 0,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> Versioned[R]:
+        """Like ``call()``, and return the output with the version of the model that made it.
+
+        A ``ModelError`` carries the version of the failed batch as ``error.version``.
+        """
+        engine = self._engine
+        if engine is None or engine.thread_id != get_ident():
+            value, req = await self._call_elsewhere(item, priority, timeout, deadline, True)
+        else:
+            req = self._submit_here(engine, item, priority, timeout, deadline, True)
+            value = await engine.outcome(req)
+        return req.versioned(value)
 
     def _submit_here(
         self,
@@ -355,12 +392,40 @@ class BatchedModel(Generic[T, R]):
         The first failure is raised and the items not yet answered are withdrawn, unless
         ``return_exceptions`` is true: then each failure takes its item's place in the list.
         """
+        return await self._call_many(items, priority, timeout, deadline, return_exceptions, False)
+
+    async def call_many_versioned(
+        self,
+        items: Iterable[T],
+        *,
+        priority: float = 0,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Versioned[R]]:
+        """Like ``call_many()``, with each output paired with the version that produced it.
+
+        With ``return_exceptions``, a failure takes its item's place as the exception itself.
+        """
+        return await self._call_many(items, priority, timeout, deadline, return_exceptions, True)
+
+    async def _call_many(
+        self,
+        items: Iterable[T],
+        priority: float,
+        timeout: float | None,
+        deadline: float | None,
+        return_exceptions: bool,
+        versioned: bool,
+    ) -> list[Any]:
         items = list(items)
         _check_priority(priority)
         engine = self._engine
         if engine is not None and engine.thread_id == get_ident():
             deadline = self._deadline(timeout, deadline)
-            return await engine.call_many(items, priority, deadline, True, return_exceptions)
+            return await engine.call_many(
+                items, priority, deadline, True, return_exceptions, versioned
+            )
         engine = self._ensure_engine()
         reqs = self._thread_requests(engine, items, priority, timeout, deadline, True)
         engine.submit_threadsafe(reqs)
@@ -368,7 +433,8 @@ class BatchedModel(Generic[T, R]):
         try:
             for req in reqs:
                 try:
-                    results.append(await _await_thread_request(engine, req))
+                    value = await _await_thread_request(engine, req)
+                    results.append(req.versioned(value) if versioned else value)
                 except Exception as exc:
                     if not return_exceptions:
                         raise
@@ -386,12 +452,12 @@ class BatchedModel(Generic[T, R]):
         timeout: float | None,
         deadline: float | None,
         wait: bool,
-    ) -> Any:
+    ) -> tuple[Any, Request]:
         _check_priority(priority)
         engine = self._ensure_engine()
         (req,) = self._thread_requests(engine, [item], priority, timeout, deadline, wait)
         engine.submit_threadsafe([req])
-        return await _await_thread_request(engine, req)
+        return await _await_thread_request(engine, req), req
 
     def _deadline(self, timeout: float | None, deadline: float | None) -> float | None:
         check_timeout(timeout, deadline)
@@ -425,11 +491,23 @@ class BatchedModel(Generic[T, R]):
         Blocks the calling thread, never the engine's loop: raises ``WrongLoopError`` when called
         on the thread running the engine under ``async with``. Otherwise as ``call()``.
         """
+        return self._call_sync(item, priority, timeout)[0]  # type: ignore[no-any-return]
+
+    def call_sync_versioned(
+        self, item: T, *, priority: float = 0, timeout: float | None = None
+    ) -> Versioned[R]:
+        """Like ``call_sync()``, and return the output with the version that produced it."""
+        value, req = self._call_sync(item, priority, timeout)
+        return req.versioned(value)
+
+    def _call_sync(
+        self, item: T, priority: float, timeout: float | None
+    ) -> tuple[Any, ThreadRequest]:
         _check_priority(priority)
         engine = self._engine_for_thread()
         (req,) = self._thread_requests(engine, [item], priority, timeout, None, True)
         engine.submit_threadsafe([req])
-        return engine.wait_threadsafe(req)  # type: ignore[no-any-return]
+        return engine.wait_threadsafe(req), req
 
     def call_many_sync(
         self,
@@ -471,6 +549,110 @@ class BatchedModel(Generic[T, R]):
             )
         return engine
 
+    # -- swapping ------------------------------------------------------------------------------
+
+    async def swap(
+        self,
+        new: Any,
+        *,
+        version: str,
+        in_place: bool = False,
+        warmup: Sequence[T] | None = None,
+        validate: Callable[[Any, Any], Any] | None = None,
+        device: Any = None,
+    ) -> None:
+        """Replace the model with ``new`` as ``version``, between batches, losing no call.
+
+        ``new`` is a model function (or ``torch.nn.Module``), or, when the model is a torch
+        module, its new weights: a state dict, or a path to a file saved with ``torch.save``
+        (loaded with ``weights_only=True``, inside ``weights_dir`` when that is set). The new
+        model is prepared in a worker thread: built, moved to ``device`` (default: the current
+        model's), put in ``eval()`` mode, run on the ``warmup`` items as one batch, and checked
+        by ``validate(new_model, old_model)`` (sync or async; False or an exception rejects it).
+        Only then is it published: batches that start later run on it, batches already running
+        finish on the old one, and queued items are kept.
+
+        ``in_place=True`` (torch modules only, for models too big for two copies) pauses
+        dispatch, waits for the running batches, copies the weights into the live module, runs
+        the checks (``old_model`` is None then) and resumes; a failed check copies the old
+        weights back.
+
+        Swaps are serialized. Raises a ``SwapError`` (``WeightsNotFound``, ``ForbiddenPath``,
+        ``IncompatibleWeights``, ``WarmupFailed``, ``ValidationFailed``) when the new model
+        cannot be published; the old model then keeps serving.
+        """
+        swap = self._prepare_swap(new, version, in_place, warmup, validate, device)
+        await anyio.to_thread.run_sync(partial(swap, token=anyio.lowlevel.current_token()))
+
+    def swap_sync(
+        self,
+        new: Any,
+        *,
+        version: str,
+        in_place: bool = False,
+        warmup: Sequence[T] | None = None,
+        validate: Callable[[Any, Any], Any] | None = None,
+        device: Any = None,
+    ) -> None:
+        """Like ``swap()``, preparing in the calling thread (not the engine's loop thread)."""
+        swap = self._prepare_swap(new, version, in_place, warmup, validate, device)
+        self._check_not_engine_thread("swap_sync")
+        swap(token=None)
+
+    async def rollback(self) -> str:
+        """Restore the version that served before the last swap and return it.
+
+        The restored model is the very object that served before (or, after an in-place swap,
+        its weights copied back in). A second rollback goes forward again. Raises ``SwapError``
+        when there is no previous version (none yet, or ``keep_previous=False``).
+        """
+        self._check_open()
+        token = anyio.lowlevel.current_token()
+        return await anyio.to_thread.run_sync(self._swapper.rollback, token)
+
+    def rollback_sync(self) -> str:
+        """Like ``rollback()``, from sync code (not the engine's loop thread)."""
+        self._check_open()
+        self._check_not_engine_thread("rollback_sync")
+        return self._swapper.rollback(None)
+
+    def _prepare_swap(
+        self,
+        new: Any,
+        version: str,
+        in_place: bool,
+        warmup: Sequence[T] | None,
+        validate: Callable[[Any, Any], Any] | None,
+        device: Any,
+    ) -> Callable[..., None]:
+        self._check_open()
+        _check_version(version)
+        if validate is not None and not callable(validate):
+            raise ConfigurationError(f"validate must be callable, got {validate!r}")
+        if warmup is not None and (isinstance(warmup, (str, bytes)) or not _has_len(warmup)):
+            raise ConfigurationError(f"warmup must be a sequence of items, got {warmup!r}")
+        return partial(
+            self._swapper.swap,
+            new,
+            version,
+            in_place=in_place,
+            warmup=warmup,
+            validate=validate,
+            device=device,
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError(f"model {self.name!r} is closed")
+
+    def _check_not_engine_thread(self, what: str) -> None:
+        engine = self._engine
+        if engine is not None and threading.get_ident() == engine.thread_id:
+            raise WrongLoopError(
+                f"{what}() on the thread running model {self.name!r} would block its event "
+                f"loop; use `await model.{what.removesuffix('_sync')}(...)` there"
+            )
+
     # -- statistics ----------------------------------------------------------------------------
 
     def statistics(self) -> Statistics:
@@ -480,7 +662,7 @@ class BatchedModel(Generic[T, R]):
             return engine.statistics()
         return self._recorder.snapshot(
             name=self.name,
-            model_version=self._version,
+            model_version=self.version,
             queue_depth=0,
             waiting_for_room=0,
             in_flight_batches=0,
@@ -565,10 +747,17 @@ def _check_priority(priority: object) -> None:
         raise ConfigurationError(f"priority must be a number, got {priority!r}")
 
 
-def _is_async_callable(fn: object) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004
-    )
+def _has_len(obj: object) -> bool:
+    try:
+        len(obj)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
+
+
+def _check_version(version: object) -> None:
+    if not isinstance(version, str) or not version:
+        raise ConfigurationError(f"version must be a non-empty string, got {version!r}")
 
 
 def _name_of(fn: object) -> str:

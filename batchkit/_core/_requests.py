@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 
 from ._queue import NEW, QueueEntry
+from ._slot import Versioned
 
 __all__ = ("EventRequest", "FutureRequest", "Request", "ThreadRequest")
 
@@ -24,7 +25,7 @@ __all__ = ("EventRequest", "FutureRequest", "Request", "ThreadRequest")
 class Request(QueueEntry):
     """A queue entry that carries the item and delivers its outcome."""
 
-    __slots__ = ("finished", "item", "timer")
+    __slots__ = ("finished", "item", "timer", "version")
 
     def __init__(
         self,
@@ -38,12 +39,18 @@ class Request(QueueEntry):
         super().__init__(priority, seq, enqueued_at, deadline, cost)
         self.item = item
         self.finished = False
+        self.version: str | None = None  # of the model that produced the outcome
         # Cancelled once the request is settled: a loop timer or the cancel scope of a timer task.
         self.timer: asyncio.TimerHandle | anyio.CancelScope | None = None
 
     def deliver(self, value: Any) -> None:
         """Wake the caller with ``value``."""
         raise NotImplementedError
+
+    def versioned(self, value: Any) -> Versioned[Any]:
+        """Pair ``value``, this request's output, with the version that produced it."""
+        assert self.version is not None  # set with every output
+        return Versioned(value, self.version)
 
     def deliver_error(self, exc: BaseException) -> None:
         """Wake the caller with ``exc`` to raise."""
@@ -76,6 +83,7 @@ class FutureRequest(Request):
         self.state = NEW
         self.finished = False
         self.timer = None
+        self.version = None
 
     def deliver(self, value: Any) -> None:
         if not self.future.done():

@@ -64,6 +64,10 @@ class Statistics:
     queue_wait: LatencySummary
     compute: LatencySummary
     end_to_end: LatencySummary
+    swaps: int = 0
+    failed_swaps: int = 0
+    last_swap_seconds: float = 0.0
+    last_swap_pause_seconds: float = 0.0
 
     @property
     def mean_batch_size(self) -> float:
@@ -91,9 +95,13 @@ class Recorder:
         "end_to_end",
         "expired",
         "failed",
+        "failed_swaps",
+        "last_swap_pause_seconds",
+        "last_swap_seconds",
         "queue_wait",
         "rejected",
         "submitted",
+        "swaps",
     )
 
     def __init__(self) -> None:
@@ -103,6 +111,9 @@ class Recorder:
         self.queue_wait: deque[float] = deque(maxlen=SAMPLE_WINDOW)
         self.compute: deque[float] = deque(maxlen=SAMPLE_WINDOW)
         self.end_to_end: deque[float] = deque(maxlen=SAMPLE_WINDOW)
+        # Written by the swapping thread (one at a time), read by snapshots.
+        self.swaps = self.failed_swaps = 0
+        self.last_swap_seconds = self.last_swap_pause_seconds = 0.0
 
     def snapshot(
         self,
@@ -131,4 +142,8 @@ class Recorder:
             queue_wait=LatencySummary.of(list(self.queue_wait)),
             compute=LatencySummary.of(list(self.compute)),
             end_to_end=LatencySummary.of(list(self.end_to_end)),
+            swaps=self.swaps,
+            failed_swaps=self.failed_swaps,
+            last_swap_seconds=self.last_swap_seconds,
+            last_swap_pause_seconds=self.last_swap_pause_seconds,
         )

@@ -1,0 +1,59 @@
+"""The model slot: the model serving now, the one before it, and results tagged with versions.
+
+The engine reads ``slot.current`` once when it starts a batch and runs the whole batch on that
+installation, so publishing a new model is one reference assignment: batches already running
+keep the installation they started with, and every later batch gets the new one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+__all__ = ("Installed", "ModelSlot", "Versioned")
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Versioned(Generic[R]):
+    """An output together with the version of the model that produced it.
+
+    Unpacks as a pair: ``value, version = await model.call_versioned(item)``.
+    """
+
+    value: R
+    version: str
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.value, self.version))
+
+
+@dataclass(frozen=True, eq=False)
+class Installed:
+    """One installed model: what the engine calls, and its version.
+
+    ``weights`` is set only for an installation replaced in place (the same module object
+    serves several versions): the weights to copy back in to make ``model`` this version again.
+    """
+
+    model: Callable[..., Any]
+    is_async: bool
+    version: str
+    weights: Any = None
+
+
+class ModelSlot:
+    """Where the serving model lives; replaced whole, between batches."""
+
+    __slots__ = ("current", "previous")
+
+    def __init__(self, installed: Installed) -> None:
+        self.current = installed
+        self.previous: Installed | None = None
+
+    def publish(self, installed: Installed, *, previous: Installed | None) -> None:
+        """Make ``installed`` serve from the next batch on, remembering ``previous``."""
+        self.previous = previous
+        self.current = installed  # the one step every later batch sees

@@ -1,0 +1,286 @@
+"""Swapping the model in its slot: prepare off the hot path, check, publish between batches.
+
+Every method here blocks: ``BatchedModel.swap()`` runs them in a worker thread, ``swap_sync()``
+in the caller's thread. Swaps and rollbacks of one model are serialized by a lock.
+
+Weights (a state dict, a path, an in-place copy) are torch's business: the torch helpers live in
+``batchkit._torch_swap`` and are imported by name only when the model is a ``torch.nn.Module``,
+so the core itself never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import importlib
+import inspect
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Any
+
+import anyio.from_thread
+from anyio.lowlevel import EventLoopToken
+
+from ._config import Settings
+from ._engine import Engine, run_sync_batch, split_outputs
+from ._errors import ClosedError, SwapError, ValidationFailed, WarmupFailed
+from ._slot import Installed, ModelSlot
+from ._stats import Recorder
+
+__all__ = ("Swapper", "is_async_callable")
+
+_TORCH_HELPERS = "batchkit._torch_swap"
+
+
+class Swapper:
+    """Serialize the swaps and rollbacks of one model's slot."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        slot: ModelSlot,
+        recorder: Recorder,
+        engine: Callable[[], Engine | None],
+    ) -> None:
+        self._settings = settings
+        self._slot = slot
+        self._rec = recorder
+        self._engine = engine
+        self._lock = threading.Lock()
+
+    def swap(
+        self,
+        new: Any,
+        version: str,
+        *,
+        in_place: bool,
+        warmup: Sequence[Any] | None,
+        validate: Callable[[Any, Any], Any] | None,
+        device: Any,
+        token: EventLoopToken | None,
+    ) -> None:
+        """Prepare ``new`` as ``version``, check it, and publish it; raise ``SwapError``."""
+        runner = _Runner(self._engine(), token)
+        with self._lock:
+            if in_place:
+                self._timed(version, self._swap_in_place, new, version, warmup, validate, runner)
+            else:
+                self._timed(version, self._swap, new, version, warmup, validate, device, runner)
+
+    def rollback(self, token: EventLoopToken | None) -> str:
+        """Publish the previous installation again and return its version."""
+        runner = _Runner(self._engine(), token)
+        with self._lock:
+            previous = self._slot.previous
+            if previous is None:
+                raise SwapError(f"model {self._settings.name!r} has no previous version to restore")
+            if previous.weights is not None:  # replaced in place: copy its weights back in
+                self._timed(
+                    previous.version,
+                    self._swap_in_place,
+                    previous.weights,
+                    previous.version,
+                    None,
+                    None,
+                    runner,
+                )
+            else:
+                self._timed(previous.version, self._publish, previous, self._slot.current)
+            return previous.version
+
+    # -- the steps -----------------------------------------------------------------------------
+
+    def _timed(self, version: str, step: Callable[..., None], *args: Any) -> None:
+        start = time.perf_counter()
+        try:
+            step(*args)
+        except SwapError:
+            self._rec.failed_swaps += 1
+            raise
+        except Exception as exc:
+            self._rec.failed_swaps += 1
+            raise SwapError(
+                f"swapping model {self._settings.name!r} to version {version!r} failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        self._rec.swaps += 1
+        self._rec.last_swap_seconds = time.perf_counter() - start
+
+    def _swap(
+        self,
+        new: Any,
+        version: str,
+        warmup: Sequence[Any] | None,
+        validate: Callable[[Any, Any], Any] | None,
+        device: Any,
+        runner: _Runner,
+    ) -> None:
+        current = self._slot.current
+        if callable(new) and not isinstance(new, (str, os.PathLike)):
+            model = new
+            helpers = _torch_helpers_for(new)
+            if helpers is not None:
+                if device is None and _torch_helpers_for(current.model) is not None:
+                    device = helpers.device_of(current.model)
+                model = helpers.place(new, device)
+        else:
+            helpers = self._weights_helpers(current.model, "swapping in weights")
+            state = helpers.load_state(new, self._settings.weights_dir)
+            model = helpers.build(current.model, state, device)
+        installed = Installed(model, is_async_callable(model), version)
+        self._check(installed, current.model, warmup, validate, runner)
+        self._publish(installed, current)
+        self._rec.last_swap_pause_seconds = 0.0
+
+    def _swap_in_place(
+        self,
+        new: Any,
+        version: str,
+        warmup: Sequence[Any] | None,
+        validate: Callable[[Any, Any], Any] | None,
+        runner: _Runner,
+    ) -> None:
+        current = self._slot.current
+        module = current.model
+        helpers = self._weights_helpers(module, "swapping in place")
+        state = helpers.load_state(new, self._settings.weights_dir)
+        helpers.check_fits(module, state)
+        state = helpers.stage(state, helpers.device_of(module))
+        old_weights = helpers.snapshot(module)
+        installed = Installed(module, current.is_async, version)
+        with self._paused():
+            helpers.copy_into(module, state)
+            try:
+                self._check(installed, None, warmup, validate, runner)
+            except BaseException:
+                helpers.copy_into(module, old_weights)
+                raise
+            restore = Installed(module, current.is_async, current.version, weights=old_weights)
+            self._publish(installed, restore)
+
+    def _publish(self, installed: Installed, previous: Installed) -> None:
+        keep = previous if self._settings.keep_previous else None
+        self._slot.publish(installed, previous=keep)
+
+    def _check(
+        self,
+        installed: Installed,
+        old: Any,
+        warmup: Sequence[Any] | None,
+        validate: Callable[[Any, Any], Any] | None,
+        runner: _Runner,
+    ) -> None:
+        name, version = self._settings.name, installed.version
+        if warmup is not None:
+            items = list(warmup)
+            try:
+                outputs = runner.run_batch(self._settings, installed, items)
+            except Exception as exc:
+                raise WarmupFailed(
+                    f"model {name!r} version {version!r} failed its warm-up batch of "
+                    f"{len(items)}: {type(exc).__name__}: {exc}"
+                ) from exc
+            for out in outputs:
+                if isinstance(out, Exception):
+                    raise WarmupFailed(
+                        f"model {name!r} version {version!r} returned an error for a warm-up "
+                        f"item: {type(out).__name__}: {out}"
+                    ) from out
+        if validate is not None:
+            try:
+                verdict = runner.call(validate, installed.model, old)
+            except Exception as exc:
+                raise ValidationFailed(
+                    f"validating model {name!r} version {version!r} raised "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            if verdict is False:
+                raise ValidationFailed(
+                    f"the validation callback rejected model {name!r} version {version!r}"
+                )
+
+    @contextmanager
+    def _paused(self) -> Iterator[None]:
+        """Hold the engine between batches: no batch runs inside the block."""
+        engine = self._engine()
+        if engine is None:  # nothing runs: nothing to hold
+            yield
+            return
+        try:
+            idle = engine.run_in_loop(engine.pause)
+        except ClosedError:
+            yield
+            return
+        try:
+            idle.result()  # the batches in flight finish first
+            start = time.perf_counter()
+            yield
+            self._rec.last_swap_pause_seconds = time.perf_counter() - start
+        finally:
+            try:
+                engine.run_in_loop(engine.resume)
+            except ClosedError:
+                pass
+
+    def _weights_helpers(self, model: Any, what: str) -> ModuleType:
+        helpers = _torch_helpers_for(model)
+        if helpers is None:
+            raise SwapError(
+                f"{what} needs a torch.nn.Module model; model {self._settings.name!r} serves "
+                f"{model!r} (pass a new model function instead)"
+            )
+        return helpers
+
+
+class _Runner:
+    """Run the new model's warm-up and the validation callback, sync or async.
+
+    Coroutines run on the engine's loop when it runs (where the model normally runs), else on
+    the swapping caller's loop, else on a fresh loop.
+    """
+
+    def __init__(self, engine: Engine | None, token: EventLoopToken | None) -> None:
+        self._token = engine.token if engine is not None else token
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        result = fn(*args)
+        if not inspect.isawaitable(result):
+            return result
+        if self._token is not None:
+            try:
+                return anyio.from_thread.run(_await, result, token=self._token)
+            except anyio.RunFinishedError:
+                pass
+        # No loop to borrow: a fresh one, in a fresh thread (this one may run a loop already).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, _await(result)).result()
+
+    def run_batch(self, settings: Settings, installed: Installed, items: list[Any]) -> Any:
+        if not installed.is_async:
+            return run_sync_batch(settings, installed.model, items)
+        collate = settings.collate
+        out = self.call(installed.model, collate(items) if collate is not None else items)
+        return split_outputs(settings, out, len(items))
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
+
+
+def _torch_helpers_for(model: Any) -> ModuleType | None:
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(model, torch.nn.Module):
+        return None
+    return importlib.import_module(_TORCH_HELPERS)
+
+
+def is_async_callable(fn: object) -> bool:
+    """Return whether calling ``fn`` returns a coroutine (an async function or ``__call__``)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004
+    )
