@@ -1,0 +1,404 @@
+"""The pipe server: request lines in on one file descriptor, response lines out on another.
+
+One task reads; each inference request becomes a task that awaits its model and hands its
+response line to the one writer task. A line counts as in flight from the moment it is read
+until its response line is written, and the reader takes no new line while ``max_in_flight``
+are in flight: a consumer that stops reading our output, or a model that stops answering, stops
+us reading input, and the writer of our input blocks instead of us buffering without limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import select
+import signal
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import TaskGroup
+
+from .._core._errors import ConfigurationError, WrongLoopError
+from .._core._model import BatchedModel
+from .._target import models_of
+from .._version import __version__
+from ._protocol import (
+    PROTOCOL_VERSION,
+    Control,
+    Infer,
+    LineSplitter,
+    RequestError,
+    TooLong,
+    error_line,
+    exception_line,
+    output_line,
+    parse_line,
+    recover_id,
+    response_line,
+    statistics_to_json,
+)
+
+__all__ = ("serve",)
+
+log = logging.getLogger("batchkit.pipe")
+
+_CHUNK = 1 << 16
+# Writing at most this much once a pipe polls writable never blocks (POSIX: PIPE_BUF is atomic).
+_WRITE_SLICE = getattr(select, "PIPE_BUF", 512)
+# After the grace period, how long the responses already made may take to be written.
+_FLUSH_AFTER_GRACE = 5.0
+
+DEFAULT_MAX_IN_FLIGHT = 1024
+DEFAULT_MAX_LINE_BYTES = 16 * 1024 * 1024
+DEFAULT_GRACE = 30.0
+
+
+async def serve(
+    models: Any,
+    *,
+    input_fd: int = 0,
+    output_fd: int = 1,
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    grace: float = DEFAULT_GRACE,
+    handle_signals: bool = False,
+) -> int:
+    """Serve ``models`` over newline-delimited JSON until end of input; return an exit status.
+
+    ``models`` takes the forms ``batchkit pipe MODULE:ATTR`` accepts: a ``BatchedModel``, a
+    mapping of names to models, a collection of models, or a factory returning one of those.
+    Requests are read from ``input_fd`` and responses written to ``output_fd`` (see
+    ``docs/pipe.md`` for the protocol). Each model runs in this event loop (``async with``)
+    while serving.
+
+    At end of input every request read is answered before this returns 0. With
+    ``handle_signals`` (main thread only), SIGTERM or SIGINT stops reading at once and the
+    requests in flight get ``grace`` seconds to finish; past that (or at a second signal)
+    they are answered with ``Cancelled`` errors and this returns 1. It also returns 1 when
+    the output is closed under it.
+
+    Raises ``ConfigurationError`` for a bad setting or for ``models`` holding no model.
+    """
+    _check_positive_int("max_in_flight", max_in_flight)
+    _check_positive_int("max_line_bytes", max_line_bytes)
+    if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
+        raise ConfigurationError(f"grace must be a number of seconds >= 0, got {grace!r}")
+    server = _PipeServer(
+        models_of(models), input_fd, output_fd, max_in_flight, max_line_bytes, float(grace)
+    )
+    return await server.run(handle_signals)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be an int >= 1, got {value!r}")
+
+
+class _Fd:
+    """Non-blocking use of a blocking file descriptor: wait until ready, then one syscall.
+
+    The descriptor's flags are left alone (it may be shared with the parent, a terminal say).
+    A descriptor the event loop cannot watch (a regular file, /dev/null) is always ready.
+    """
+
+    def __init__(self, fd: int, events: int) -> None:
+        self.fd = fd
+        self._events = events
+        self._poll: Any = None
+        if hasattr(select, "poll"):
+            self._poll = select.poll()
+            self._poll.register(fd, events)
+
+    def _ready(self) -> bool:
+        return self._poll is None or bool(self._poll.poll(0))
+
+    async def _wait(self) -> None:
+        try:
+            if self._events == select.POLLIN:
+                await anyio.wait_readable(self.fd)
+            else:
+                await anyio.wait_writable(self.fd)
+        except PermissionError:  # epoll refuses files that are always ready
+            self._poll = None
+
+    async def read(self) -> bytes:
+        """Return the next bytes available (b"" at end of input)."""
+        while True:
+            if not self._ready():
+                await self._wait()
+            try:
+                return os.read(self.fd, _CHUNK)
+            except BlockingIOError:  # someone else made it non-blocking: wait again
+                pass
+
+    async def write_all(self, data: bytes) -> None:
+        """Write all of ``data``; raise ``OSError`` (BrokenPipeError...) if the reader left."""
+        view = memoryview(data)
+        while view:
+            if not self._ready():
+                await self._wait()
+            size = len(view) if self._poll is None else _WRITE_SLICE
+            try:
+                view = view[os.write(self.fd, view[:size]) :]
+            except BlockingIOError:
+                pass
+
+
+class _PipeServer:
+    def __init__(
+        self,
+        models: dict[str, BatchedModel[Any, Any]],
+        input_fd: int,
+        output_fd: int,
+        max_in_flight: int,
+        max_line_bytes: int,
+        grace: float,
+    ) -> None:
+        self._models = models
+        self._input = _Fd(input_fd, select.POLLIN)
+        self._output = _Fd(output_fd, select.POLLOUT)
+        self._max_in_flight = max_in_flight
+        self._grace_seconds = grace
+        self._splitter = LineSplitter(max_line_bytes)
+        # Lines read whose response is not written yet: the one number backpressure looks at.
+        self._in_flight = 0
+        self._peak_in_flight = 0
+        self._lines = 0
+        self._protocol_errors = 0
+        self._progress = anyio.Event()  # fired (and replaced) whenever responses are written
+        self._outbox: list[bytes] = []
+        self._wake_writer = anyio.Event()
+        self._output_closing = False
+        self._writer_done = anyio.Event()
+        self._eof = False
+        self._stopping: str | None = None
+        self._read_scope: anyio.CancelScope | None = None
+        self._grace = anyio.CancelScope()
+        self._service: anyio.CancelScope | None = None
+        self._broken: OSError | None = None
+        self._requests: TaskGroup | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def run(self, handle_signals: bool) -> int:
+        with anyio.CancelScope() as hard_stop:
+            async with AsyncExitStack() as stack:
+                await self._enter_models(stack)
+                log.info(
+                    "batchkit %s pipe protocol %d: serving %s",
+                    __version__,
+                    PROTOCOL_VERSION,
+                    ", ".join(
+                        f"{name!r} (version {m.version})" for name, m in self._models.items()
+                    ),
+                )
+                await self._serve(handle_signals)
+                if self._grace.cancelled_caught or self._broken is not None:
+                    # Batches may still run: leave them rather than wait on them.
+                    hard_stop.cancel()
+        expired = self._grace.cancelled_caught
+        if expired:
+            log.warning("the grace period ended: requests still in flight were cancelled")
+        log.info("%d lines answered; exiting", self._lines)
+        return 1 if expired or self._broken is not None else 0
+
+    async def _enter_models(self, stack: AsyncExitStack) -> None:
+        seen: set[int] = set()
+        for model in self._models.values():
+            if id(model) in seen:
+                continue
+            seen.add(id(model))
+            try:
+                await stack.enter_async_context(model)
+            except WrongLoopError as exc:  # already running elsewhere: calls still reach it
+                log.warning("%s; serving it where it runs", exc)
+
+    async def _serve(self, handle_signals: bool) -> None:
+        async with anyio.create_task_group() as service:
+            self._service = service.cancel_scope
+            service.start_soon(self._write_loop)
+            if handle_signals:
+                service.start_soon(self._watch_signals)
+            async with anyio.create_task_group() as requests:
+                self._requests = requests
+                with self._grace:
+                    await self._read_loop()
+                    await self._wait_answered()
+                if self._grace.cancelled_caught:
+                    self._cancel_unanswered(requests)
+            self._output_closing = True
+            self._wake_writer.set()
+            timeout = _FLUSH_AFTER_GRACE if self._grace.cancelled_caught else math.inf
+            with anyio.move_on_after(timeout):
+                await self._writer_done.wait()
+            service.cancel_scope.cancel()
+
+    def stop(self, reason: str) -> None:
+        """Stop reading input; give the requests in flight the grace period (none if repeated)."""
+        now = anyio.current_time()
+        if self._stopping is None:
+            self._stopping = reason
+            self._grace.deadline = min(self._grace.deadline, now + self._grace_seconds)
+            log.info(
+                "%s: reading no more input; draining %d requests in flight (grace %gs)",
+                reason,
+                self._in_flight,
+                self._grace_seconds,
+            )
+        else:
+            self._grace.deadline = now
+            log.info("%s again: cancelling the requests in flight", reason)
+        if self._read_scope is not None:
+            self._read_scope.cancel()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                self.stop(signal.Signals(signum).name)
+
+    async def _wait_answered(self) -> None:
+        if self._in_flight:
+            log.debug("end of input: draining %d requests in flight", self._in_flight)
+        while self._in_flight:
+            await self._progress.wait()
+
+    def _cancel_unanswered(self, requests: TaskGroup) -> None:
+        # Complete lines read but not yet taken: each still gets its one response.
+        while (line := self._splitter.next_line()) is not None:
+            self._count_line()
+            self._emit(error_line(_id_of(line), "Cancelled", "the server stopped first"))
+        requests.cancel_scope.cancel()
+
+    # -- input ---------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        while True:
+            await self._wait_room()
+            line = self._splitter.next_line()
+            if line is not None:
+                self._accept(line)
+                continue
+            if self._eof:
+                return
+            if self._stopping is not None:
+                dropped = self._splitter.discard_partial()
+                if dropped:
+                    log.warning("dropped %d bytes of an unterminated line at shutdown", dropped)
+                return
+            with anyio.CancelScope() as self._read_scope:
+                chunk = await self._input.read()
+            if self._read_scope.cancelled_caught:
+                continue
+            if chunk:
+                self._splitter.feed(chunk)
+            else:
+                self._eof = True
+                self._splitter.end()
+            await anyio.lowlevel.checkpoint()  # a burst of ready input must not starve the rest
+
+    async def _wait_room(self) -> None:
+        if self._in_flight < self._max_in_flight:
+            return
+        log.debug("input paused: %d requests in flight (max_in_flight)", self._in_flight)
+        while self._in_flight >= self._max_in_flight:
+            await self._progress.wait()
+        log.debug("input resumed")
+
+    def _count_line(self) -> None:
+        self._lines += 1
+        self._in_flight += 1
+        if self._in_flight > self._peak_in_flight:
+            self._peak_in_flight = self._in_flight
+
+    def _accept(self, line: bytes | TooLong) -> None:
+        self._count_line()
+        try:
+            request = parse_line(line, self._models)
+        except RequestError as exc:
+            self._protocol_errors += 1
+            self._emit(error_line(exc.id, exc.type, exc.message))
+            return
+        if isinstance(request, Control):
+            self._emit(self._control(request))
+            return
+        assert self._requests is not None
+        self._requests.start_soon(self._infer, request)
+
+    async def _infer(self, request: Infer) -> None:
+        model = self._models[request.model]
+        try:
+            try:
+                result = await model.call_versioned(
+                    request.item, priority=request.priority, timeout=request.timeout
+                )
+            except Exception as exc:
+                line = exception_line(request.id, exc)
+            else:
+                line = output_line(request.id, result.value, result.version, binary=request.binary)
+        except anyio.get_cancelled_exc_class():
+            self._emit(error_line(request.id, "Cancelled", "the server stopped first"))
+            raise
+        self._emit(line)
+
+    def _control(self, request: Control) -> bytes:
+        if request.op == "ping":
+            versions = {name: model.version for name, model in self._models.items()}
+            pong = {"protocol": PROTOCOL_VERSION, "batchkit": __version__, "models": versions}
+            return response_line({"id": request.id, "pong": pong})
+        names = [request.model] if request.model is not None else sorted(self._models)
+        stats = {name: statistics_to_json(self._models[name].statistics()) for name in names}
+        pipe = {
+            "lines": self._lines,
+            "in_flight": self._in_flight,
+            "peak_in_flight": self._peak_in_flight,
+            "max_in_flight": self._max_in_flight,
+            "protocol_errors": self._protocol_errors,
+        }
+        return response_line({"id": request.id, "stats": {"models": stats, "pipe": pipe}})
+
+    # -- output --------------------------------------------------------------------------------
+
+    def _emit(self, line: bytes) -> None:
+        self._outbox.append(line)
+        self._wake_writer.set()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                self._wake_writer = anyio.Event()
+                if not self._outbox:
+                    if self._output_closing:
+                        return
+                    await self._wake_writer.wait()
+                    continue
+                lines, self._outbox = self._outbox, []
+                try:
+                    await self._output.write_all(b"".join(lines))
+                except OSError as exc:
+                    self._output_broken(exc)
+                    return
+                self._in_flight -= len(lines)
+                self._progress.set()
+                self._progress = anyio.Event()
+        finally:
+            self._writer_done.set()
+
+    def _output_broken(self, exc: OSError) -> None:
+        self._broken = exc
+        log.error("the output was closed (%s): stopping", exc)
+        assert self._service is not None
+        self._service.cancel()  # the reader, the requests, everything but the models' exit
+
+
+def _id_of(line: bytes | TooLong) -> Any:
+    try:
+        return parse_line(line, ()).id
+    except RequestError as exc:
+        return (
+            exc.id
+            if exc.id is not None
+            else recover_id(line.prefix if isinstance(line, TooLong) else line)
+        )
