@@ -1,4 +1,4 @@
-"""Models the pipe tests serve in a child process (``python -m batchkit pipe tests.pipe_targets:X``).
+"""Models the pipe tests serve in a child process (`batchkit pipe tests.pipe_targets:X`).
 
 ``gated`` waits until the test writes to the pipe whose read end the child gets as
 ``BATCHKIT_TEST_GATE_FD``: a gate the test opens, with no timer involved.
