@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import select
 import sys
 import time
 from typing import Any
@@ -32,6 +33,16 @@ async def _gated(items: list[Any]) -> list[Any]:
 
 
 gated = BatchedModel(_gated, max_batch_size=256, name="gated")
+
+
+def _blocking(items: list[Any]) -> list[Any]:
+    gate = os.environ.get("BATCHKIT_TEST_GATE_FD")
+    if gate is not None:
+        select.select([int(gate)], [], [])  # blocks this worker thread until the gate opens
+    return items
+
+
+blocking = BatchedModel(_blocking, name="blocking")
 
 
 async def _hang(items: list[Any]) -> list[Any]:

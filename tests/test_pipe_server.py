@@ -405,8 +405,9 @@ def test_a_signal_stops_reading_and_drains_what_is_in_flight(start: Any, signum:
     assert server.wait() == 0  # without end of input
 
 
-def test_the_grace_period_bounds_the_drain(start: Any) -> None:
-    server = start("gated", "--grace", "0.2", gate=True)  # the gate never opens
+@pytest.mark.parametrize("model", ["gated", "blocking"])  # async, and sync in a thread
+def test_the_grace_period_bounds_the_drain(start: Any, model: str) -> None:
+    server = start(model, "--grace", "0.2", gate=True)  # the gate never opens
     server.send(*({"id": n, "input": n} for n in range(20)))
     server.send({"id": "ping", "op": "ping"})
     assert server.response()["id"] == "ping"
@@ -416,6 +417,16 @@ def test_the_grace_period_bounds_the_drain(start: Any) -> None:
     assert answered.keys() == set(range(20))
     assert server.rest_of_output() == b""
     assert server.wait() == 1
+
+
+@pytest.mark.parametrize("model", ["gated", "blocking"])
+def test_a_batch_left_by_its_callers_does_not_hold_the_exit(start: Any, model: str) -> None:
+    server = start(model, gate=True)  # the gate never opens: the batch never ends
+    server.send({"id": 1, "input": 1, "timeout": 0.05})
+    assert server.response()["error"]["type"] == "DeadlineExceeded"
+    server.close_input()
+    assert server.rest_of_output() == b""
+    assert server.wait() == 0
 
 
 def test_a_closed_output_stops_the_server(start: Any) -> None:

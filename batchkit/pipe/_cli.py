@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 from .._core._errors import ConfigurationError
@@ -85,9 +86,11 @@ def main(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    if status:
-        # A sync model still running past the grace period cannot be interrupted, and its
-        # thread would hold the interpreter open: every response is written, so leave now.
+    main_thread = threading.main_thread()
+    if any(t is not main_thread and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        # A sync model still running a batch nobody waits for cannot be interrupted, and its
+        # thread would hold the interpreter open. Every response is written: leave now.
+        logging.shutdown()
         sys.stderr.flush()
         os._exit(status)
     return status

@@ -222,10 +222,10 @@ class PipeClient:
         self._tg = tg
         try:
             await self._ensure_child()
-        except BaseException as exc:
+        except BaseException:
             self._closed = True
             tg.cancel_scope.cancel()
-            await tg.__aexit__(type(exc), exc, exc.__traceback__)
+            await tg.__aexit__(None, None, None)
             raise
         return self
 
@@ -304,7 +304,8 @@ class PipeClient:
             ) from None
         except ServerExited as exc:
             raise ServerExited(
-                f"{exc} while starting (its stderr says why): {' '.join(self.command)}",
+                f"the pipe server (pid {process.pid}) exited with status {exc.returncode} while "
+                f"starting (its stderr says why): {' '.join(self.command)}",
                 returncode=exc.returncode,
             ) from None
         protocol = response.get("pong", {}).get("protocol")

@@ -196,8 +196,10 @@ class _PipeServer:
                     ),
                 )
                 await self._serve(handle_signals)
-                if self._grace.cancelled_caught or self._broken is not None:
-                    # Batches may still run: leave them rather than wait on them.
+                if any(m.statistics().in_flight_batches for m in self._models.values()):
+                    # Every line is answered: the batches still running have no caller left
+                    # (they timed out, or were cancelled). Leave them rather than wait on them.
+                    log.info("leaving the batches still running: no caller waits for them")
                     hard_stop.cancel()
         expired = self._grace.cancelled_caught
         if expired:
