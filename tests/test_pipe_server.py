@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 
+from batchkit import BatchedModel, ConfigurationError
+from batchkit.pipe import serve
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = "tests.pipe_targets"
 
@@ -514,3 +517,59 @@ def test_the_cli_needs_a_subcommand_and_documents_pipe() -> None:
     help_text = run_cli("pipe", "--help")
     assert help_text.returncode == 0
     assert "--max-in-flight" in help_text.stdout
+
+
+# -- serve() in this process ------------------------------------------------------------------
+
+
+def _double(xs: list[int]) -> list[int]:
+    return [2 * x for x in xs]
+
+
+@pytest.mark.anyio
+async def test_serve_in_this_event_loop_over_pipes() -> None:
+    model = BatchedModel(_double, name="double")
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        lines = [_line({"id": n, "input": n}) for n in range(100)]
+        os.write(in_w, b"".join([*lines, b'{"id": "p", "op": "ping"}\n']))
+        os.close(in_w)
+        assert await serve(model, input_fd=in_r, output_fd=out_w) == 0
+        os.close(out_w)
+        with os.fdopen(out_r, "rb") as out:
+            responses = [json.loads(line) for line in out]
+    finally:
+        os.close(in_r)
+    answered = by_id(responses)
+    assert answered.pop("p")["pong"]["models"] == {"double": "1"}
+    assert answered == {n: {"id": n, "output": 2 * n, "version": "1"} for n in range(100)}
+
+
+@pytest.mark.anyio
+async def test_serve_reads_and_writes_regular_files(tmp_path: Path) -> None:
+    requests, responses = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    requests.write_bytes(b"".join(_line({"id": n, "input": n}) for n in range(20)))
+    with requests.open("rb") as src, responses.open("wb") as dst:
+        status = await serve(
+            {"d": BatchedModel(_double)}, input_fd=src.fileno(), output_fd=dst.fileno()
+        )
+    assert status == 0
+    answered = by_id([json.loads(line) for line in responses.read_bytes().splitlines()])
+    assert answered == {n: {"id": n, "output": 2 * n, "version": "1"} for n in range(20)}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"max_in_flight": 0}, "max_in_flight must be an int >= 1, got 0"),
+        ({"max_line_bytes": 1.5}, "max_line_bytes must be an int >= 1, got 1.5"),
+        ({"grace": -1}, "grace must be a number of seconds >= 0, got -1"),
+    ],
+)
+async def test_serve_checks_its_settings(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        await serve(BatchedModel(_double), **options)
+    with pytest.raises(ConfigurationError, match="holds no models"):
+        await serve({})
