@@ -249,3 +249,15 @@ def test_statistics_survive_the_round_trip_through_json() -> None:
     assert wire["batch_sizes"] == {str(k): v for k, v in stats.batch_sizes.items()}
     assert wire["mean_batch_size"] == stats.mean_batch_size
     assert _statistics_from_json(wire) == stats
+
+
+def test_the_pipe_adapter_and_the_command_line_import_no_heavy_module() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, batchkit.pipe, batchkit.__main__; "
+        "print([m for m in ('numpy', 'torch', 'trio') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr

@@ -10,6 +10,7 @@ import json
 import os
 import queue
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -573,3 +574,20 @@ async def test_serve_checks_its_settings(options: dict[str, Any], message: str) 
         await serve(BatchedModel(_double), **options)
     with pytest.raises(ConfigurationError, match="holds no models"):
         await serve({})
+
+
+# -- the documentation ----------------------------------------------------------------------
+
+
+def test_the_shell_example_in_the_docs_runs_as_shown() -> None:
+    text = (ROOT / "docs" / "pipe.md").read_text()
+    block = re.search(r"```sh\n\$ (.*?)\n(\{.*?)```", text, re.S)
+    assert block is not None
+    command, shown = block.group(1).replace("\\\n", " "), block.group(2)
+    command = command.replace("| batchkit pipe", f"| {sys.executable} -m batchkit pipe")
+    out = subprocess.run(
+        ["sh", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
+    # Responses come in completion order: compare them as a set of lines.
+    assert sorted(out.stdout.splitlines()) == sorted(shown.splitlines())
+    assert "(pipe.md)" in (ROOT / "docs" / "index.md").read_text()
