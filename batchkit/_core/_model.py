@@ -409,6 +409,38 @@ class BatchedModel(Generic[T, R]):
         """
         return await self._call_many(items, priority, timeout, deadline, return_exceptions, True)
 
+    async def call_many_nowait(
+        self,
+        items: Iterable[T],
+        *,
+        priority: float = 0,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[R]:
+        """Like ``call_many()``, but raise ``QueueFull`` at once when an item finds no room.
+
+        Without ``return_exceptions``, a full queue withdraws the items already queued, so the
+        call is all or nothing (what a server wants for one request of several rows).
+        """
+        return await self._call_many(
+            items, priority, timeout, deadline, return_exceptions, False, wait=False
+        )
+
+    async def call_many_nowait_versioned(
+        self,
+        items: Iterable[T],
+        *,
+        priority: float = 0,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Versioned[R]]:
+        """Like ``call_many_nowait()``, with each output paired with the version that made it."""
+        return await self._call_many(
+            items, priority, timeout, deadline, return_exceptions, True, wait=False
+        )
+
     async def _call_many(
         self,
         items: Iterable[T],
@@ -417,6 +449,8 @@ class BatchedModel(Generic[T, R]):
         deadline: float | None,
         return_exceptions: bool,
         versioned: bool,
+        *,
+        wait: bool = True,
     ) -> list[Any]:
         items = list(items)
         _check_priority(priority)
@@ -424,10 +458,10 @@ class BatchedModel(Generic[T, R]):
         if engine is not None and engine.thread_id == get_ident():
             deadline = self._deadline(timeout, deadline)
             return await engine.call_many(
-                items, priority, deadline, True, return_exceptions, versioned
+                items, priority, deadline, wait, return_exceptions, versioned
             )
         engine = self._ensure_engine()
-        reqs = self._thread_requests(engine, items, priority, timeout, deadline, True)
+        reqs = self._thread_requests(engine, items, priority, timeout, deadline, wait)
         engine.submit_threadsafe(reqs)
         results: list[Any] = []
         try:
