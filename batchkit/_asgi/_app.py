@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hmac
+import importlib.util
 import json
 import logging
 import math
@@ -51,7 +52,8 @@ class KServeApp:
     models may share a name with different versions.
 
     - ``max_body_size``: bytes an infer body may hold, after decompression (413 beyond).
-    - ``metrics``: serve Prometheus metrics at ``/metrics`` (needs ``prometheus-client``).
+    - ``metrics``: serve Prometheus metrics at ``/metrics`` (needs ``prometheus-client``;
+      None, the default, serves them when it is installed).
     - ``admin_token``: enables the model repository endpoints (load a new version, unload),
       which then require ``Authorization: Bearer <admin_token>``.
     - ``weights_dir``: the directory that weight paths given to the load endpoint are
@@ -70,7 +72,7 @@ class KServeApp:
         | BatchedModel[Any, Any],
         *,
         max_body_size: int = 64 * 1024 * 1024,
-        metrics: bool = True,
+        metrics: bool | None = None,
         admin_token: str | None = None,
         weights_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -98,6 +100,8 @@ class KServeApp:
         self._running = False
         self._stopping = False
         self._metrics: Any = None
+        if metrics is None:
+            metrics = importlib.util.find_spec("prometheus_client") is not None
         if metrics:
             from ..metrics import ServerMetrics
 

@@ -183,6 +183,8 @@ def decode_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> 
             f"expected {count} for shape {list(shape)}"
         )
     spec = DATATYPES[datatype]
+    if count and spec.json_kinds == "iu" and array.dtype.kind in "fO":
+        array = _exact_integers(name, datatype, data, array)
     if count and array.dtype.kind not in spec.json_kinds:
         raise BadRequest(
             f"input {name!r}: 'data' for {datatype} must hold "
@@ -201,6 +203,18 @@ def decode_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> 
                 f"([{info.min}, {info.max}]): {_short(data)}"
             )
     return array.astype(spec.dtype)
+
+
+def _exact_integers(name: str, datatype: str, data: Any, array: Any) -> Any:
+    # Integers beyond int64 (UINT64's upper half) make numpy fall back to float or object.
+    if not all(type(v) is int for v in np.asarray(data, dtype=object).reshape(-1).tolist()):
+        return array
+    try:
+        return np.array(data, dtype=DATATYPES[datatype].dtype)
+    except OverflowError:
+        raise BadRequest(
+            f"input {name!r}: a value is out of range for {datatype}: {_short(data)}"
+        ) from None
 
 
 _KIND_WORDS = {"b": "booleans", "iu": "integers", "iuf": "numbers", "U": "strings"}
