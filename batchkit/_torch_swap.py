@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,20 @@ State = dict[str, torch.Tensor]
 
 # Names listed in an IncompatibleWeights message, per kind of mismatch.
 _SHOWN = 5
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Prepare on one torch thread: the swap must not take the CPU the model serves with.
+
+    (The setting is per thread for OpenMP, so it is restored for the worker thread's next job.)
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def device_of(module: torch.nn.Module) -> torch.device:
@@ -141,7 +156,7 @@ def build(
     target = torch.device(device) if device is not None else device_of(template)
     persistent = set(template.state_dict())
     memo: dict[int, Any] = {}
-    with torch.no_grad():
+    with torch.no_grad(), _one_thread():
         for tensor in template.parameters():
             if id(tensor) not in memo:
                 empty = torch.empty_like(tensor, device=target)
@@ -173,16 +188,18 @@ def place(module: torch.nn.Module, device: torch.device | str | None) -> torch.n
 
 def snapshot(module: torch.nn.Module) -> State:
     """Return a CPU copy of the module's weights (to copy back in later)."""
-    return {
-        key: tensor.detach().to("cpu", copy=True) for key, tensor in module.state_dict().items()
-    }
+    with _one_thread():
+        return {
+            key: tensor.detach().to("cpu", copy=True)
+            for key, tensor in module.state_dict().items()
+        }
 
 
 def copy_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Copy ``state`` into the module's own tensors and wait until the copies are done."""
     targets = module.state_dict(keep_vars=True)
     device = device_of(module)
-    with torch.no_grad():
+    with torch.no_grad(), _one_thread():
         if device.type != "cuda":
             for key, tensor in targets.items():
                 tensor.copy_(state[key])
