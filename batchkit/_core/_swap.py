@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.from_thread
 from anyio.lowlevel import EventLoopToken
@@ -35,6 +35,8 @@ from ._stats import Recorder
 __all__ = ("Swapper", "is_async_callable")
 
 _TORCH_HELPERS = "batchkit._torch_swap"
+
+T = TypeVar("T")
 
 
 class Swapper:
@@ -121,6 +123,30 @@ class Swapper:
         runner: _Runner,
     ) -> None:
         current = self._slot.current
+        installed = in_background(
+            self._settings.name,
+            self._prepare,
+            current,
+            new,
+            version,
+            warmup,
+            validate,
+            device,
+            runner,
+        )
+        self._publish(installed, current)
+        self._rec.last_swap_pause_seconds = 0.0
+
+    def _prepare(
+        self,
+        current: Installed,
+        new: Any,
+        version: str,
+        warmup: Sequence[Any] | None,
+        validate: Callable[[Any, Any], Any] | None,
+        device: Any,
+        runner: _Runner,
+    ) -> Installed:
         if callable(new) and not isinstance(new, (str, os.PathLike)):
             model = new
             helpers = _torch_helpers_for(new)
@@ -134,8 +160,7 @@ class Swapper:
             model = helpers.build(current.model, state, device)
         installed = Installed(model, is_async_callable(model), version)
         self._check(installed, current.model, warmup, validate, runner)
-        self._publish(installed, current)
-        self._rec.last_swap_pause_seconds = 0.0
+        return installed
 
     def _swap_in_place(
         self,
@@ -148,12 +173,11 @@ class Swapper:
         current = self._slot.current
         module = current.model
         helpers = self._weights_helpers(module, "swapping in place")
-        state = helpers.load_state(new, self._settings.weights_dir)
-        helpers.check_fits(module, state)
-        state = helpers.stage(state, helpers.device_of(module))
-        old_weights = helpers.snapshot(module)
+        state, old_weights = in_background(
+            self._settings.name, self._stage_in_place, helpers, module, new
+        )
         installed = Installed(module, current.is_async, version)
-        with self._paused():
+        with self._paused():  # at normal priority: callers wait for this part
             helpers.copy_into(module, state)
             try:
                 self._check(installed, None, warmup, validate, runner)
@@ -162,6 +186,11 @@ class Swapper:
                 raise
             restore = Installed(module, current.is_async, current.version, weights=old_weights)
             self._publish(installed, restore)
+
+    def _stage_in_place(self, helpers: ModuleType, module: Any, new: Any) -> tuple[Any, Any]:
+        state = helpers.load_state(new, self._settings.weights_dir)
+        helpers.check_fits(module, state)
+        return helpers.stage(state, helpers.device_of(module)), helpers.snapshot(module)
 
     def _publish(self, installed: Installed, previous: Installed) -> None:
         keep = previous if self._settings.keep_previous else None
@@ -266,6 +295,35 @@ class _Runner:
         collate = settings.collate
         out = self.call(installed.model, collate(items) if collate is not None else items)
         return split_outputs(settings, out, len(items))
+
+
+def in_background(name: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` in a new thread at the lowest CPU priority, and return its result.
+
+    Preparing a model (loading, copying, warming up) competes for the CPU with the batches
+    being served; at the lowest priority it takes only what they leave. The thread is new
+    because a thread's priority cannot be raised back without privileges.
+    """
+    result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            if hasattr(os, "setpriority"):  # Linux: per thread, by its native id
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOWEST_PRIORITY)
+        except OSError:  # not permitted here: run at the normal priority
+            pass
+        try:
+            result.set_result(fn(*args))
+        except BaseException as exc:
+            result.set_exception(exc)
+
+    thread = threading.Thread(target=run, name=f"batchkit-{name}-swap", daemon=True)
+    thread.start()
+    thread.join()
+    return result.result()
+
+
+_LOWEST_PRIORITY = 19
 
 
 async def _await(awaitable: Any) -> Any:
