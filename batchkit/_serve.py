@@ -53,6 +53,8 @@ def app_for(target: str | None, **options: Any) -> Any:
 
         return KServeApp(demo_models(), **options)
     obj = import_target(target)
+    if _is_factory(obj):
+        obj = obj()
     if isinstance(obj, KServeApp):
         return obj
     served = _served_of(obj, ServedModel)
@@ -70,7 +72,7 @@ def app_for(target: str | None, **options: Any) -> Any:
 def _served_of(obj: Any, served_type: type) -> list[Any] | None:
     if isinstance(obj, served_type):
         return [obj]
-    if isinstance(obj, BatchedModel) or isinstance(obj, (str, bytes)):
+    if isinstance(obj, (BatchedModel, str, bytes)):
         return None
     values = obj.values() if isinstance(obj, Mapping) else obj
     if isinstance(values, Iterable) and not isinstance(obj, type):
@@ -78,6 +80,18 @@ def _served_of(obj: Any, served_type: type) -> list[Any] | None:
         if items and any(isinstance(x, served_type) for x in items):
             return items
     return None
+
+
+def _is_factory(obj: Any) -> bool:
+    if not callable(obj) or isinstance(obj, (type, BatchedModel)) or _is_asgi_app(obj):
+        return False
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params
+    )
 
 
 def _is_asgi_app(obj: Any) -> bool:

@@ -33,6 +33,12 @@ def two_in_two_out() -> ServedModel:
     )
 
 
+def scalar_model(model: BatchedModel[Any, Any]) -> ServedModel:
+    return ServedModel(
+        model, inputs=[Tensor("INPUT0", "INT64", [])], outputs=[Tensor("OUTPUT0", "INT64", [])]
+    )
+
+
 def json_input(name: str, datatype: str, data: Any, shape: list[int]) -> dict[str, Any]:
     return {"name": name, "datatype": datatype, "shape": shape, "data": data}
 
@@ -53,7 +59,11 @@ def wire_bytes(datatype: str, array: np.ndarray[Any, Any]) -> bytes:
         return b"".join(struct.pack("<I", len(b)) + b for b in array.reshape(-1).tolist())
     if datatype == "BF16":
         return (array.astype(np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
-    return array.astype(np.dtype(datatype.lower().replace("fp", "float")).newbyteorder("<")).tobytes() if datatype != "BOOL" else array.astype(np.bool_).tobytes()
+    return (
+        array.astype(np.dtype(datatype.lower().replace("fp", "float")).newbyteorder("<")).tobytes()
+        if datatype != "BOOL"
+        else array.astype(np.bool_).tobytes()
+    )
 
 
 # -- metadata and health --------------------------------------------------------------------------
@@ -164,7 +174,9 @@ async def test_every_datatype_round_trips_as_binary(datatype: str) -> None:
     }  # fmt: skip
     body, headers = binary_body(header, data)
     async with app.lifespan():
-        reply = await request(app, "POST", f"/v2/models/id_{datatype.lower()}/infer", body, headers=headers)
+        reply = await request(
+            app, "POST", f"/v2/models/id_{datatype.lower()}/infer", body, headers=headers
+        )
     assert reply.status == 200, reply.body
     assert reply.headers["content-type"] == "application/octet-stream"
     size = int(reply.headers["inference-header-content-length"])
@@ -234,8 +246,7 @@ async def test_infer_responses_are_compressed_on_request_and_others_never() -> N
 async def test_a_request_of_n_rows_is_n_items_batched_with_other_requests() -> None:
     gated = GatedModel()
     model = BatchedModel(gated, name="g", max_batch_size=8)
-    app = KServeApp([ServedModel(model, inputs=[Tensor("INPUT0", "INT64", [])],
-                                 outputs=[Tensor("OUTPUT0", "INT64", [])])], metrics=False)  # fmt: skip
+    app = KServeApp([scalar_model(model)], metrics=False)
     replies: dict[str, Any] = {}
 
     async def send(rid: str, data: list[int]) -> None:
@@ -258,8 +269,7 @@ async def test_a_request_of_n_rows_is_n_items_batched_with_other_requests() -> N
 async def test_priority_is_passed_to_the_engine() -> None:
     gated = GatedModel()
     model = BatchedModel(gated, name="g", max_batch_size=1)
-    app = KServeApp([ServedModel(model, inputs=[Tensor("INPUT0", "INT64", [])],
-                                 outputs=[Tensor("OUTPUT0", "INT64", [])])], metrics=False)  # fmt: skip
+    app = KServeApp([scalar_model(model)], metrics=False)
 
     async def send(value: int, priority: int) -> None:
         body = {
@@ -282,8 +292,7 @@ async def test_priority_is_passed_to_the_engine() -> None:
 async def test_timeout_parameter_in_microseconds_gives_504() -> None:
     gated = GatedModel()
     model = BatchedModel(gated, name="g", max_batch_size=1)
-    app = KServeApp([ServedModel(model, inputs=[Tensor("INPUT0", "INT64", [])],
-                                 outputs=[Tensor("OUTPUT0", "INT64", [])])], metrics=False)  # fmt: skip
+    app = KServeApp([scalar_model(model)], metrics=False)
     late: list[Any] = []
 
     async def first() -> None:
@@ -307,8 +316,7 @@ async def test_timeout_parameter_in_microseconds_gives_504() -> None:
 async def test_queue_full_gives_503_with_retry_after_and_withdraws_the_whole_request() -> None:
     gated = GatedModel()
     model = BatchedModel(gated, name="g", max_batch_size=1, max_queue_size=2)
-    app = KServeApp([ServedModel(model, inputs=[Tensor("INPUT0", "INT64", [])],
-                                 outputs=[Tensor("OUTPUT0", "INT64", [])])], metrics=False)  # fmt: skip
+    app = KServeApp([scalar_model(model)], metrics=False)
     body = {"inputs": [json_input("INPUT0", "INT64", [1, 2, 3], [3])]}
     async with app.lifespan():
         reply = await request(app, "POST", "/v2/models/g/infer", body)
@@ -318,7 +326,9 @@ async def test_queue_full_gives_503_with_retry_after_and_withdraws_the_whole_req
         stats = model.statistics()
         assert (stats.rejected, stats.cancelled, stats.queue_depth) == (1, 2, 0)
         gated.open()
-        ok = await request(app, "POST", "/v2/models/g/infer", {"inputs": [json_input("INPUT0", "INT64", [4], [1])]})
+        ok = await request(
+            app, "POST", "/v2/models/g/infer", {"inputs": [json_input("INPUT0", "INT64", [4], [1])]}
+        )
         assert ok.json()["outputs"][0]["data"] == [40]
     assert gated.seen == [4]
 
@@ -337,8 +347,8 @@ async def test_a_failing_model_gives_500_without_its_message() -> None:
 
 
 async def test_an_output_that_breaks_the_signature_gives_500() -> None:
-    app = KServeApp([ServedModel(BatchedModel(lambda xs: [[1.0, 2.0]] * len(xs), name="wide"),
-                                 outputs=[Tensor("OUTPUT0", "FP32", [3])])], metrics=False)  # fmt: skip
+    wide = BatchedModel(lambda xs: [[1.0, 2.0]] * len(xs), name="wide")
+    app = KServeApp([ServedModel(wide, outputs=[Tensor("OUTPUT0", "FP32", [3])])], metrics=False)
     body = {"inputs": [json_input("INPUT0", "FP32", [1.0], [1, 1])]}
     async with app.lifespan():
         reply = await request(app, "POST", "/v2/models/wide/infer", body)

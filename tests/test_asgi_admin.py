@@ -37,7 +37,9 @@ def linear_app(tmp_path: Path, **options: Any) -> tuple[KServeApp, Any]:
     (tmp_path / "weights").mkdir(parents=True)
     torch.save(doubled.state_dict(), tmp_path / "weights" / "v2.pt")
     torch.save(doubled.state_dict(), tmp_path / "outside.pt")
-    served = ServedModel(model, inputs=[Tensor("X", "FP32", [2])], outputs=[Tensor("Y", "FP32", [2])])
+    served = ServedModel(
+        model, inputs=[Tensor("X", "FP32", [2])], outputs=[Tensor("Y", "FP32", [2])]
+    )
     app = KServeApp([served], metrics=False, weights_dir=tmp_path / "weights", **options)
     return app, model
 

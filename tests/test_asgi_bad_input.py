@@ -61,26 +61,79 @@ CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     ("data not a list", "POST", INFER, json_input(data=7), {}, 400),
     ("wrong datatype", "POST", INFER, json_input(datatype="INT32"), {}, 400),
     ("unknown input", "POST", INFER, json_input(name="Q"), {}, 400),
-    ("no data", "POST", INFER, json_input(data=None) .replace(b'"data": null', b'"x": 1'), {}, 400),
+    ("no data", "POST", INFER, json_input(data=None).replace(b'"data": null', b'"x": 1'), {}, 400),
     (
-        "unknown output", "POST", INFER,
-        json.dumps({**json.loads(GOOD), "outputs": [{"name": "NOPE"}]}).encode(), {}, 400,
+        "unknown output",
+        "POST",
+        INFER,
+        json.dumps({**json.loads(GOOD), "outputs": [{"name": "NOPE"}]}).encode(),
+        {},
+        400,
     ),
-    ("bad priority", "POST", INFER, json.dumps({**json.loads(GOOD), "parameters": {"priority": "hi"}}).encode(), {}, 400),
-    ("bad timeout", "POST", INFER, json.dumps({**json.loads(GOOD), "parameters": {"timeout": -5}}).encode(), {}, 400),
+    (
+        "bad priority",
+        "POST",
+        INFER,
+        json.dumps({**json.loads(GOOD), "parameters": {"priority": "hi"}}).encode(),
+        {},
+        400,
+    ),
+    (
+        "bad timeout",
+        "POST",
+        INFER,
+        json.dumps({**json.loads(GOOD), "parameters": {"timeout": -5}}).encode(),
+        {},
+        400,
+    ),
     ("id not a string", "POST", INFER, json.dumps({**json.loads(GOOD), "id": 5}).encode(), {}, 400),
     ("short binary body", "POST", INFER, *header_and(b"\x00" * 8, binary_input(12)), 400),
     ("binary size != shape", "POST", INFER, *header_and(b"\x00" * 8, binary_input(8)), 400),
     ("extra binary bytes", "POST", INFER, *header_and(b"\x00" * 16, binary_input(12)), 400),
-    ("binary without header length", "POST", INFER, json.dumps(binary_input(12)).encode() + b"\x00" * 12, {}, 400),
-    ("header length not a number", "POST", INFER, GOOD, {"Inference-Header-Content-Length": "x"}, 400),
-    ("header length past the body", "POST", INFER, GOOD, {"Inference-Header-Content-Length": "99999"}, 400),
+    (
+        "binary without header length",
+        "POST",
+        INFER,
+        json.dumps(binary_input(12)).encode() + b"\x00" * 12,
+        {},
+        400,
+    ),
+    (
+        "header length not a number",
+        "POST",
+        INFER,
+        GOOD,
+        {"Inference-Header-Content-Length": "x"},
+        400,
+    ),
+    (
+        "header length past the body",
+        "POST",
+        INFER,
+        GOOD,
+        {"Inference-Header-Content-Length": "99999"},
+        400,
+    ),
     ("bad gzip", "POST", INFER, b"not gzip", {"Content-Encoding": "gzip"}, 400),
     ("truncated gzip", "POST", INFER, gzip.compress(GOOD)[:-10], {"Content-Encoding": "gzip"}, 400),
     ("unknown encoding", "POST", INFER, GOOD, {"Content-Encoding": "br"}, 400),
     ("huge body", "POST", INFER, b"x" * (LIMIT + 1), {}, 413),
-    ("gzip bomb", "POST", INFER, gzip.compress(b" " * (LIMIT * 4)), {"Content-Encoding": "gzip"}, 413),
-    ("deflate bomb", "POST", INFER, zlib.compress(b" " * (LIMIT * 4)), {"Content-Encoding": "deflate"}, 413),
+    (
+        "gzip bomb",
+        "POST",
+        INFER,
+        gzip.compress(b" " * (LIMIT * 4)),
+        {"Content-Encoding": "gzip"},
+        413,
+    ),
+    (
+        "deflate bomb",
+        "POST",
+        INFER,
+        zlib.compress(b" " * (LIMIT * 4)),
+        {"Content-Encoding": "deflate"},
+        413,
+    ),
     ("unknown model", "POST", "/v2/models/nope/infer", GOOD, {}, 404),
     ("unknown version", "POST", "/v2/models/id_fp32/versions/7/infer", GOOD, {}, 404),
     ("unknown route", "GET", "/v3/anything", b"", {}, 404),
@@ -105,7 +158,9 @@ def server() -> Iterator[str]:
         yield url
 
 
-def send(url: str, method: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes]:
+def send(
+    url: str, method: str, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection(url, timeout=10)
     try:
         conn.request(method, path, body=body, headers=headers)
@@ -115,9 +170,17 @@ def send(url: str, method: str, path: str, body: bytes, headers: dict[str, str])
         conn.close()
 
 
-@pytest.mark.parametrize(("case", "method", "path", "body", "headers", "status"), CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("case", "method", "path", "body", "headers", "status"), CASES, ids=[c[0] for c in CASES]
+)
 def test_bad_input_gets_its_status_and_the_server_keeps_serving(
-    server: str, case: str, method: str, path: str, body: bytes, headers: dict[str, str], status: int
+    server: str,
+    case: str,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    status: int,
 ) -> None:
     got, reply = send(server, method, path, body, headers)
     assert got == status, reply
@@ -136,7 +199,7 @@ def test_a_client_that_hangs_up_mid_body_does_not_stop_the_server(server: str) -
     host, port = server.split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(
-            b"POST " + INFER.encode() + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inp"
+            b"POST " + INFER.encode() + b' HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"inp'
         )
     assert send(server, "POST", INFER, GOOD, {})[0] == 200
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from batchkit import BatchedModel
-from batchkit.asgi import KServeApp, ServedModel, Tensor
+from batchkit.asgi import KServeApp, ServedModel
 
 from .asgi_helpers import DATATYPES, identity_model, running_server, sample
 
@@ -170,6 +170,7 @@ async def test_asyncio_clients_are_batched_together(server: str, app: KServeApp)
     # max_batch_size 64 with a 30 s window: the batch leaves when the 64th request arrives.
     client = aio.InferenceServerClient(server, conn_limit=64)
     try:
+
         async def one(i: int) -> list[float]:
             inp = aio.InferInput("X", [1, 3], "FP32")
             inp.set_data_from_numpy(np.full((1, 3), i, dtype=np.float32))

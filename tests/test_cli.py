@@ -59,7 +59,7 @@ def test_targets_of_every_kind(target_module: str) -> None:
 
 
 def test_bad_targets_say_what_is_wrong(target_module: str) -> None:
-    with pytest.raises(ConfigurationError, match="not_a_model|3"):
+    with pytest.raises(ConfigurationError, match=r"not_a_model|3"):
         app_for(f"{target_module}:not_a_model")
     with pytest.raises(ConfigurationError, match="MODULE:ATTR"):
         app_for("no-colon")
