@@ -633,6 +633,11 @@ class Engine:
                 req.deliver(out)
         rec.completed += completed
         rec.failed += failed
+        if rec.histograms is not None:
+            waits, totals = rec.histograms["queue_wait"], rec.histograms["end_to_end"]
+            for req in batch:
+                waits.observe(start - req.enqueued_at)
+                totals.observe(end - req.enqueued_at)
 
     async def _retry_halves(self, batch: list[Request]) -> None:
         half = len(batch) // 2
@@ -667,6 +672,8 @@ class Engine:
         rec.batches += 1
         rec.batch_sizes[n] += 1
         rec.compute.append(end - start)
+        if rec.histograms is not None:
+            rec.histograms["compute"].observe(end - start)
 
     def _batch_error(self, exc: Exception, n: int, version: str) -> ModelError:
         if isinstance(exc, BatchSizeMismatch):
