@@ -600,9 +600,10 @@ class BatchedModel(Generic[T, R]):
         ``new`` is a model function (or ``torch.nn.Module``), or, when the model is a torch
         module, its new weights: a state dict, or a path to a file saved with ``torch.save``
         (loaded with ``weights_only=True``, inside ``weights_dir`` when that is set). The new
-        model is prepared in a worker thread: built, moved to ``device`` (default: the current
-        model's), put in ``eval()`` mode, run on the ``warmup`` items as one batch, and checked
-        by ``validate(new_model, old_model)`` (sync or async; False or an exception rejects it).
+        model is prepared in a thread of its own at the lowest CPU priority: built, moved to
+        ``device`` (default: the current model's), put in ``eval()`` mode, run on the
+        ``warmup`` items as one batch, and checked by ``validate(new_model, old_model)`` (sync
+        or async; False or an exception rejects it).
         Only then is it published: batches that start later run on it, batches already running
         finish on the old one, and queued items are kept.
 
@@ -628,7 +629,7 @@ class BatchedModel(Generic[T, R]):
         validate: Callable[[Any, Any], Any] | None = None,
         device: Any = None,
     ) -> None:
-        """Like ``swap()``, preparing in the calling thread (not the engine's loop thread)."""
+        """Like ``swap()``, blocking the calling thread (not the engine's loop thread)."""
         swap = self._prepare_swap(new, version, in_place, warmup, validate, device)
         self._check_not_engine_thread("swap_sync")
         swap(token=None)
@@ -710,6 +711,7 @@ class BatchedModel(Generic[T, R]):
             queue_depth=0,
             waiting_for_room=0,
             in_flight_batches=0,
+            dispatch_held=self._slot.held,
         )
 
 

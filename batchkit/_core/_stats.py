@@ -134,6 +134,7 @@ class Statistics:
     failed_swaps: int = 0
     last_swap_seconds: float = 0.0
     last_swap_pause_seconds: float = 0.0
+    dispatch_held: bool = False
     histograms: Mapping[str, LatencyHistogram] = field(
         default_factory=lambda: MappingProxyType({})
     )
@@ -207,6 +208,7 @@ class Recorder:
         queue_depth: int,
         waiting_for_room: int,
         in_flight_batches: int,
+        dispatch_held: bool = False,
     ) -> Statistics:
         """Return a frozen copy of the counters (safe from any thread under the GIL)."""
         return Statistics(
@@ -230,6 +232,7 @@ class Recorder:
             failed_swaps=self.failed_swaps,
             last_swap_seconds=self.last_swap_seconds,
             last_swap_pause_seconds=self.last_swap_pause_seconds,
+            dispatch_held=dispatch_held,
             histograms=MappingProxyType(
                 {key: h.snapshot() for key, h in (self.histograms or {}).items()}
             ),
