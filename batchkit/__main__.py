@@ -1,4 +1,4 @@
-"""The command line: ``batchkit COMMAND ...`` or ``python -m batchkit COMMAND ...``.
+"""The ``batchkit`` command: ``batchkit serve``, ``batchkit pipe`` (one subcommand per adapter).
 
 ``main`` only dispatches: each subcommand adds its parser and does its work in its own module.
 """
@@ -9,17 +9,20 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from .pipe import _cli as pipe_cli
+__all__ = ("main",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the subcommand ``argv`` names (default: the process's arguments); return its status."""
-    parser = argparse.ArgumentParser(prog="batchkit", description="batchkit command line")
-    subcommands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    pipe_cli.add_parser(subcommands)
+    """Parse ``argv`` (default: the process arguments), run the subcommand, return its status."""
+    parser = argparse.ArgumentParser(prog="batchkit", description="Dynamic batching for ML.")
+    subparsers = parser.add_subparsers(title="commands", required=True)
+    from . import _serve
+    from .pipe import _cli as pipe_cli
+
+    _serve.add_parser(subparsers)
+    pipe_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
-    status: int = args.func(args)
-    return status
+    return int(args.command(args))
 
 
 if __name__ == "__main__":

@@ -242,12 +242,14 @@ def test_error_lines_carry_what_the_exception_knows() -> None:
 
 def test_statistics_survive_the_round_trip_through_json() -> None:
     model = BatchedModel(lambda xs: xs, name="m")
+    model.record_histograms()
     with model:
         model.call_many_sync([1, 2, 3])
         stats = model.statistics()
     wire = json.loads(json.dumps(statistics_to_json(stats)))
     assert wire["batch_sizes"] == {str(k): v for k, v in stats.batch_sizes.items()}
     assert wire["mean_batch_size"] == stats.mean_batch_size
+    assert wire["histograms"]["compute"]["counts"]
     assert _statistics_from_json(wire) == stats
 
 

@@ -23,9 +23,9 @@ and exits. The protocol is specified in docs/pipe.md.
 """
 
 
-def add_parser(subcommands: Any) -> None:
-    """Add the ``pipe`` subcommand to ``subcommands`` (from ``add_subparsers()``)."""
-    parser = subcommands.add_parser(
+def add_parser(subparsers: Any) -> None:
+    """Add the ``pipe`` subcommand to ``subparsers`` (from ``add_subparsers()``)."""
+    parser = subparsers.add_parser(
         "pipe", help="serve models over JSON lines on stdin/stdout", description=DESCRIPTION
     )
     parser.add_argument(
@@ -63,7 +63,7 @@ def add_parser(subcommands: Any) -> None:
     parser.add_argument(
         "--backend", default="asyncio", choices=["asyncio", "trio"], help=argparse.SUPPRESS
     )
-    parser.set_defaults(func=main)
+    parser.set_defaults(command=main)
 
 
 def main(args: argparse.Namespace) -> int:

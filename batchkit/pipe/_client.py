@@ -30,7 +30,7 @@ from .._core._errors import (
     QueueFull,
 )
 from .._core._slot import Versioned
-from .._core._stats import LatencySummary, Statistics
+from .._core._stats import LatencyHistogram, LatencySummary, Statistics
 from ._errors import PipeProtocolError, RemoteError, ServerExited
 from ._protocol import PROTOCOL_VERSION, RequestError, as_tensor, decode_tensor, encode_tensor
 
@@ -604,6 +604,7 @@ def _error_from(error: Mapping[str, Any]) -> Exception:
 
 
 def _statistics_from_json(obj: Mapping[str, Any]) -> Statistics:
+    """Rebuild a ``Statistics`` from ``stats`` JSON (fields this version lacks are dropped)."""
     values: dict[str, Any] = {}
     for field in fields(Statistics):
         if field.name not in obj:
@@ -611,6 +612,13 @@ def _statistics_from_json(obj: Mapping[str, Any]) -> Statistics:
         value = obj[field.name]
         if field.name == "batch_sizes":
             value = MappingProxyType({int(k): v for k, v in value.items()})
+        elif field.name == "histograms":
+            value = MappingProxyType(
+                {
+                    name: LatencyHistogram(tuple(h["bounds"]), tuple(h["counts"]), h["sum"])
+                    for name, h in value.items()
+                }
+            )
         elif isinstance(value, dict):
             value = LatencySummary(**{f.name: value[f.name] for f in fields(LatencySummary)})
         values[field.name] = value

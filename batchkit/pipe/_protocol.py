@@ -14,10 +14,10 @@ import re
 import sys
 from collections import deque
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Literal
 
-from .._core._stats import LatencySummary, Statistics
+from .._core._stats import Statistics
 
 __all__ = (
     "DTYPES",
@@ -461,15 +461,18 @@ def exception_line(id_: Id, exc: BaseException) -> bytes:
 
 
 def statistics_to_json(stats: Statistics) -> dict[str, Any]:
-    """Return a ``Statistics`` snapshot as a JSON object (batch sizes keyed by strings)."""
-    out: dict[str, Any] = {}
-    for field in fields(stats):
-        value = getattr(stats, field.name)
-        if isinstance(value, LatencySummary):
-            value = {f.name: getattr(value, f.name) for f in fields(value)}
-        elif isinstance(value, Mapping):
-            value = {str(k): v for k, v in sorted(value.items())}
-        out[field.name] = value
+    """Return a ``Statistics`` snapshot as a JSON object (mapping keys become strings)."""
+    out: dict[str, Any] = _to_json(stats)
     out["mean_batch_size"] = stats.mean_batch_size
     out["pending"] = stats.pending
     return out
+
+
+def _to_json(value: Any) -> Any:
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_json(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): _to_json(v) for k, v in sorted(value.items())}
+    if isinstance(value, (tuple, list)):
+        return [_to_json(v) for v in value]
+    return value
