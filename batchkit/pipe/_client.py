@@ -52,6 +52,13 @@ class _Pending:
         self.response: dict[str, Any] | None = None
         self.error: BaseException | None = None
 
+    def outcome(self) -> dict[str, Any]:
+        """Return the response object, or raise why there is none (the server exited)."""
+        if self.error is not None:
+            raise self.error
+        assert self.response is not None
+        return self.response
+
 
 class _Child:
     """One server process: its pending calls, and the tasks that write and read its pipes."""
@@ -321,21 +328,23 @@ class PipeClient:
 
     async def _exchange(self, child: _Child, payload: dict[str, Any]) -> dict[str, Any]:
         """Send one request to ``child`` and return its response object."""
-        id_ = next(self._ids)
-        line = _encode({"id": id_, **payload})
-        call = _Pending()
-        if child.exited is not None:
-            raise ServerExited(str(child.exited), returncode=child.exited.returncode)
-        child.pending[id_] = call
-        child.send(line)
+        ((id_, call),) = self._send(child, [payload])
         try:
             await call.event.wait()
         finally:
             child.pending.pop(id_, None)
-        if call.error is not None:
-            raise call.error
-        assert call.response is not None
-        return call.response
+        return call.outcome()
+
+    def _send(self, child: _Child, payloads: list[dict[str, Any]]) -> list[tuple[int, _Pending]]:
+        """Write one request line per payload to ``child``; return each line's id and call."""
+        lines = [(next(self._ids), payload) for payload in payloads]
+        data = b"".join(_encode({"id": id_, **payload}) for id_, payload in lines)  # may raise
+        if child.exited is not None:
+            raise ServerExited(str(child.exited), returncode=child.exited.returncode)
+        calls = [(id_, _Pending()) for id_, _ in lines]
+        child.pending.update(calls)
+        child.send(data)
+        return calls
 
     async def _request(self, payload: dict[str, Any]) -> dict[str, Any]:
         return await self._exchange(await self._ensure_child(), payload)
@@ -360,9 +369,8 @@ class PipeClient:
         response (an exception the model returned for this item, an unknown model);
         ``ServerExited`` if the server ended first; ``TypeError`` if ``item`` is not JSON.
         """
-        return (
-            await self.call_versioned(item, model=model, priority=priority, timeout=timeout)
-        ).value
+        result = await self.call_versioned(item, model=model, priority=priority, timeout=timeout)
+        return result.value
 
     async def call_versioned(
         self,
@@ -373,30 +381,8 @@ class PipeClient:
         timeout: float | None = None,
     ) -> Versioned[Any]:
         """Like ``call()``, and return the output with the model version that produced it."""
-        payload: dict[str, Any] = {}
-        if model is not None:
-            payload["model"] = model
-        tensor = as_tensor(item)
-        if tensor is not None:
-            payload["tensor"] = encode_tensor(tensor, binary=True)
-        else:
-            payload["input"] = item
-        if priority != 0:
-            payload["priority"] = priority
-        if timeout is not None:
-            payload["timeout"] = timeout
-        response = await self._request(payload)
-        error = response.get("error")
-        if error is not None:
-            raise _error_from(error)
-        try:
-            if "tensor" in response:
-                value = decode_tensor(response["tensor"])
-            else:
-                value = response["output"]
-            return Versioned(value, response["version"])
-        except (RequestError, KeyError) as exc:
-            raise PipeProtocolError(f"a malformed response: {response!r:.300}") from exc
+        response = await self._request(_infer_payload(item, model, priority, timeout))
+        return _versioned_of(response)
 
     async def call_many(
         self,
@@ -412,27 +398,22 @@ class PipeClient:
         The first failure is raised and the calls not yet answered are abandoned, unless
         ``return_exceptions`` is true: then each failure takes its item's place in the list.
         """
-        items = list(items)
-        results: list[Any] = [None] * len(items)
-        failure: list[Exception] = []
-
-        async def one(index: int, item: Any) -> None:
-            try:
-                results[index] = await self.call(
-                    item, model=model, priority=priority, timeout=timeout
-                )
-            except Exception as exc:
-                if return_exceptions:
-                    results[index] = exc
-                elif not failure:
-                    failure.append(exc)
-                    tg.cancel_scope.cancel()
-
-        async with anyio.create_task_group() as tg:
-            for index, item in enumerate(items):
-                tg.start_soon(one, index, item)
-        if failure:
-            raise failure[0]
+        payloads = [_infer_payload(item, model, priority, timeout) for item in items]
+        child = await self._ensure_child()
+        calls = self._send(child, payloads)
+        results: list[Any] = []
+        try:
+            for _, call in calls:
+                await call.event.wait()
+                try:
+                    results.append(_versioned_of(call.outcome()).value)
+                except Exception as exc:
+                    if not return_exceptions:
+                        raise
+                    results.append(exc)
+        finally:
+            for id_, _ in calls:
+                child.pending.pop(id_, None)
         return results
 
     async def statistics(self, model: str | None = None) -> Statistics:
@@ -572,6 +553,37 @@ class SyncPipeClient:
         """Return the server's answer to a ping."""
         pong: dict[str, Any] = self._run(self._client.ping)
         return pong
+
+
+def _infer_payload(
+    item: Any, model: str | None, priority: float, timeout: float | None
+) -> dict[str, Any]:
+    payload: dict[str, Any] = {}
+    if model is not None:
+        payload["model"] = model
+    tensor = as_tensor(item)
+    if tensor is not None:
+        payload["tensor"] = encode_tensor(tensor, binary=True)
+    else:
+        payload["input"] = item
+    if priority != 0:
+        payload["priority"] = priority
+    if timeout is not None:
+        payload["timeout"] = timeout
+    return payload
+
+
+def _versioned_of(response: Mapping[str, Any]) -> Versioned[Any]:
+    """Return the output a response carries, or raise the error it carries."""
+    error = response.get("error")
+    if error is not None:
+        raise _error_from(error)
+    try:
+        tensor = response.get("tensor")
+        value = response["output"] if tensor is None else decode_tensor(tensor)
+        return Versioned(value, response["version"])
+    except (RequestError, KeyError) as exc:
+        raise PipeProtocolError(f"a malformed response: {response!r:.300}") from exc
 
 
 def _encode(request: dict[str, Any]) -> bytes:

@@ -9,11 +9,12 @@ us reading input, and the writer of our input blocks instead of us buffering wit
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import math
 import os
 import select
 import signal
+from collections.abc import Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -147,6 +148,36 @@ class _Fd:
                 pass
 
 
+class _Requests:
+    """The tasks that each await one item's outcome and emit its response line.
+
+    On asyncio they are plain tasks on the loop: starting one through an anyio task group costs
+    more than the item's whole trip through the engine, and halves the lines per second. On
+    other backends they run in an anyio task group. ``cancel()`` cancels them all, either way.
+    """
+
+    def __init__(self, tg: TaskGroup) -> None:
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self._tg = tg
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def start(self, fn: Callable[[Infer], Coroutine[Any, Any, None]], request: Infer) -> None:
+        if self._loop is None:
+            self._tg.start_soon(fn, request)
+            return
+        task = self._loop.create_task(fn(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def cancel(self) -> None:
+        self._tg.cancel_scope.cancel()
+        for task in self._tasks:
+            task.cancel()
+
+
 class _PipeServer:
     def __init__(
         self,
@@ -179,7 +210,7 @@ class _PipeServer:
         self._grace = anyio.CancelScope()
         self._service: anyio.CancelScope | None = None
         self._broken: OSError | None = None
-        self._requests: TaskGroup | None = None
+        self._requests: _Requests | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -187,6 +218,7 @@ class _PipeServer:
         with anyio.CancelScope() as hard_stop:
             async with AsyncExitStack() as stack:
                 await self._enter_models(stack)
+                stack.callback(self._cancel_requests)  # none is left, unless we were cancelled
                 log.info(
                     "batchkit %s pipe protocol %d: serving %s",
                     __version__,
@@ -224,17 +256,19 @@ class _PipeServer:
             service.start_soon(self._write_loop)
             if handle_signals:
                 service.start_soon(self._watch_signals)
-            async with anyio.create_task_group() as requests:
-                self._requests = requests
+            async with anyio.create_task_group() as tg:
+                self._requests = _Requests(tg)
                 with self._grace:
                     await self._read_loop()
                     await self._wait_answered()
                 if self._grace.cancelled_caught:
-                    self._cancel_unanswered(requests)
+                    self._cancel_unanswered()
+            if self._grace.cancelled_caught:
+                with anyio.move_on_after(_FLUSH_AFTER_GRACE):
+                    await self._wait_answered()  # the Cancelled lines, written
             self._output_closing = True
             self._wake_writer.set()
-            timeout = _FLUSH_AFTER_GRACE if self._grace.cancelled_caught else math.inf
-            with anyio.move_on_after(timeout):
+            with anyio.move_on_after(_FLUSH_AFTER_GRACE):
                 await self._writer_done.wait()
             service.cancel_scope.cancel()
 
@@ -267,12 +301,16 @@ class _PipeServer:
         while self._in_flight:
             await self._progress.wait()
 
-    def _cancel_unanswered(self, requests: TaskGroup) -> None:
+    def _cancel_unanswered(self) -> None:
         # Complete lines read but not yet taken: each still gets its one response.
         while (line := self._splitter.next_line()) is not None:
             self._count_line()
             self._emit(error_line(_id_of(line), "Cancelled", "the server stopped first"))
-        requests.cancel_scope.cancel()
+        self._cancel_requests()
+
+    def _cancel_requests(self) -> None:
+        if self._requests is not None:
+            self._requests.cancel()
 
     # -- input ---------------------------------------------------------------------------------
 
@@ -327,7 +365,7 @@ class _PipeServer:
             self._emit(self._control(request))
             return
         assert self._requests is not None
-        self._requests.start_soon(self._infer, request)
+        self._requests.start(self._infer, request)
 
     async def _infer(self, request: Infer) -> None:
         model = self._models[request.model]
@@ -392,7 +430,8 @@ class _PipeServer:
         self._broken = exc
         log.error("the output was closed (%s): stopping", exc)
         assert self._service is not None
-        self._service.cancel()  # the reader, the requests, everything but the models' exit
+        self._service.cancel()  # the reader, the writer, everything but the models' exit
+        self._cancel_requests()
 
 
 def _id_of(line: bytes | TooLong) -> Any:
