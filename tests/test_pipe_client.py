@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -117,6 +118,19 @@ async def test_a_killed_child_fails_its_calls_and_the_next_call_restarts_it() ->
         assert c.restarts == 1
 
 
+async def test_a_cancelled_call_leaves_the_client_serving() -> None:
+    async with client("several") as c:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(functools.partial(c.call, 1, model="hang"))
+            await wait_until_submitted(c, "hang", 1)
+            tg.cancel_scope.cancel()
+        assert await c.call(2, model="double") == 4
+        with anyio.move_on_after(0.05) as scope:  # a bound, not an ordering: it must expire
+            await c.call_many([1, 2], model="hang")
+        assert scope.cancelled_caught
+        assert await c.call_many([3, 4], model="double") == [6, 8]
+
+
 async def test_without_restart_a_dead_child_fails_every_later_call() -> None:
     async with client("double", restart=False) as c:
         pid = c.pid
@@ -157,6 +171,13 @@ def test_the_sync_client_serves_many_threads() -> None:
         assert c.pid is not None
     with pytest.raises(ClosedError):
         c.call(1)
+
+
+def test_a_sync_client_that_cannot_start_leaves_no_thread() -> None:
+    with pytest.raises(ServerExited, match="status 2"):
+        SyncPipeClient(
+            "tests.pipe_targets:missing", cwd=ROOT, stderr=subprocess.DEVNULL
+        ).__enter__()
 
 
 def test_client_settings_are_checked() -> None:

@@ -99,6 +99,9 @@ def test_control_requests() -> None:
     assert parse_line(b'{"id": 1.5, "op": "ping"}', MODELS) == Control(1.5, "ping", None)
     assert parse_line(b'{"id": 2, "op": "stats", "model": "m"}', MODELS) == Control(2, "stats", "m")
     assert parse_line(b'{"id": 2, "op": "stats"}', ("a", "b")) == Control(2, "stats", None)
+    assert parse_line(b'{"id": 3, "op": "cancel", "target": "x"}', MODELS) == Control(
+        3, "cancel", None, "x"
+    )
 
 
 @pytest.mark.parametrize(

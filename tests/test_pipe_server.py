@@ -216,22 +216,63 @@ def test_thousands_of_concurrent_lines_are_each_answered_once_with_their_output(
     assert server.wait() == 0
 
 
+def wait_for_a_running_batch(server: Server) -> None:
+    """Ask for statistics until the gated model runs a batch (round trips, no timer)."""
+    for _ in range(1000):
+        server.send({"id": "stats", "op": "stats"})
+        if server.response()["stats"]["models"]["gated"]["in_flight_batches"] == 1:
+            return
+    raise AssertionError("no batch started")
+
+
 def test_priorities_order_a_backlog(start: Any) -> None:
     server = start("gated", gate=True)
     # The first item holds the model at the gate while the others queue up behind it.
     server.send({"id": "first", "input": 0})
-    for _ in range(1000):
-        server.send({"id": "stats", "op": "stats"})
-        if server.response()["stats"]["models"]["gated"]["in_flight_batches"] == 1:
-            break
-    else:
-        raise AssertionError("the first batch never started")
+    wait_for_a_running_batch(server)
     server.send(*({"id": n, "input": n, "priority": -n} for n in range(1, 6)))
     server.send({"id": "ping", "op": "ping"})
     assert server.response()["id"] == "ping"
     server.open_gate()
     order = [r["id"] for r in server.responses(6)]
     assert order == ["first", 5, 4, 3, 2, 1]
+
+
+def test_a_cancel_request_withdraws_a_line_in_flight(start: Any) -> None:
+    server = start("gated", gate=True)
+    server.send({"id": "held", "input": 0})  # holds the model at the gate
+    wait_for_a_running_batch(server)
+    server.send({"id": "queued", "input": 1}, {"id": "kept", "input": 2})
+    server.send({"id": "c1", "op": "cancel", "target": "queued"})
+    answered = by_id(server.responses(2))
+    assert answered["c1"] == {"id": "c1", "cancelled": True}
+    assert answered["queued"]["error"] == {
+        "type": "Cancelled",
+        "message": "cancelled by a cancel request",
+    }
+    server.send({"id": "c2", "op": "cancel", "target": "queued"})  # answered already
+    assert server.response() == {"id": "c2", "cancelled": False}
+    server.open_gate()
+    answered = by_id(server.responses(2))
+    assert answered == {
+        "held": {"id": "held", "output": 0, "version": "1"},
+        "kept": {"id": "kept", "output": 2, "version": "1"},
+    }
+    server.send({"id": "s", "op": "stats"})
+    stats = server.response()["stats"]["models"]["gated"]
+    assert (stats["cancelled"], stats["completed"]) == (1, 2)  # never computed
+    server.close_input()
+    assert server.wait() == 0
+
+
+def test_a_cancel_request_right_behind_its_target_cancels_it(start: Any) -> None:
+    server = start("gated", gate=True)  # the gate never opens: only cancelling answers "a"
+    server.send({"id": "a", "input": 0}, {"id": "c", "op": "cancel", "target": "a"})
+    answered = by_id(server.responses(2))
+    assert answered["c"] == {"id": "c", "cancelled": True}
+    assert answered["a"]["error"]["type"] == "Cancelled"
+    server.close_input()
+    assert server.wait() == 0
 
 
 # -- bad input ------------------------------------------------------------------------------
@@ -259,6 +300,8 @@ def test_garbage_and_damaged_lines_get_one_error_each_and_the_server_goes_on(sta
         (b'{"id": 13, "model": "double", "input": 1, "timeout": -1}', 13, "InvalidRequest"),
         (b'{"id": 14, "model": "double"}', 14, "InvalidRequest"),
         (b'{"id": 15, "op": "reboot"}', 15, "InvalidRequest"),
+        (b'{"id": 19, "op": "cancel"}', 19, "InvalidRequest"),
+        (b'{"id": 20, "op": "cancel", "target": null}', 20, "InvalidRequest"),
         (
             b'{"id": 16, "model": "double", "tensor": {"dtype": "float32", "shape": [2, 2],'
             b' "data": [1, 2, 3]}}',

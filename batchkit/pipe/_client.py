@@ -328,12 +328,19 @@ class PipeClient:
 
     async def _exchange(self, child: _Child, payload: dict[str, Any]) -> dict[str, Any]:
         """Send one request to ``child`` and return its response object."""
-        ((id_, call),) = self._send(child, [payload])
+        calls = self._send(child, [payload])
         try:
-            await call.event.wait()
+            await calls[0][1].event.wait()
         finally:
-            child.pending.pop(id_, None)
-        return call.outcome()
+            self._forget(child, calls)
+        return calls[0][1].outcome()
+
+    def _forget(self, child: _Child, calls: list[tuple[int, _Pending]]) -> None:
+        """Stop waiting for ``calls``; ask the server to cancel those it has not answered."""
+        for id_, _ in calls:
+            if child.pending.pop(id_, None) is not None and child.exited is None:
+                cancel = {"id": next(self._ids), "op": "cancel", "target": id_}
+                child.send(_encode(cancel))  # its answer, and the target's, are ignored
 
     def _send(self, child: _Child, payloads: list[dict[str, Any]]) -> list[tuple[int, _Pending]]:
         """Write one request line per payload to ``child``; return each line's id and call."""
@@ -412,8 +419,7 @@ class PipeClient:
                         raise
                     results.append(exc)
         finally:
-            for id_, _ in calls:
-                child.pending.pop(id_, None)
+            self._forget(child, calls)
         return results
 
     async def statistics(self, model: str | None = None) -> Statistics:

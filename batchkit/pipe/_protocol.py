@@ -62,8 +62,10 @@ DTYPES = frozenset(
 
 Id = str | int | float | None
 
-_REQUEST_FIELDS = frozenset({"id", "op", "model", "input", "tensor", "priority", "timeout"})
-_OPS = ("infer", "stats", "ping")
+_REQUEST_FIELDS = frozenset(
+    {"id", "op", "model", "input", "tensor", "priority", "timeout", "target"}
+)
+_OPS = ("infer", "stats", "ping", "cancel")
 # Only JSON's own whitespace makes a line blank (blank lines are skipped, not answered).
 _BLANK = b" \t\r"
 # The id of a damaged line is recovered only when it is the line's first member.
@@ -101,11 +103,12 @@ class Infer:
 
 @dataclass(frozen=True)
 class Control:
-    """A ``stats`` or ``ping`` request, answered by the server itself."""
+    """A ``stats``, ``ping`` or ``cancel`` request, answered by the server itself."""
 
     id: Id
-    op: Literal["stats", "ping"]
+    op: Literal["stats", "ping", "cancel"]
     model: str | None
+    target: Id = None  # the id of the line to cancel
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,15 @@ def parse_line(line: bytes | TooLong, models: Collection[str]) -> Infer | Contro
             f"no model named {model!r}; served: {', '.join(map(repr, sorted(models)))}",
             id_,
         )
+    if (op == "cancel") != ("target" in obj):
+        raise RequestError("InvalidRequest", "'target' goes with op 'cancel', always", id_)
+    if op == "cancel":
+        target = obj["target"]
+        if not _is_id(target):
+            raise RequestError(
+                "InvalidRequest", f"'target' must be a string or a number, got {target!r}", id_
+            )
+        return Control(id_, op, model, target)
     if op != "infer":
         return Control(id_, op, model)
     return _parse_infer(obj, id_, model, models)

@@ -164,11 +164,16 @@ class _Requests:
         self._tg = tg
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def start(self, fn: Callable[[Infer], Coroutine[Any, Any, None]], request: Infer) -> None:
+    def start(
+        self,
+        fn: Callable[[Infer, anyio.CancelScope], Coroutine[Any, Any, None]],
+        request: Infer,
+        scope: anyio.CancelScope,
+    ) -> None:
         if self._loop is None:
-            self._tg.start_soon(fn, request)
+            self._tg.start_soon(fn, request, scope)
             return
-        task = self._loop.create_task(fn(request))
+        task = self._loop.create_task(fn(request, scope))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -211,6 +216,7 @@ class _PipeServer:
         self._service: anyio.CancelScope | None = None
         self._broken: OSError | None = None
         self._requests: _Requests | None = None
+        self._cancel_scopes: dict[Any, anyio.CancelScope] = {}  # by id, the lines in flight
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -365,25 +371,41 @@ class _PipeServer:
             self._emit(self._control(request))
             return
         assert self._requests is not None
-        self._requests.start(self._infer, request)
+        # Registered now, not when the task starts: a cancel request in the same chunk of input
+        # may come before the task runs (a scope cancelled before it is entered still works).
+        scope = self._cancel_scopes[request.id] = anyio.CancelScope()
+        self._requests.start(self._infer, request, scope)
 
-    async def _infer(self, request: Infer) -> None:
+    async def _infer(self, request: Infer, scope: anyio.CancelScope) -> None:
         model = self._models[request.model]
         try:
             try:
-                result = await model.call_versioned(
-                    request.item, priority=request.priority, timeout=request.timeout
-                )
+                with scope:
+                    result = await model.call_versioned(
+                        request.item, priority=request.priority, timeout=request.timeout
+                    )
             except Exception as exc:
                 line = exception_line(request.id, exc)
             else:
-                line = output_line(request.id, result.value, result.version, binary=request.binary)
+                if scope.cancelled_caught:
+                    line = error_line(request.id, "Cancelled", "cancelled by a cancel request")
+                else:
+                    value, version = result.value, result.version
+                    line = output_line(request.id, value, version, binary=request.binary)
         except anyio.get_cancelled_exc_class():
             self._emit(error_line(request.id, "Cancelled", "the server stopped first"))
             raise
+        finally:
+            if self._cancel_scopes.get(request.id) is scope:
+                del self._cancel_scopes[request.id]
         self._emit(line)
 
     def _control(self, request: Control) -> bytes:
+        if request.op == "cancel":
+            scope = self._cancel_scopes.get(request.target)
+            if scope is not None:
+                scope.cancel()
+            return response_line({"id": request.id, "cancelled": scope is not None})
         if request.op == "ping":
             versions = {name: model.version for name, model in self._models.items()}
             pong = {"protocol": PROTOCOL_VERSION, "batchkit": __version__, "models": versions}
