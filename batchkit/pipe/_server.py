@@ -148,6 +148,29 @@ class _Fd:
                 pass
 
 
+class _Line:
+    """One inference line in flight, as a cancel request naming it finds it."""
+
+    __slots__ = ("cancelled", "scope", "started", "task")
+
+    def __init__(self) -> None:
+        self.cancelled = False
+        self.started = False
+        self.task: asyncio.Task[None] | None = None  # on asyncio
+        self.scope: anyio.CancelScope | None = None  # elsewhere, once started
+
+    def cancel(self) -> None:
+        """Stop the line's task, which answers ``Cancelled`` (it must have started)."""
+        self.cancelled = True
+        if self.task is not None:
+            self.task.cancel()
+        elif self.scope is not None:
+            self.scope.cancel()
+
+
+_CANCELLED_BY_REQUEST = "cancelled by a cancel request"
+
+
 class _Requests:
     """The tasks that each await one item's outcome and emit its response line.
 
@@ -165,15 +188,13 @@ class _Requests:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def start(
-        self,
-        fn: Callable[[Infer, anyio.CancelScope], Coroutine[Any, Any, None]],
-        request: Infer,
-        scope: anyio.CancelScope,
+        self, fn: Callable[[Infer, _Line], Coroutine[Any, Any, None]], request: Infer, line: _Line
     ) -> None:
         if self._loop is None:
-            self._tg.start_soon(fn, request, scope)
+            self._tg.start_soon(fn, request, line)
             return
-        task = self._loop.create_task(fn(request, scope))
+        task = self._loop.create_task(fn(request, line))
+        line.task = task  # before it runs: a cancel request may name it at once
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -216,7 +237,7 @@ class _PipeServer:
         self._service: anyio.CancelScope | None = None
         self._broken: OSError | None = None
         self._requests: _Requests | None = None
-        self._cancel_scopes: dict[Any, anyio.CancelScope] = {}  # by id, the lines in flight
+        self._inferring: dict[Any, _Line] = {}  # the inference lines in flight, by id
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -372,40 +393,55 @@ class _PipeServer:
             return
         assert self._requests is not None
         # Registered now, not when the task starts: a cancel request in the same chunk of input
-        # may come before the task runs (a scope cancelled before it is entered still works).
-        scope = self._cancel_scopes[request.id] = anyio.CancelScope()
-        self._requests.start(self._infer, request, scope)
+        # may come before the task runs.
+        entry = self._inferring[request.id] = _Line()
+        self._requests.start(self._infer, request, entry)
 
-    async def _infer(self, request: Infer, scope: anyio.CancelScope) -> None:
+    async def _infer(self, request: Infer, line: _Line) -> None:
+        if line.cancelled:
+            return  # cancelled before it started: the cancel request answered for it
+        line.started = True
+        try:
+            response = await self._outcome_line(request, line)
+        except anyio.get_cancelled_exc_class():
+            if not line.cancelled:
+                self._emit(error_line(request.id, "Cancelled", "the server stopped first"))
+                raise
+            # Its own task, cancelled by a cancel request (asyncio): it ends here, answered.
+            response = error_line(request.id, "Cancelled", _CANCELLED_BY_REQUEST)
+        finally:
+            if self._inferring.get(request.id) is line:
+                del self._inferring[request.id]
+        self._emit(response)
+
+    async def _outcome_line(self, request: Infer, line: _Line) -> bytes:
         model = self._models[request.model]
         try:
-            try:
-                with scope:
+            if line.task is not None:  # a cancel request cancels the task itself
+                result = await model.call_versioned(
+                    request.item, priority=request.priority, timeout=request.timeout
+                )
+            else:
+                with anyio.CancelScope() as line.scope:
                     result = await model.call_versioned(
                         request.item, priority=request.priority, timeout=request.timeout
                     )
-            except Exception as exc:
-                line = exception_line(request.id, exc)
-            else:
-                if scope.cancelled_caught:
-                    line = error_line(request.id, "Cancelled", "cancelled by a cancel request")
-                else:
-                    value, version = result.value, result.version
-                    line = output_line(request.id, value, version, binary=request.binary)
-        except anyio.get_cancelled_exc_class():
-            self._emit(error_line(request.id, "Cancelled", "the server stopped first"))
-            raise
-        finally:
-            if self._cancel_scopes.get(request.id) is scope:
-                del self._cancel_scopes[request.id]
-        self._emit(line)
+                if line.scope.cancelled_caught:
+                    return error_line(request.id, "Cancelled", _CANCELLED_BY_REQUEST)
+        except Exception as exc:
+            return exception_line(request.id, exc)
+        return output_line(request.id, result.value, result.version, binary=request.binary)
 
     def _control(self, request: Control) -> bytes:
         if request.op == "cancel":
-            scope = self._cancel_scopes.get(request.target)
-            if scope is not None:
-                scope.cancel()
-            return response_line({"id": request.id, "cancelled": scope is not None})
+            line = self._inferring.pop(request.target, None)
+            if line is not None:
+                if line.started:
+                    line.cancel()
+                else:  # it will not run: answer for it now
+                    line.cancelled = True
+                    self._emit(error_line(request.target, "Cancelled", _CANCELLED_BY_REQUEST))
+            return response_line({"id": request.id, "cancelled": line is not None})
         if request.op == "ping":
             versions = {name: model.version for name, model in self._models.items()}
             pong = {"protocol": PROTOCOL_VERSION, "batchkit": __version__, "models": versions}
