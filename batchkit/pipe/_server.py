@@ -333,6 +333,11 @@ class _PipeServer:
         while (line := self._splitter.next_line()) is not None:
             self._count_line()
             self._emit(error_line(_id_of(line), "Cancelled", "the server stopped first"))
+        for id_, entry in list(self._inferring.items()):
+            if not entry.started:  # a task cancelled before it starts never runs: answer here
+                entry.cancelled = True
+                del self._inferring[id_]
+                self._emit(error_line(id_, "Cancelled", "the server stopped first"))
         self._cancel_requests()
 
     def _cancel_requests(self) -> None:
