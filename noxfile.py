@@ -25,7 +25,7 @@ def install(session: nox.Session, *extras: str, torch: bool = False) -> None:
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     """Run the whole test suite (typecheck included, as a test)."""
-    install(session, "dev", "numpy", "torch", torch=True)
+    install(session, "dev", "numpy", "torch", "rich", "notebook", torch=True)
     session.run("pytest", *session.posargs)
 
 
@@ -39,7 +39,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
     """Run mypy --strict on batchkit/."""
-    install(session, "dev")
+    install(session, "dev", "rich", "notebook")
     session.run("mypy")
 
 
