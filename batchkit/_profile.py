@@ -126,8 +126,8 @@ class ProfileResult:
         ``latency_target`` is in seconds, for the latency ``percentile`` ("p50", "p90" or
         "p99"); None keeps every point. ``concurrency`` keeps only the points measured at that
         load (the number of callers you expect). Points with errors are never chosen. Ties in
-        throughput go to the lower latency, then to the smaller settings. Returns None when no
-        point qualifies. Apply the settings with ``BatchedModel(fn, **point.settings)``.
+        throughput (equal to 4 significant digits) go to the lower latency, then to the
+        smaller settings. Returns None when no point qualifies. Apply the settings with ``BatchedModel(fn, **point.settings)``.
         """
         _check_percentile(percentile)
         if latency_target is not None:
@@ -145,8 +145,8 @@ class ProfileResult:
         return min(
             fit,
             key=lambda p: (
-                -p.throughput,
-                getattr(p.latency, percentile),
+                -_significant(p.throughput),
+                _significant(getattr(p.latency, percentile)),
                 p.max_batch_size,
                 p.max_wait,
                 p.max_concurrency,
@@ -180,38 +180,38 @@ class ProfileResult:
         return _summary(self)
 
     def table(self) -> _display.Table:
-        """Return the points as a display table, the recommended one highlighted."""
+        """Return the points as a display table, the recommended one highlighted.
+
+        A setting that the sweep held constant is stated in the caption instead of a column,
+        and the errors column shows only when some point had errors.
+        """
         best = self.recommendation
-        rows = [
-            [
-                str(p.max_batch_size),
-                _display.format_ms(p.max_wait),
-                str(p.max_concurrency),
-                str(p.concurrency),
-                _display.format_rate(p.throughput),
-                f"{p.mean_batch_size:.1f}",
-                _display.format_ms(p.latency.p50),
-                _display.format_ms(p.latency.p90),
-                _display.format_ms(p.latency.p99),
-                str(p.errors),
-            ]
-            for p in self.points
+        columns: list[tuple[str, Callable[[ProfilePoint], str]]] = [
+            ("max batch", lambda p: str(p.max_batch_size)),
         ]
+        fixed = []
+        if len({p.max_wait for p in self.points}) > 1:
+            columns.append(("max wait ms", lambda p: _display.format_ms(p.max_wait)))
+        elif self.points:
+            fixed.append(f"max_wait={self.points[0].max_wait:g}")
+        if len({p.max_concurrency for p in self.points}) > 1:
+            columns.append(("max conc", lambda p: str(p.max_concurrency)))
+        elif self.points:
+            fixed.append(f"max_concurrency={self.points[0].max_concurrency}")
+        columns += [
+            ("callers", lambda p: str(p.concurrency)),
+            ("items/s", lambda p: _display.format_rate(p.throughput)),
+            ("mean batch", lambda p: f"{p.mean_batch_size:.1f}"),
+            ("p50 ms", lambda p: _display.format_ms(p.latency.p50)),
+            ("p99 ms", lambda p: _display.format_ms(p.latency.p99)),
+        ]
+        if any(p.errors for p in self.points):
+            columns.append(("errors", lambda p: str(p.errors)))
+        caption = "profile" + (f" ({', '.join(fixed)})" if fixed else "")
         return _display.Table(
-            "profile",
-            rows,
-            headers=(
-                "max batch",
-                "max wait ms",
-                "max conc.",
-                "callers",
-                "items/s",
-                "mean batch",
-                "p50 ms",
-                "p90 ms",
-                "p99 ms",
-                "errors",
-            ),
+            caption,
+            [[cell(p) for _, cell in columns] for p in self.points],
+            headers=[header for header, _ in columns],
             highlight=None if best is None else self.points.index(best),
             note=self.summary(),
         )
@@ -238,6 +238,11 @@ class ProfileResult:
         if max_concurrency is None:
             max_concurrency = best.max_concurrency if best else self.points[0].max_concurrency
         return plot_profile(self, max_wait, max_concurrency)
+
+
+def _significant(x: float) -> float:
+    """Return ``x`` to 4 significant digits, so that clock rounding noise does not pick."""
+    return float(f"{x:.4g}")
 
 
 def _summary(result: ProfileResult) -> str:
