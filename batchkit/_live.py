@@ -173,7 +173,8 @@ class LiveView:
             self._sink.close()
 
     def __enter__(self) -> LiveView:
-        return self.start()
+        # ``with live(model):`` gets a started view; ``with LiveView(model):`` starts it here.
+        return self if self._thread is not None else self.start()
 
     def __exit__(
         self,

@@ -308,7 +308,7 @@ def test_html_table_shows_the_points_and_highlights_the_recommendation() -> None
     ]
     assert rows[1] == ["32", "16", "900", "32.0", "15.0", "30.0", "0"]
     assert html.count('class="recommended"') == 1
-    assert '<tr class="recommended"' in html and "<th scope=\"row\"" in html
+    assert '<tr class="recommended"' in html and '<th scope="row"' in html
     recommended = html.split('class="recommended"')[1].split("</tr>")[0]
     assert ">900<" in recommended
     assert "best throughput with p99 \u2264 40.0 ms: max_batch_size=32" in html
@@ -340,9 +340,7 @@ def test_plot_draws_throughput_and_latency_against_batch_size_and_concurrency() 
     # the point with errors is left out; the target is drawn on the latency plots
     plotted = {x for line in axes[0].get_lines() for x in line.get_xdata()}
     assert plotted == {8, 32}
-    target_lines = [
-        line for line in axes[1].get_lines() if list(line.get_ydata()) == [40.0, 40.0]
-    ]
+    target_lines = [line for line in axes[1].get_lines() if list(line.get_ydata()) == [40.0, 40.0]]
     assert target_lines
     png = fig._repr_png_()
     assert png.startswith(b"\x89PNG")
@@ -363,9 +361,7 @@ def slow_double(items: list[int]) -> list[int]:
 
 
 def test_profile_runs_sync_models_from_plain_code() -> None:
-    result = profile(
-        slow_double, range(5), max_batch_size=(1, 4), concurrency=(1, 4), requests=20
-    )
+    result = profile(slow_double, range(5), max_batch_size=(1, 4), concurrency=(1, 4), requests=20)
     assert len(result.points) == 4
     assert all(p.errors == 0 and p.throughput > 0 for p in result.points)
 
