@@ -127,7 +127,8 @@ class ProfileResult:
         "p99"); None keeps every point. ``concurrency`` keeps only the points measured at that
         load (the number of callers you expect). Points with errors are never chosen. Ties in
         throughput (equal to 4 significant digits) go to the lower latency, then to the
-        smaller settings. Returns None when no point qualifies. Apply the settings with ``BatchedModel(fn, **point.settings)``.
+        smaller settings. Returns None when no point qualifies. Apply the settings with
+        ``BatchedModel(fn, **point.settings)``.
         """
         _check_percentile(percentile)
         if latency_target is not None:

@@ -258,7 +258,7 @@ def test_recommend_validates_its_arguments() -> None:
     result = ProfileResult("m", (point(1, 1, 1.0, 0.01),))
     with pytest.raises(ConfigurationError, match="latency_target must be a positive number"):
         result.recommend(-1.0)
-    with pytest.raises(ConfigurationError, match="percentile must be .* got 'p95'"):
+    with pytest.raises(ConfigurationError, match=r"percentile must be .* got 'p95'"):
         result.recommend(0.1, percentile="p95")  # type: ignore[arg-type]
 
 
@@ -349,7 +349,7 @@ def test_plot_draws_throughput_and_latency_against_batch_size_and_concurrency() 
 def test_plot_without_plottable_points_says_so() -> None:
     pytest.importorskip("matplotlib")
     result = sample_result()
-    with pytest.raises(ConfigurationError, match="no point without errors at max_wait=0.5"):
+    with pytest.raises(ConfigurationError, match=r"no point without errors at max_wait=0\.5"):
         result.plot(max_wait=0.5)
 
 
