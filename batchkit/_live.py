@@ -109,9 +109,11 @@ class LiveView:
             return list(self._versions)
 
     def _extra(self) -> list[tuple[str, str]]:
-        history = " \u2192 ".join(
-            v if t == 0 else f"{v} ({t:.1f} s)" for t, v in self.versions[-6:]
-        )
+        seen = self.versions
+        shown = [f"{v} ({t:.1f} s)" if i else v for i, (t, v) in enumerate(seen)]
+        if len(shown) > 6:  # the first, then the latest ones
+            shown = [shown[0], "\u2026", *shown[-4:]]
+        history = " \u2192 ".join(shown)
         return [
             ("throughput", f"{_display.format_rate(self.throughput)} items/s"),
             ("versions", history),
