@@ -26,6 +26,7 @@ from ._core._errors import WeightsNotFound as WeightsNotFound
 from ._core._errors import WrongLoopError as WrongLoopError
 from ._core._model import BatchedModel as BatchedModel
 from ._core._slot import Versioned as Versioned
+from ._core._stats import LatencyHistogram as LatencyHistogram
 from ._core._stats import LatencySummary as LatencySummary
 from ._core._stats import Statistics as Statistics
 from ._version import __version__ as __version__
@@ -40,6 +41,7 @@ __all__ = (
     "DeadlineExceeded",
     "ForbiddenPath",
     "IncompatibleWeights",
+    "LatencyHistogram",
     "LatencySummary",
     "ModelError",
     "QueueFull",

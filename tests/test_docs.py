@@ -34,6 +34,13 @@ def test_readme_quickstart_runs(tmp_path: Path) -> None:
     assert run_python(quickstart, tmp_path).splitlines() == ["5", "1.0"]
 
 
+def test_readme_main_command_is_the_serving_demo() -> None:
+    readme = (ROOT / "README.md").read_text()
+    command = 'python -m pip install -e ".[server,triton]" && python examples/serve_demo.py'
+    assert command in readme
+    assert (ROOT / "examples" / "serve_demo.py").exists()  # run by test_example_runs
+
+
 def test_readme_names_the_ci_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()

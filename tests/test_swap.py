@@ -4,6 +4,7 @@ typed failures that leave the old model serving, rollback, statistics. Asyncio a
 from __future__ import annotations
 
 import gc
+import os
 import random
 import threading
 import weakref
@@ -98,9 +99,9 @@ class TestSwapBetweenBatches:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(call, 1)
                 await old.started.wait()
-                tg.start_soon(call, 2)
-                tg.start_soon(call, 3)
-                await anyio.wait_all_tasks_blocked()
+                for item in (2, 3):  # one at a time: trio runs new tasks in any order
+                    tg.start_soon(call, item)
+                    await anyio.wait_all_tasks_blocked()
                 assert model.statistics().queue_depth == 2
                 await model.swap(rec.version("new"), version="new")
                 assert model.version == "new"
@@ -115,6 +116,23 @@ class TestSwapBetweenBatches:
         stats = model.statistics()
         assert (stats.completed, stats.failed, stats.swaps, stats.model_version) == (3, 0, 1, "new")
         assert stats.last_swap_seconds > 0
+
+    async def test_preparation_runs_off_the_engine_at_the_lowest_priority(self) -> None:
+        seen: list[tuple[str, int | None]] = []
+
+        def validate(new: Any, old: Any) -> None:
+            native = threading.get_native_id()
+            priority = (
+                os.getpriority(os.PRIO_PROCESS, native) if hasattr(os, "getpriority") else None
+            )
+            seen.append((threading.current_thread().name, priority))
+
+        rec = Recording()
+        async with BatchedModel(rec.version("1"), version="1", name="m") as model:
+            await model.swap(rec.version("2"), version="2", validate=validate)
+        assert seen[0][0] == "batchkit-m-swap"
+        if seen[0][1] is not None:
+            assert seen[0][1] == 19
 
     async def test_swap_before_the_engine_starts(self) -> None:
         rec = Recording()
@@ -248,6 +266,51 @@ class TestFailedSwapsLeaveTheOldModelServing:
             with pytest.raises(SwapError, match=r"needs a torch\.nn\.Module"):
                 await model.swap(rec.version("2"), version="2", in_place=True)
             await self.check_still_serving(model, rec)
+
+
+class TwoGates:
+    """An async model that fails every batch; its first two batches wait for their gates."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+        self.started = [anyio.Event(), anyio.Event()]
+        self.gates = [anyio.Event(), anyio.Event()]
+
+    async def __call__(self, items: list[Any]) -> list[Any]:
+        n = len(self.batches)
+        self.batches.append(list(items))
+        if n < 2:
+            self.started[n].set()
+            await self.gates[n].wait()
+        raise RuntimeError("v1 fails")
+
+
+class TestIsolationRetries:
+    async def test_retries_run_on_the_version_that_failed(self) -> None:
+        old = TwoGates()
+        rec = Recording()
+        results: dict[int, Any] = {}
+        async with BatchedModel(old, version="1", isolate_failures=True) as model:
+
+            async def call(item: int) -> None:
+                try:
+                    results[item] = await model.call_versioned(item)
+                except ModelError as exc:
+                    results[item] = exc
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, 0)
+                await old.started[0].wait()
+                for item in (1, 2):  # one at a time: trio runs new tasks in any order
+                    tg.start_soon(call, item)
+                    await anyio.wait_all_tasks_blocked()
+                old.gates[0].set()
+                await old.started[1].wait()  # the batch [1, 2] runs on v1
+                await model.swap(rec.version("2"), version="2")
+                old.gates[1].set()  # it fails: its halves are retried
+        assert old.batches == [[0], [1, 2], [1], [2]]
+        assert rec.batches == []
+        assert all(isinstance(r, ModelError) and r.version == "1" for r in results.values())
 
 
 class TestRollback:

@@ -22,7 +22,7 @@ from ._engine import Engine
 from ._errors import ClosedError, ConfigurationError, WrongLoopError
 from ._requests import FutureRequest, Request, ThreadRequest
 from ._slot import Installed, ModelSlot, Versioned
-from ._stats import Recorder, Statistics
+from ._stats import DEFAULT_LATENCY_BOUNDS, Recorder, Statistics, check_bounds
 from ._swap import Swapper, is_async_callable
 
 if TYPE_CHECKING:
@@ -423,6 +423,38 @@ class BatchedModel(Generic[T, R]):
         """
         return await self._call_many(items, priority, timeout, deadline, return_exceptions, True)
 
+    async def call_many_nowait(
+        self,
+        items: Iterable[T],
+        *,
+        priority: float = 0,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[R]:
+        """Like ``call_many()``, but raise ``QueueFull`` at once when an item finds no room.
+
+        Without ``return_exceptions``, a full queue withdraws the items already queued, so the
+        call is all or nothing (what a server wants for one request of several rows).
+        """
+        return await self._call_many(
+            items, priority, timeout, deadline, return_exceptions, False, wait=False
+        )
+
+    async def call_many_nowait_versioned(
+        self,
+        items: Iterable[T],
+        *,
+        priority: float = 0,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        return_exceptions: bool = False,
+    ) -> list[Versioned[R]]:
+        """Like ``call_many_nowait()``, with each output paired with the version that made it."""
+        return await self._call_many(
+            items, priority, timeout, deadline, return_exceptions, True, wait=False
+        )
+
     async def _call_many(
         self,
         items: Iterable[T],
@@ -431,6 +463,8 @@ class BatchedModel(Generic[T, R]):
         deadline: float | None,
         return_exceptions: bool,
         versioned: bool,
+        *,
+        wait: bool = True,
     ) -> list[Any]:
         items = list(items)
         _check_priority(priority)
@@ -438,10 +472,10 @@ class BatchedModel(Generic[T, R]):
         if engine is not None and engine.thread_id == get_ident():
             deadline = self._deadline(timeout, deadline)
             return await engine.call_many(
-                items, priority, deadline, True, return_exceptions, versioned
+                items, priority, deadline, wait, return_exceptions, versioned
             )
         engine = self._ensure_engine()
-        reqs = self._thread_requests(engine, items, priority, timeout, deadline, True)
+        reqs = self._thread_requests(engine, items, priority, timeout, deadline, wait)
         engine.submit_threadsafe(reqs)
         results: list[Any] = []
         try:
@@ -580,9 +614,10 @@ class BatchedModel(Generic[T, R]):
         ``new`` is a model function (or ``torch.nn.Module``), or, when the model is a torch
         module, its new weights: a state dict, or a path to a file saved with ``torch.save``
         (loaded with ``weights_only=True``, inside ``weights_dir`` when that is set). The new
-        model is prepared in a worker thread: built, moved to ``device`` (default: the current
-        model's), put in ``eval()`` mode, run on the ``warmup`` items as one batch, and checked
-        by ``validate(new_model, old_model)`` (sync or async; False or an exception rejects it).
+        model is prepared in a thread of its own at the lowest CPU priority: built, moved to
+        ``device`` (default: the current model's), put in ``eval()`` mode, run on the
+        ``warmup`` items as one batch, and checked by ``validate(new_model, old_model)`` (sync
+        or async; False or an exception rejects it).
         Only then is it published: batches that start later run on it, batches already running
         finish on the old one, and queued items are kept.
 
@@ -608,7 +643,7 @@ class BatchedModel(Generic[T, R]):
         validate: Callable[[Any, Any], Any] | None = None,
         device: Any = None,
     ) -> None:
-        """Like ``swap()``, preparing in the calling thread (not the engine's loop thread)."""
+        """Like ``swap()``, blocking the calling thread (not the engine's loop thread)."""
         swap = self._prepare_swap(new, version, in_place, warmup, validate, device)
         self._check_not_engine_thread("swap_sync")
         swap(token=None)
@@ -669,6 +704,16 @@ class BatchedModel(Generic[T, R]):
 
     # -- statistics ----------------------------------------------------------------------------
 
+    def record_histograms(self, bounds: Sequence[float] = DEFAULT_LATENCY_BOUNDS) -> None:
+        """Count every queue-wait, compute and end-to-end latency into histograms from now on.
+
+        ``statistics().histograms`` then holds them (exporters such as Prometheus need every
+        sample, not the recent window of the summaries). Costs a few tenths of a microsecond per
+        item. Calling it again with the same ``bounds`` does nothing; other bounds raise
+        ``ConfigurationError``, as do bounds that are not increasing numbers > 0.
+        """
+        self._recorder.record_histograms(check_bounds(bounds))
+
     def statistics(self) -> Statistics:
         """Return an immutable snapshot of counters, queue state and recent latencies."""
         engine = self._engine
@@ -680,6 +725,7 @@ class BatchedModel(Generic[T, R]):
             queue_depth=0,
             waiting_for_room=0,
             in_flight_batches=0,
+            dispatch_held=self._slot.held,
         )
 
 

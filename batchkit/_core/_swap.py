@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio.from_thread
 from anyio.lowlevel import EventLoopToken
@@ -35,6 +35,8 @@ from ._stats import Recorder
 __all__ = ("Swapper", "is_async_callable")
 
 _TORCH_HELPERS = "batchkit._torch_swap"
+
+T = TypeVar("T")
 
 
 class Swapper:
@@ -90,7 +92,7 @@ class Swapper:
                     runner,
                 )
             else:
-                self._timed(previous.version, self._publish, previous, self._slot.current)
+                self._timed(previous.version, self._restore, previous)
             return previous.version
 
     # -- the steps -----------------------------------------------------------------------------
@@ -121,6 +123,30 @@ class Swapper:
         runner: _Runner,
     ) -> None:
         current = self._slot.current
+        installed = in_background(
+            self._settings.name,
+            self._prepare,
+            current,
+            new,
+            version,
+            warmup,
+            validate,
+            device,
+            runner,
+        )
+        self._publish(installed, current)
+        self._rec.last_swap_pause_seconds = 0.0
+
+    def _prepare(
+        self,
+        current: Installed,
+        new: Any,
+        version: str,
+        warmup: Sequence[Any] | None,
+        validate: Callable[[Any, Any], Any] | None,
+        device: Any,
+        runner: _Runner,
+    ) -> Installed:
         if callable(new) and not isinstance(new, (str, os.PathLike)):
             model = new
             helpers = _torch_helpers_for(new)
@@ -134,8 +160,7 @@ class Swapper:
             model = helpers.build(current.model, state, device)
         installed = Installed(model, is_async_callable(model), version)
         self._check(installed, current.model, warmup, validate, runner)
-        self._publish(installed, current)
-        self._rec.last_swap_pause_seconds = 0.0
+        return installed
 
     def _swap_in_place(
         self,
@@ -148,20 +173,28 @@ class Swapper:
         current = self._slot.current
         module = current.model
         helpers = self._weights_helpers(module, "swapping in place")
-        state = helpers.load_state(new, self._settings.weights_dir)
-        helpers.check_fits(module, state)
-        state = helpers.stage(state, helpers.device_of(module))
-        old_weights = helpers.snapshot(module)
+        state, old_weights = in_background(
+            self._settings.name, self._stage_in_place, helpers, module, new
+        )
         installed = Installed(module, current.is_async, version)
-        with self._paused():
-            helpers.copy_into(module, state)
+        with self._held():  # at normal priority: callers wait for this part
             try:
+                helpers.copy_into(module, state)
                 self._check(installed, None, warmup, validate, runner)
             except BaseException:
                 helpers.copy_into(module, old_weights)
                 raise
             restore = Installed(module, current.is_async, current.version, weights=old_weights)
             self._publish(installed, restore)
+
+    def _stage_in_place(self, helpers: ModuleType, module: Any, new: Any) -> tuple[Any, Any]:
+        state = helpers.load_state(new, self._settings.weights_dir)
+        helpers.check_fits(module, state)
+        return helpers.stage(state, helpers.device_of(module)), helpers.snapshot(module)
+
+    def _restore(self, previous: Installed) -> None:
+        self._publish(previous, self._slot.current)
+        self._rec.last_swap_pause_seconds = 0.0
 
     def _publish(self, installed: Installed, previous: Installed) -> None:
         keep = previous if self._settings.keep_previous else None
@@ -205,27 +238,37 @@ class Swapper:
                 )
 
     @contextmanager
-    def _paused(self) -> Iterator[None]:
-        """Hold the engine between batches: no batch runs inside the block."""
+    def _held(self) -> Iterator[None]:
+        """Hold the slot: no batch starts (in any engine, even one starting meanwhile), and
+        inside the block no batch runs: the running ones finish first."""
         engine = self._engine()
-        if engine is None:  # nothing runs: nothing to hold
-            yield
-            return
+        if engine is not None and getattr(engine.in_model, "active", False):
+            raise SwapError(
+                f"an in-place swap of model {self._settings.name!r} from inside the model would "
+                "wait for its own batch to end; swap from outside the model"
+            )
+        start = time.perf_counter()
+        self._slot.held = True
         try:
-            idle = engine.run_in_loop(engine.pause)
-        except ClosedError:
+            engine = self._engine()
+            if engine is not None and engine.token is not None:
+                try:
+                    idle = engine.run_in_loop(engine.when_idle)
+                except ClosedError:  # its loop has ended: nothing runs
+                    pass
+                else:
+                    idle.result()  # the batches in flight finish first
             yield
-            return
-        try:
-            idle.result()  # the batches in flight finish first
-            start = time.perf_counter()
-            yield
-            self._rec.last_swap_pause_seconds = time.perf_counter() - start
         finally:
-            try:
-                engine.run_in_loop(engine.resume)
-            except ClosedError:
-                pass
+            self._slot.held = False
+            self._rec.last_swap_pause_seconds = time.perf_counter() - start
+            # An engine that entered before `held` went False may have workers waiting on it.
+            engine = self._engine()
+            if engine is not None and engine.token is not None:
+                try:
+                    engine.run_in_loop(engine.wake)
+                except ClosedError:
+                    pass
 
     def _weights_helpers(self, model: Any, what: str) -> ModuleType:
         helpers = _torch_helpers_for(model)
@@ -266,6 +309,35 @@ class _Runner:
         collate = settings.collate
         out = self.call(installed.model, collate(items) if collate is not None else items)
         return split_outputs(settings, out, len(items))
+
+
+def in_background(name: str, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(*args)`` in a new thread at the lowest CPU priority, and return its result.
+
+    Preparing a model (loading, copying, warming up) competes for the CPU with the batches
+    being served; at the lowest priority it takes only what they leave. The thread is new
+    because a thread's priority cannot be raised back without privileges.
+    """
+    result: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            if hasattr(os, "setpriority"):  # Linux: per thread, by its native id
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _LOWEST_PRIORITY)
+        except OSError:  # not permitted here: run at the normal priority
+            pass
+        try:
+            result.set_result(fn(*args))
+        except BaseException as exc:
+            result.set_exception(exc)
+
+    thread = threading.Thread(target=run, name=f"batchkit-{name}-swap", daemon=True)
+    thread.start()
+    thread.join()
+    return result.result()
+
+
+_LOWEST_PRIORITY = 19
 
 
 async def _await(awaitable: Any) -> Any:

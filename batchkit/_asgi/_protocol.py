@@ -1,0 +1,279 @@
+"""The KServe v2 inference request and response, with Triton's binary tensor data extension.
+
+``parse_request`` turns the body of ``POST .../infer`` into decoded arrays and options;
+``encode_response`` turns the outputs into the body and headers. Neither knows about ASGI.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import BadRequest
+from ._served import ServedModel
+from ._tensors import Tensor, decode_binary, decode_json, encode_binary, encode_json
+
+__all__ = ("InferRequest", "encode_response", "parse_request")
+
+_UNSUPPORTED_PARAMETERS = (
+    "shared_memory_region",
+    "shared_memory_byte_size",
+    "shared_memory_offset",
+)
+_SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
+
+
+@dataclass
+class InferRequest:
+    """A decoded inference request: one array per input (batch first) and the options."""
+
+    id: str | None
+    arrays: dict[str, Any]
+    rows: int
+    outputs: list[tuple[Tensor, bool]]  # each requested output, and whether it goes binary
+    priority: int
+    timeout: float | None
+
+
+def parse_request(served: ServedModel, body: bytes, header_length: str | None) -> InferRequest:
+    """Parse and validate an infer body against ``served``'s signature; raise ``BadRequest``."""
+    if header_length is None:
+        header, binary = body, b""
+    else:
+        size = _header_size(header_length, len(body))
+        header, binary = body[:size], body[size:]
+    try:
+        request = json.loads(header)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise BadRequest(f"the request must be a JSON object, got {_short(request)}")
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise BadRequest(f"'id' must be a string, got {_short(request_id)}")
+    parameters = _object(request.get("parameters"), "the request's 'parameters'")
+    for key in _SEQUENCE_PARAMETERS:
+        if parameters.get(key) not in (None, 0, "", False):
+            raise BadRequest(f"model {served.name!r} is not a sequence model ({key!r} given)")
+    arrays, rows = _inputs(served, request.get("inputs"), binary, header_length is not None)
+    outputs = _outputs(served, request.get("outputs"), parameters.get("binary_data_output", False))
+    return InferRequest(
+        request_id, arrays, rows, outputs, _priority(parameters), _timeout(parameters)
+    )
+
+
+def _header_size(value: str, body_size: int) -> int:
+    try:
+        size = int(value)
+    except ValueError:
+        raise BadRequest(
+            f"Inference-Header-Content-Length must be an integer, got {value!r}"
+        ) from None
+    if not 0 <= size <= body_size:
+        raise BadRequest(
+            f"Inference-Header-Content-Length is {size}, but the body has {body_size} bytes"
+        )
+    return size
+
+
+def _inputs(
+    served: ServedModel, inputs: Any, binary: bytes, has_binary: bool
+) -> tuple[dict[str, Any], int]:
+    if not isinstance(inputs, list) or not inputs:
+        raise BadRequest(f"'inputs' must be a non-empty list, got {_short(inputs)}")
+    arrays: dict[str, Any] = {}
+    rows: int | None = None
+    offset = 0
+    for entry in inputs:
+        tensor, shape = _input_header(served, entry, arrays)
+        if rows is None:
+            rows = shape[0]
+        elif shape[0] != rows:
+            raise BadRequest(
+                f"input {tensor.name!r} has batch size {shape[0]}, other inputs have {rows}"
+            )
+        params = _object(entry.get("parameters"), f"the parameters of input {tensor.name!r}")
+        for key in _UNSUPPORTED_PARAMETERS:
+            if key in params:
+                raise BadRequest(f"input {tensor.name!r}: shared memory is not supported")
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not has_binary:
+                raise BadRequest(
+                    f"input {tensor.name!r} has 'binary_data_size' but the request has no "
+                    "Inference-Header-Content-Length header"
+                )
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise BadRequest(
+                    f"input {tensor.name!r}: 'binary_data_size' must be an integer >= 0, "
+                    f"got {_short(size)}"
+                )
+            if offset + size > len(binary):
+                raise BadRequest(
+                    f"input {tensor.name!r}: 'binary_data_size' is {size} but only "
+                    f"{len(binary) - offset} bytes of binary data remain"
+                )
+            if "data" in entry:
+                raise BadRequest(f"input {tensor.name!r} has both 'data' and binary data")
+            data = binary[offset : offset + size]
+            offset += size
+            arrays[tensor.name] = decode_binary(tensor.name, tensor.datatype, shape, data)
+        elif "data" in entry:
+            arrays[tensor.name] = decode_json(tensor.name, tensor.datatype, shape, entry["data"])
+        else:
+            raise BadRequest(f"input {tensor.name!r} has no 'data' and no binary data")
+    if offset != len(binary):
+        raise BadRequest(
+            f"the body has {len(binary) - offset} bytes of binary data that no input claims"
+        )
+    missing = [t.name for t in served.inputs if t.name not in arrays]
+    if missing:
+        raise BadRequest(f"model {served.name!r} expects inputs {missing} as well")
+    assert rows is not None
+    return arrays, rows
+
+
+def _input_header(
+    served: ServedModel, entry: Any, seen: dict[str, Any]
+) -> tuple[Tensor, tuple[int, ...]]:
+    if not isinstance(entry, dict):
+        raise BadRequest(f"each input must be a JSON object, got {_short(entry)}")
+    name = entry.get("name")
+    tensor = served.input_by_name.get(name) if isinstance(name, str) else None
+    if tensor is None:
+        raise BadRequest(
+            f"model {served.name!r} has no input {_short(name)}; "
+            f"its inputs are {list(served.input_by_name)}"
+        )
+    if name in seen:
+        raise BadRequest(f"input {name!r} is given more than once")
+    datatype = entry.get("datatype")
+    if datatype != tensor.datatype:
+        raise BadRequest(
+            f"input {name!r} has datatype {_short(datatype)}, expected {tensor.datatype}"
+        )
+    shape = entry.get("shape")
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise BadRequest(
+            f"input {name!r}: 'shape' must be a non-empty list of integers >= 0, "
+            f"got {_short(shape)}"
+        )
+    if shape[0] < 1 or not tensor.matches(shape[1:]):
+        raise BadRequest(
+            f"input {name!r} has shape {shape}, expected {[-1, *tensor.shape]} "
+            "(a batch dimension >= 1, then the item's shape; -1 is any size)"
+        )
+    return tensor, tuple(shape)
+
+
+def _outputs(served: ServedModel, outputs: Any, binary_default: Any) -> list[tuple[Tensor, bool]]:
+    if not isinstance(binary_default, bool):
+        raise BadRequest(f"'binary_data_output' must be a boolean, got {_short(binary_default)}")
+    if outputs is None:
+        return [(t, binary_default) for t in served.outputs]
+    if not isinstance(outputs, list):
+        raise BadRequest(f"'outputs' must be a list, got {_short(outputs)}")
+    wanted: list[tuple[Tensor, bool]] = []
+    for entry in outputs:
+        if not isinstance(entry, dict):
+            raise BadRequest(f"each requested output must be a JSON object, got {_short(entry)}")
+        name = entry.get("name")
+        tensor = served.output_by_name.get(name) if isinstance(name, str) else None
+        if tensor is None:
+            raise BadRequest(
+                f"model {served.name!r} has no output {_short(name)}; "
+                f"its outputs are {list(served.output_by_name)}"
+            )
+        params = _object(entry.get("parameters"), f"the parameters of output {name!r}")
+        if params.get("class_count", 0) not in (0, None):
+            raise BadRequest(f"output {name!r}: classification is not supported")
+        for key in _UNSUPPORTED_PARAMETERS:
+            if key in params:
+                raise BadRequest(f"output {name!r}: shared memory is not supported")
+        binary = params.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise BadRequest(
+                f"output {name!r}: 'binary_data' must be a boolean, got {_short(binary)}"
+            )
+        wanted.append((tensor, binary))
+    return wanted or [(t, binary_default) for t in served.outputs]
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object, got {_short(value)}")
+    return value
+
+
+def _priority(parameters: dict[str, Any]) -> int:
+    priority = parameters.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise BadRequest(f"'priority' must be an integer, got {_short(priority)}")
+    return priority
+
+
+def _timeout(parameters: dict[str, Any]) -> float | None:
+    # Triton's request timeout is in microseconds; 0 means none.
+    timeout = parameters.get("timeout", 0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise BadRequest(f"'timeout' must be microseconds >= 0, got {_short(timeout)}")
+    if timeout == 0 or math.isinf(timeout):
+        return None
+    return timeout / 1e6
+
+
+def encode_response(
+    served_name: str,
+    version: str,
+    request: InferRequest,
+    arrays: dict[str, Any],
+    versions: list[str] | None = None,
+) -> tuple[bytes, int | None]:
+    """Return the response body, and the JSON header's length when binary data follows it."""
+    outputs = []
+    chunks: list[bytes] = []
+    for tensor, binary in request.outputs:
+        array = arrays[tensor.name]
+        entry: dict[str, Any] = {
+            "name": tensor.name,
+            "datatype": tensor.datatype,
+            "shape": list(array.shape),
+        }
+        if binary:
+            data = encode_binary(tensor.datatype, array)
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = encode_json(tensor.name, tensor.datatype, array)
+        outputs.append(entry)
+    response: dict[str, Any] = {"model_name": served_name, "model_version": version}
+    if request.id is not None:
+        response["id"] = request.id
+    if versions is not None:
+        response["parameters"] = {"model_versions": versions}
+    response["outputs"] = outputs
+    header = json.dumps(response, separators=(",", ":")).encode()
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if _jsonable(value) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,177 @@
+"""Prometheus metrics for batched models, read from ``statistics()`` when scraped.
+
+``ModelCollector`` exports any models' snapshots to a ``prometheus_client`` registry;
+``ServerMetrics`` adds what the ASGI server observes per HTTP request. Nothing is recorded on
+the engine's hot path: the engine keeps its counters anyway, and a scrape reads a snapshot.
+
+This module imports ``prometheus_client``; ``import batchkit`` does not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+try:
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client.registry import Collector
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "batchkit.metrics needs prometheus-client: pip install 'batchkit[metrics]'"
+    ) from exc
+
+from ._core._model import BatchedModel
+from ._core._stats import DEFAULT_LATENCY_BOUNDS
+
+__all__ = ("BATCH_SIZE_BUCKETS", "LATENCY_BUCKETS", "ModelCollector", "ServerMetrics")
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+LATENCY_BUCKETS = DEFAULT_LATENCY_BOUNDS
+_OUTCOMES = ("completed", "failed", "expired", "cancelled", "rejected")
+_QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
+
+
+class ModelCollector(Collector):
+    """Export the statistics of ``models`` (a callable returning them is read per scrape).
+
+    Per model (label ``model``): items by outcome, queue depth, items waiting for room,
+    batches in flight, a batch-size histogram, queue-wait / compute / end-to-end latency
+    histograms (every sample since collection began: the collector turns on
+    ``record_histograms(LATENCY_BUCKETS)`` for each model) and the same latencies' recent
+    quantiles, the version serving (``batchkit_model_version_info``) and swaps.
+    """
+
+    def __init__(
+        self,
+        models: Iterable[BatchedModel[Any, Any]] | Callable[[], Iterable[BatchedModel[Any, Any]]],
+    ) -> None:
+        self._models = models if callable(models) else list(models)
+        if not callable(models):
+            self._current()  # histograms count from now on, not from the first scrape
+
+    def _current(self) -> list[BatchedModel[Any, Any]]:
+        models = self._models
+        current = list(models() if callable(models) else models)
+        for model in current:
+            model.record_histograms(LATENCY_BUCKETS)
+        return current
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the metric families, from one snapshot per model."""
+        snapshots = [m.statistics() for m in self._current()]
+        items = CounterMetricFamily(
+            "batchkit_items", "Items submitted to a model, by outcome.", labels=["model", "outcome"]
+        )
+        depth = GaugeMetricFamily("batchkit_queue_depth", "Items queued.", labels=["model"])
+        waiting = GaugeMetricFamily(
+            "batchkit_waiting_for_room",
+            "Submits waiting for room in a full queue.",
+            labels=["model"],
+        )
+        in_flight = GaugeMetricFamily(
+            "batchkit_in_flight_batches", "Batches running now.", labels=["model"]
+        )
+        sizes = HistogramMetricFamily(
+            "batchkit_batch_size", "Items per batch run.", labels=["model"]
+        )
+        version = GaugeMetricFamily(
+            "batchkit_model_version_info", "The version serving now (value 1).",
+            labels=["model", "version"],
+        )  # fmt: skip
+        swaps = CounterMetricFamily(
+            "batchkit_swaps", "Model swaps and rollbacks, by result.", labels=["model", "result"]
+        )
+        latencies = {
+            field: GaugeMetricFamily(
+                f"batchkit_{field}_recent_seconds",
+                f"{label} over the most recent items (a window of samples), by quantile.",
+                labels=["model", "quantile"],
+            )
+            for field, label in (
+                ("queue_wait", "Queue wait"),
+                ("compute", "Batch compute time"),
+                ("end_to_end", "Submit-to-outcome time"),
+            )
+        }
+        histograms = {
+            field: HistogramMetricFamily(
+                f"batchkit_{field}_seconds", f"{label}, every sample.", labels=["model"]
+            )
+            for field, label in (
+                ("queue_wait", "Queue wait per item"),
+                ("compute", "Batch compute time"),
+                ("end_to_end", "Submit-to-outcome time per item"),
+            )
+        }
+        for s in snapshots:
+            for outcome in _OUTCOMES:
+                items.add_metric([s.name, outcome], getattr(s, outcome))
+            depth.add_metric([s.name], s.queue_depth)
+            waiting.add_metric([s.name], s.waiting_for_room)
+            in_flight.add_metric([s.name], s.in_flight_batches)
+            buckets, total = [], 0
+            for bound in BATCH_SIZE_BUCKETS:
+                total = sum(n for size, n in s.batch_sizes.items() if size <= bound)
+                buckets.append((str(bound), total))
+            buckets.append(("+Inf", s.batches))
+            size_sum = sum(size * n for size, n in s.batch_sizes.items())
+            sizes.add_metric([s.name], buckets, size_sum)
+            version.add_metric([s.name, s.model_version], 1)
+            swaps.add_metric([s.name, "ok"], s.swaps)
+            swaps.add_metric([s.name, "failed"], s.failed_swaps)
+            for field, family in latencies.items():
+                summary = getattr(s, field)
+                for quantile, attr in _QUANTILES:
+                    family.add_metric([s.name, quantile], getattr(summary, attr))
+            for field, hfamily in histograms.items():
+                hist = s.histograms.get(field)
+                if hist is not None:
+                    cumulative = [(_le(bound), n) for bound, n in hist.cumulative()]
+                    hfamily.add_metric([s.name], cumulative, hist.sum)
+        yield from (items, depth, waiting, in_flight, sizes, version, swaps)
+        yield from latencies.values()
+        yield from histograms.values()
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+class ServerMetrics:
+    """The metrics of one ASGI app: its models' statistics and its HTTP requests.
+
+    Each app has its own registry, so several apps (or tests) in one process never clash.
+    """
+
+    def __init__(self, models: Iterable[BatchedModel[Any, Any]]) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ModelCollector(models))
+        self._requests = Counter(
+            "batchkit_http_requests",
+            "Inference requests answered, by model and HTTP status.",
+            ["model", "status"],
+            registry=self.registry,
+        )
+        self._duration = Histogram(
+            "batchkit_http_request_duration_seconds",
+            "Inference request time in the server, from routing to the response sent.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_request(self, model: str, status: int, seconds: float) -> None:
+        """Count one inference request answered with ``status`` after ``seconds``."""
+        self._requests.labels(model, str(status)).inc()
+        self._duration.labels(model).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """Return the exposition text and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
