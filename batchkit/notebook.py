@@ -10,12 +10,16 @@ Models and their statistics render as HTML tables by themselves.
 - ``profile(fn, inputs, ...)``: sweep ``max_batch_size``, ``max_wait``, ``max_concurrency``
   and the number of concurrent callers; the result renders as a table, plots with ``plot()``,
   recommends settings for a latency target, and exports with ``to_dicts()``/``to_csv()``.
+- ``serve(app_or_models)``: run the KServe v2 HTTP server (uvicorn) on a background thread, so
+  ``tritonclient`` can call it from the next cell; ``stop()`` ends it.
 
-This module imports neither IPython nor matplotlib nor rich until a function needs them.
+This module imports neither IPython, matplotlib, rich nor uvicorn until a function needs them.
 """
 
 from __future__ import annotations
 
+from ._background_server import BackgroundServer as BackgroundServer
+from ._background_server import serve as serve
 from ._live import LiveView as LiveView
 from ._live import live as live
 from ._profile import ProfilePoint as ProfilePoint
@@ -23,4 +27,13 @@ from ._profile import ProfileResult as ProfileResult
 from ._profile import aprofile as aprofile
 from ._profile import profile as profile
 
-__all__ = ("LiveView", "ProfilePoint", "ProfileResult", "aprofile", "live", "profile")
+__all__ = (
+    "BackgroundServer",
+    "LiveView",
+    "ProfilePoint",
+    "ProfileResult",
+    "aprofile",
+    "live",
+    "profile",
+    "serve",
+)
