@@ -144,6 +144,7 @@ def statistics_tables(stats: Statistics, *, extra: Sequence[tuple[str, str]] = (
         ("queue depth", format_count(stats.queue_depth)),
         ("waiting for room", format_count(stats.waiting_for_room)),
         ("in-flight batches", format_count(stats.in_flight_batches)),
+        *([("dispatch", "held (in-place swap)")] if stats.dispatch_held else []),
         *extra,
     ]
     latency = Table(

@@ -508,7 +508,7 @@ def profile(
 def _run_in_thread(fn: Callable[[], Any]) -> Any:
     """Run the async ``fn`` in a new event loop on a new thread; interruptible from this one."""
     outcome: dict[str, Any] = {}
-    started = threading.Event()
+    started, finished = threading.Event(), threading.Event()
 
     async def main() -> None:
         with anyio.CancelScope() as scope:
@@ -523,20 +523,25 @@ def _run_in_thread(fn: Callable[[], Any]) -> Any:
             outcome["error"] = exc
         finally:
             started.set()
+            finished.set()
 
     thread = threading.Thread(target=target, name="batchkit-profile", daemon=True)
     thread.start()
+    # Wait on an event, not on join(): a join() interrupted by KeyboardInterrupt may not wait
+    # properly afterwards.
     try:
-        thread.join()
+        finished.wait()
     except BaseException:  # KeyboardInterrupt in a notebook cell: stop the sweep, then re-raise
         started.wait()
-        if "token" in outcome and thread.is_alive():
+        if "token" in outcome and not finished.is_set():
             try:
                 anyio.from_thread.run_sync(outcome["scope"].cancel, token=outcome["token"])
             except RuntimeError:  # the loop has just ended
                 pass
+        finished.wait()
         thread.join()
         raise
+    thread.join()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]

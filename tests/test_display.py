@@ -133,6 +133,12 @@ def test_statistics_html_shows_the_batch_size_histogram() -> None:
     assert f"40 batches, mean size {stats.mean_batch_size:.1f}" in html
 
 
+def test_statistics_html_says_when_dispatch_is_held() -> None:
+    assert "dispatch" not in Tables(snapshot()._repr_html_()).tables["items"][-1]
+    page = Tables(snapshot(dispatch_held=True)._repr_html_())
+    assert page.row("items", "dispatch") == ["held (in-place swap)"]
+
+
 def test_statistics_html_names_the_model_and_version() -> None:
     html = snapshot()._repr_html_()
     assert "embed \u00b7 version v7" in html

@@ -415,3 +415,32 @@ def test_profile_needs_inputs_and_a_model() -> None:
         profile(slow_double, [])
     with pytest.raises(ConfigurationError, match="the model must be callable"):
         profile(42, [1])  # type: ignore[arg-type]
+
+
+async def async_double(items: list[int]) -> list[int]:
+    await anyio.sleep(0)
+    return [2 * i for i in items]
+
+
+def test_interrupting_profile_stops_the_sweep() -> None:
+    """KeyboardInterrupt (the kernel's interrupt button) stops the sweep and its threads."""
+    import signal
+    import threading
+
+    seen: list[int] = []
+
+    def interrupt_after_the_first_point(done: int, total: int) -> None:
+        seen.append(done)
+        if done == 1:  # SIGINT to the calling thread, as the kernel's interrupt button sends
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        profile(
+            async_double,
+            [1],
+            max_batch_size=(1, 2, 4, 8),
+            concurrency=(1,),
+            requests=10_000,
+            progress=interrupt_after_the_first_point,
+        )
+    assert seen[0] == 1 and len(seen) < 4
