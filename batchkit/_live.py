@@ -79,6 +79,10 @@ class LiveView:
         self._sink: _Sink | None = None
         self.update()
 
+    def __repr__(self) -> str:
+        state = "live" if self.running else "stopped"
+        return f"<LiveView of {self.model.name!r} {state}, every {self.interval:g} s>"
+
     # -- figures -------------------------------------------------------------------------------
 
     def update(self) -> Statistics:

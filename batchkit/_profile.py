@@ -95,7 +95,7 @@ class ProfilePoint:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class ProfileResult:
     """The points of a sweep, with the latency target it was run for (if any).
 
@@ -180,6 +180,9 @@ class ProfileResult:
         """Return one line that states the recommendation (or that none met the target)."""
         return _summary(self)
 
+    def __repr__(self) -> str:
+        return f"<ProfileResult {self.name!r}, {len(self.points)} points: {self.summary()}>"
+
     def table(self) -> _display.Table:
         """Return the points as a display table, the recommended one highlighted.
 
@@ -233,6 +236,8 @@ class ProfileResult:
         """
         from ._plot import plot_profile
 
+        if not self.points:
+            raise ConfigurationError("this profile has no points to plot")
         best = self.recommendation
         if max_wait is None:
             max_wait = best.max_wait if best else self.points[0].max_wait

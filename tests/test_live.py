@@ -97,6 +97,13 @@ def test_start_and_stop_run_and_end_the_refresh_thread(model: BatchedModel[int, 
     view.stop()  # stopping again does nothing
 
 
+def test_repr_says_whether_the_view_runs(model: BatchedModel[int, int]) -> None:
+    view = LiveView(model, interval=0.25, display="none")
+    assert repr(view) == "<LiveView of 'net' stopped, every 0.25 s>"
+    with view:
+        assert repr(view) == "<LiveView of 'net' live, every 0.25 s>"
+
+
 def test_with_block_stops_the_view(model: BatchedModel[int, int]) -> None:
     with LiveView(model, interval=0.01, display="none") as view:
         assert view.running

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from batchkit import BatchedModel, ConfigurationError, LatencySummary
@@ -346,8 +347,18 @@ def test_plot_draws_throughput_and_latency_against_batch_size_and_concurrency() 
     assert png.startswith(b"\x89PNG")
 
 
+def test_repr_states_the_recommendation() -> None:
+    assert repr(sample_result()) == (
+        "<ProfileResult 'net', 3 points: best throughput with p99 \u2264 40.0 ms: "
+        "max_batch_size=32, max_wait=0, max_concurrency=1 (900 items/s with 16 callers, "
+        "p99 30.0 ms)>"
+    )
+
+
 def test_plot_without_plottable_points_says_so() -> None:
     pytest.importorskip("matplotlib")
+    with pytest.raises(ConfigurationError, match="no points to plot"):
+        ProfileResult("empty", ()).plot()
     result = sample_result()
     with pytest.raises(ConfigurationError, match=r"no point without errors at max_wait=0\.5"):
         result.plot(max_wait=0.5)
@@ -418,7 +429,7 @@ def test_profile_needs_inputs_and_a_model() -> None:
 
 
 async def async_double(items: list[int]) -> list[int]:
-    await anyio.sleep(0)
+    await anyio.lowlevel.checkpoint()
     return [2 * i for i in items]
 
 
@@ -444,3 +455,14 @@ def test_interrupting_profile_stops_the_sweep() -> None:
             progress=interrupt_after_the_first_point,
         )
     assert seen[0] == 1 and len(seen) < 4
+
+
+def test_aprofile_runs_on_asyncio_too() -> None:
+    """The sweep runs in the caller's asyncio loop (real time: only shapes are checked)."""
+    result = asyncio.run(
+        aprofile(async_double, range(4), max_batch_size=(1, 4), concurrency=(4,), requests=40)
+    )
+    assert [(p.max_batch_size, p.concurrency) for p in result.points] == [(1, 4), (4, 4)]
+    assert all(p.errors == 0 and p.latency.count == 40 for p in result.points)
+    assert result.points[0].mean_batch_size == 1.0
+    assert 1.0 <= result.points[1].mean_batch_size <= 4.0
