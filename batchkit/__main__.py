@@ -1,4 +1,4 @@
-"""The ``batchkit`` command: ``serve``, ``bench``, ``profile`` (and the other adapters' commands)."""
+"""The ``batchkit`` command: ``serve``, ``bench``, ``profile`` and the other subcommands."""
 
 from __future__ import annotations
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -38,7 +37,7 @@ def infer(url: str, values: list[float]) -> list[float]:
 
 
 def server_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("batchkit-server")]
+    return [t.name for t in threading.enumerate() if t.name == "batchkit-http"]
 
 
 def test_serve_a_model_then_stop() -> None:
@@ -76,18 +75,14 @@ def test_serve_any_asgi_app() -> None:
             assert response.read() == b"hello"
 
 
-def test_serve_refuses_a_busy_port_and_bad_arguments() -> None:
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen(1)
-    try:
-        port = taken.getsockname()[1]
-        with pytest.raises(ConfigurationError, match=f"cannot listen on 127.0.0.1:{port}"):
-            serve(BatchedModel(double_rows), port=port)
-    finally:
-        taken.close()
-    with pytest.raises(ConfigurationError, match=r"port must be an int in 0\.\.65535, got -1"):
-        serve(BatchedModel(double_rows), port=-1)
-    with pytest.raises(ConfigurationError, match="expected an ASGI app or models to serve"):
+def test_stopping_twice_is_harmless() -> None:
+    server = serve(BatchedModel(double_rows))
+    server.stop()
+    server.stop()
+    assert server_threads() == []
+
+
+def test_serve_refuses_what_is_neither_an_app_nor_models() -> None:
+    with pytest.raises(ConfigurationError, match="expected an ASGI app or models to serve, got 42"):
         serve(42)
     assert server_threads() == []
