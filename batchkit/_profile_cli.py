@@ -129,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         result.to_csv(args.csv)
     if args.plot:
-        result.plot().savefig(args.plot)
+        try:
+            result.plot().savefig(args.plot)
+        except ImportError as exc:  # matplotlib missing: the table still prints
+            print(f"batchkit profile: {exc}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dicts(), indent=2))
     else:

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from batchkit.__main__ import main
-from batchkit._profile_cli import parse_seconds
+from batchkit._profile_cli import _plain, parse_seconds
+from batchkit.notebook import ProfileResult
 
 MODULE = textwrap.dedent(
     """
@@ -218,3 +219,26 @@ def test_python_dash_m_batchkit_profile(project: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "batchkit profile of 'model'" in out.stdout
+
+
+def test_plain_table_without_rich() -> None:
+    from tests.test_profile import point
+
+    result = ProfileResult("m", (point(8, 4, 500.0, 0.010), point(32, 16, 900.0, 0.030)))
+    lines = _plain(result.table()).splitlines()
+    assert lines[0].split() == [
+        "max",
+        "batch",
+        "callers",
+        "items/s",
+        "mean",
+        "batch",
+        "p50",
+        "ms",
+        "p99",
+        "ms",
+    ]
+    assert lines[1].split() == ["8", "4", "500", "8.0", "5.00", "10.0"]
+    assert lines[2].startswith("*")  # the recommendation
+    assert lines[2].split()[1:] == ["32", "16", "900", "32.0", "15.0", "30.0"]
+    assert lines[3].startswith("best throughput: max_batch_size=32")
