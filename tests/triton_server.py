@@ -46,17 +46,22 @@ def find_tritonserver() -> Path | None:
 # -- the models --------------------------------------------------------------------------------
 
 _IDENTITY = """
+import json
 import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.strings = config["input"][0]["data_type"] == "TYPE_STRING"
+
     def execute(self, requests):
-        # Through DLPack, so every datatype (BF16 included) passes as it is.
-        return [
-            pb_utils.InferenceResponse(
-                [pb_utils.Tensor.from_dlpack("Y", pb_utils.get_input_tensor_by_name(r, "X").to_dlpack())]
-            )
-            for r in requests
-        ]
+        responses = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "X")
+            # DLPack passes every datatype as it is (BF16 included), but not strings.
+            y = pb_utils.Tensor("Y", x.as_numpy()) if self.strings else pb_utils.Tensor.from_dlpack("Y", x.to_dlpack())
+            responses.append(pb_utils.InferenceResponse([y]))
+        return responses
 """
 
 _SCALE = """
@@ -207,7 +212,11 @@ def _models(state: Path) -> dict[str, tuple[str, str]]:
             dynamic_batching {{
               priority_levels: 3
               default_priority_level: 2
-              default_queue_policy {{ timeout_action: REJECT allow_timeout_override: true }}
+              default_queue_policy {{
+                timeout_action: REJECT
+                default_timeout_microseconds: 60000000
+                allow_timeout_override: true
+              }}
             }}
             parameters {{ key: "release_file" value: {{ string_value: "{state / "release"}" }} }}
             parameters {{ key: "started_file" value: {{ string_value: "{state / "started"}" }} }}

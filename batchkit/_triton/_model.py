@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -18,6 +18,7 @@ from .._core._errors import (
     ClosedError,
     ConfigurationError,
     DeadlineExceeded,
+    RemoteError,
     RemoteInvalidInput,
     RemoteUnavailable,
     WrongLoopError,
@@ -53,10 +54,17 @@ class _Signature:
     max_batch_size: int
     priority_levels: int
     default_priority_level: int
+    platform: str
 
 
 class _Connection:
-    """A transport and the model's signature, bound to the event loop they were made in."""
+    """A transport and the model's signature, bound to the event loop they were made in.
+
+    The transport closes with ``close()``, or else when its loop shuts down: ``_closer`` is an
+    async generator parked at its ``yield``, which asyncio finalizes (running its ``finally``)
+    in ``loop.shutdown_asyncgens()``, as ``asyncio.run`` and ``anyio.run`` do. So a model used by
+    a background engine closes its client with that engine's loop.
+    """
 
     def __init__(
         self,
@@ -69,6 +77,19 @@ class _Connection:
         self.signature = signature
         self.loop = loop
         self.slots = anyio.Semaphore(max_in_flight)
+        self._closer = self._close_at_shutdown()
+
+    async def start(self) -> None:
+        await self._closer.asend(None)
+
+    async def _close_at_shutdown(self) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            await self.transport.close()
+
+    async def close(self) -> None:
+        await self._closer.aclose()
 
 
 class TritonModel:
@@ -90,7 +111,8 @@ class TritonModel:
     choice). ``priority`` maps a batch's most urgent batchkit priority (lower is more urgent)
     to Triton's priority level (1 is the most urgent, 0 the model's default); by default it is
     the model's default level moved by the rounded batchkit priority, clamped to the model's
-    ``priority_levels``, and 0 for models without priority levels. The batch's earliest
+    ``priority_levels``, and 0 for models without priority levels (a batchkit server gets the
+    rounded batchkit priority as it is). The batch's earliest
     deadline goes to Triton as the request's ``timeout``.
 
     Connection failures (refused, reset, server gone) are retried ``retries`` times with
@@ -102,7 +124,7 @@ class TritonModel:
     tritonclient's asyncio clients are asyncio-only: the engine running this model must run
     on asyncio (``WrongLoopError`` otherwise). Enter it (``async with``) or ``connect()`` to
     read the model's metadata and config up front; otherwise the first batch does. ``aclose()``
-    closes the client.
+    closes the client; a client that a background engine's loop made closes with that loop.
     """
 
     def __init__(
@@ -208,10 +230,10 @@ class TritonModel:
         except RuntimeError:
             loop = None
         if conn.loop is loop:
-            await conn.transport.close()
+            await conn.close()
         elif not conn.loop.is_closed():  # made on another loop (a background engine's)
             try:
-                closing = asyncio.run_coroutine_threadsafe(conn.transport.close(), conn.loop)
+                closing = asyncio.run_coroutine_threadsafe(conn.close(), conn.loop)
             except RuntimeError:
                 return
             await anyio.to_thread.run_sync(closing.result, 10.0)
@@ -329,6 +351,8 @@ class TritonModel:
     def _triton_priority(self, signature: _Signature, priority: float) -> int:
         if self._priority is not None:
             return int(self._priority(priority))
+        if signature.platform == "batchkit":  # batchkit's own server: the same scale
+            return round(priority)
         levels = signature.priority_levels
         if not levels or priority == 0:
             return 0
@@ -362,7 +386,9 @@ class TritonModel:
         except BaseException:
             await transport.close()
             raise
-        return _Connection(transport, signature, loop, self._max_in_flight)
+        conn = _Connection(transport, signature, loop, self._max_in_flight)
+        await conn.start()
+        return conn
 
     async def _read_signature(self, transport: Transport) -> _Signature:
         attempt = 0
@@ -416,6 +442,7 @@ class TritonModel:
             max_batch_size,
             int(batching.get("priority_levels", 0) or 0),
             int(batching.get("default_priority_level", 0) or 0),
+            str(config.get("platform") or meta.get("platform") or ""),
         )
 
     def _new_transport(self) -> Transport:
@@ -470,8 +497,8 @@ def _rows(signature: _Signature, arrays: dict[str, np.ndarray[Any, Any]], n: int
 def _copy(exc: Exception) -> Exception:
     """Return a fresh copy of ``exc`` (one per caller: raising one instance from several
     tasks would mix their tracebacks), with the same cause."""
-    if isinstance(exc, RemoteUnavailable):
-        error: Exception = RemoteUnavailable(str(exc), batch_size=exc.batch_size)
+    if isinstance(exc, RemoteError):
+        error: Exception = type(exc)(str(exc), batch_size=exc.batch_size)
     else:
         error = type(exc)(str(exc))
     error.__cause__ = exc.__cause__

@@ -14,6 +14,21 @@ import numpy as np
 
 __all__ = ("GrpcTransport", "HttpTransport", "Transport")
 
+_INT32_MAX = 2**31 - 1
+# tritonclient's own channel defaults, plus reconnection that keeps trying every 2 s at most
+# (gRPC's default backs off to 120 s: a server back after an outage would wait that long).
+_GRPC_CHANNEL = [
+    ("grpc.max_send_message_length", _INT32_MAX),
+    ("grpc.max_receive_message_length", _INT32_MAX),
+    ("grpc.keepalive_time_ms", _INT32_MAX),
+    ("grpc.keepalive_timeout_ms", 20000),
+    ("grpc.keepalive_permit_without_calls", False),
+    ("grpc.http2.max_pings_without_data", 2),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
 
 class Transport(Protocol):
     """What ``TritonModel`` needs from a client."""
@@ -55,7 +70,7 @@ class GrpcTransport:
         import tritonclient.grpc.aio as grpc_aio
 
         self._types = grpc
-        self._client = grpc_aio.InferenceServerClient(url)
+        self._client = grpc_aio.InferenceServerClient(url, channel_args=_GRPC_CHANNEL)
         self._headers = dict(headers) if headers else None
 
     async def ready(self, model: str, version: str) -> bool:
