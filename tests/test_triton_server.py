@@ -7,6 +7,7 @@ on asyncio (the anyio plugin, asyncio backend).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ async def test_requests_in_flight_overlap_up_to_the_limit(
     if in_flight == 4:  # all four requests ran at once
         assert max(start for start, _ in spans) < min(end for _, end in spans)
     else:  # one after the other
-        assert all(prev_end <= start for (_, prev_end), (start, _) in zip(spans, spans[1:]))
+        assert all(end <= start for (_, end), (start, _) in itertools.pairwise(spans))
 
 
 # -- priorities and deadlines --------------------------------------------------------------------
@@ -173,7 +174,7 @@ class Gate:
 async def wait_for(condition: Any, what: str, timeout: float = 20.0) -> None:
     """Wait until ``condition()`` holds: the state of another process, observed by polling."""
     with anyio.fail_after(timeout):
-        while not await anyio.to_thread.run_sync(condition):
+        while not await anyio.to_thread.run_sync(condition):  # noqa: ASYNC110 (no event to wait on)
             await anyio.sleep(0.01)
 
 

@@ -59,7 +59,10 @@ class TritonPythonModel:
         for r in requests:
             x = pb_utils.get_input_tensor_by_name(r, "X")
             # DLPack passes every datatype as it is (BF16 included), but not strings.
-            y = pb_utils.Tensor("Y", x.as_numpy()) if self.strings else pb_utils.Tensor.from_dlpack("Y", x.to_dlpack())
+            if self.strings:
+                y = pb_utils.Tensor("Y", x.as_numpy())
+            else:
+                y = pb_utils.Tensor.from_dlpack("Y", x.to_dlpack())
             responses.append(pb_utils.InferenceResponse([y]))
         return responses
 """
@@ -76,7 +79,8 @@ class TritonPythonModel:
             k = pb_utils.get_input_tensor_by_name(r, "K").as_numpy()
             y = (x * k).astype(np.float32)
             s = y.sum(axis=1, keepdims=True).astype(np.float32)
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("Y", y), pb_utils.Tensor("S", s)]))
+            outputs = [pb_utils.Tensor("Y", y), pb_utils.Tensor("S", s)]
+            responses.append(pb_utils.InferenceResponse(outputs))
         return responses
 """
 
@@ -106,7 +110,9 @@ class TritonPythonModel:
             order = np.full((x.shape[0], 1), next(self.order), np.int64)
             timeout = np.full((x.shape[0], 1), r.timeout(), np.uint64)
             responses.append(pb_utils.InferenceResponse([
-                pb_utils.Tensor("Y", x), pb_utils.Tensor("ORDER", order), pb_utils.Tensor("TIMEOUT", timeout),
+                pb_utils.Tensor("Y", x),
+                pb_utils.Tensor("ORDER", order),
+                pb_utils.Tensor("TIMEOUT", timeout),
             ]))
         return responses
 """
