@@ -270,3 +270,33 @@ async def test_a_sync_caller_through_the_background_engine(batchkit_server: str)
 
 def test_the_log_names_the_retries(caplog: pytest.LogCaptureFixture) -> None:
     assert logging.getLogger("batchkit.triton").name == "batchkit.triton"
+
+
+# -- a batchkit server in front of a TritonModel -------------------------------------------------
+
+
+@pytest.mark.anyio
+@ASYNCIO
+@pytest.mark.parametrize(
+    ("target", "status", "phrase"),
+    [("dead", 503, "unavailable"), ("double", 400, "rejected the input")],
+)
+async def test_the_asgi_server_answers_upstream_failures(
+    batchkit_server: str, target: str, status: int, phrase: str
+) -> None:
+    from .asgi_helpers import infer_body, request
+
+    address = f"http://127.0.0.1:{dead_port()}" if target == "dead" else batchkit_server
+    triton = TritonModel(address, "double", retries=0)
+    served = ServedModel(
+        BatchedModel(triton, name="front"),
+        inputs=[Tensor("X", "FP32", (-1,))],
+        outputs=[Tensor("Y", "FP32", (-1,))],
+    )
+    app = KServeApp([served])
+    async with served.model:
+        body = infer_body([{"name": "X", "datatype": "FP32", "shape": [1, 5], "data": [0] * 5}])
+        reply = await request(app, "POST", "/v2/models/front/infer", body)
+    await triton.aclose()
+    assert reply.status == status
+    assert phrase in reply.error
