@@ -32,6 +32,7 @@ from ._core._info import BatchInfo as BatchInfo
 from ._core._info import SupportsBatchInfo as SupportsBatchInfo
 from ._core._model import BatchedModel as BatchedModel
 from ._core._slot import Versioned as Versioned
+from ._core._stats import LatencyHistogram as LatencyHistogram
 from ._core._stats import LatencySummary as LatencySummary
 from ._core._stats import Statistics as Statistics
 from ._version import __version__ as __version__
@@ -47,6 +48,7 @@ __all__ = (
     "DeadlineExceeded",
     "ForbiddenPath",
     "IncompatibleWeights",
+    "LatencyHistogram",
     "LatencySummary",
     "ModelError",
     "QueueFull",

@@ -13,9 +13,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: the process arguments), run the subcommand, return its status."""
     parser = argparse.ArgumentParser(prog="batchkit", description="Dynamic batching for ML.")
     subparsers = parser.add_subparsers(title="commands", required=True)
-    from . import _serve
+    from . import _bench_cli, _serve
 
     _serve.add_parser(subparsers)
+    _bench_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
     return int(args.command(args))
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +34,6 @@ State = dict[str, torch.Tensor]
 
 # Names listed in an IncompatibleWeights message, per kind of mismatch.
 _SHOWN = 5
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Prepare on one torch thread: the swap must not take the CPU the model serves with.
-
-    (The setting is per thread for OpenMP, so it is restored for the worker thread's next job.)
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def device_of(module: torch.nn.Module) -> torch.device:
@@ -153,10 +138,14 @@ def build(
     the device and filled from ``state`` (non-persistent buffers are cloned from the template).
     """
     check_fits(template, state)
-    target = torch.device(device) if device is not None else device_of(template)
+    target = _normalized(device if device is not None else device_of(template))
+    if target.type == "meta":
+        raise SwapError(
+            f"{type(template).__name__} is on the meta device: give swap() a device to build on"
+        )
     persistent = set(template.state_dict())
     memo: dict[int, Any] = {}
-    with torch.no_grad(), _one_thread():
+    with torch.no_grad():
         for tensor in template.parameters():
             if id(tensor) not in memo:
                 empty = torch.empty_like(tensor, device=target)
@@ -181,34 +170,75 @@ def build(
 
 def place(module: torch.nn.Module, device: torch.device | str | None) -> torch.nn.Module:
     """Return ``module`` on ``device`` in eval mode: itself, or a copy built on the device."""
-    if device is None or device_of(module) == torch.device(device):
+    if device is None or _normalized(device_of(module)) == _normalized(device):
         return module.eval()
     return build(module, dict(module.state_dict()), device)
 
 
 def snapshot(module: torch.nn.Module) -> State:
-    """Return a CPU copy of the module's weights (to copy back in later)."""
-    with _one_thread():
-        return {
-            key: tensor.detach().to("cpu", copy=True)
-            for key, tensor in module.state_dict().items()
-        }
+    """Return a host copy of the module's weights (to copy back in later).
+
+    CUDA tensors are copied into pinned memory on a side stream: the batches running meanwhile
+    are not queued behind the copies.
+    """
+    tensors = module.state_dict()
+    streams = _side_streams(tensors.values())
+    out: State = {}
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            if tensor.is_cuda:
+                host = torch.empty_like(tensor, device="cpu", pin_memory=True)
+                with torch.cuda.stream(streams[tensor.device]):
+                    host.copy_(tensor, non_blocking=True)
+                out[key] = host
+            else:
+                out[key] = tensor.detach().clone()
+    for side in streams.values():
+        side.synchronize()
+    return out
 
 
 def copy_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``state`` into the module's own tensors and wait until the copies are done."""
+    """Copy ``state`` into the module's own tensors and wait until the copies are done.
+
+    A module whose state dict is not its registered parameters and buffers (quantized or packed
+    layers that build their state dict) loads it itself, with ``load_state_dict``.
+    """
     targets = module.state_dict(keep_vars=True)
-    device = device_of(module)
-    with torch.no_grad(), _one_thread():
-        if device.type != "cuda":
-            for key, tensor in targets.items():
+    registered = {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
+    if any(id(t) not in registered for t in targets.values()):
+        module.load_state_dict(state, strict=True)
+        return
+    streams = _side_streams(targets.values())
+    with torch.no_grad():
+        for key, tensor in targets.items():
+            if tensor.is_cuda:
+                with torch.cuda.stream(streams[tensor.device]):
+                    tensor.copy_(state[key], non_blocking=True)
+            else:
                 tensor.copy_(state[key])
-            return
-        side = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
-        # The side stream waits for work already queued on the default stream (a freshly
-        # allocated block may still be read there), never the other way around.
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for key, tensor in targets.items():
-                tensor.copy_(state[key], non_blocking=True)
+    for side in streams.values():
         side.synchronize()
+
+
+def _side_streams(tensors: Iterable[torch.Tensor]) -> dict[torch.device, torch.cuda.Stream]:
+    """Return a side stream per CUDA device among ``tensors``.
+
+    Each waits for the work already queued on its device's current stream (a freshly
+    allocated block may still be read there), never the other way around.
+    """
+    streams: dict[torch.device, torch.cuda.Stream] = {}
+    for tensor in tensors:
+        if tensor.is_cuda and tensor.device not in streams:
+            side = torch.cuda.Stream(tensor.device)  # type: ignore[no-untyped-call]
+            side.wait_stream(torch.cuda.current_stream(tensor.device))
+            streams[tensor.device] = side
+    return streams
+
+
+def _normalized(device: torch.device | str) -> torch.device:
+    """Return ``device`` with its index: "cuda" means the current CUDA device."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

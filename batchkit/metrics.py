@@ -28,13 +28,12 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from ._core._model import BatchedModel
+from ._core._stats import DEFAULT_LATENCY_BOUNDS
 
 __all__ = ("BATCH_SIZE_BUCKETS", "LATENCY_BUCKETS", "ModelCollector", "ServerMetrics")
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+LATENCY_BUCKETS = DEFAULT_LATENCY_BOUNDS
 _OUTCOMES = ("completed", "failed", "expired", "cancelled", "rejected")
 _QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
 
@@ -43,8 +42,10 @@ class ModelCollector(Collector):
     """Export the statistics of ``models`` (a callable returning them is read per scrape).
 
     Per model (label ``model``): items by outcome, queue depth, items waiting for room,
-    batches in flight, a batch-size histogram, recent queue-wait / compute / end-to-end
-    latency quantiles, the version serving (``batchkit_model_version_info``) and swaps.
+    batches in flight, a batch-size histogram, queue-wait / compute / end-to-end latency
+    histograms (every sample since collection began: the collector turns on
+    ``record_histograms(LATENCY_BUCKETS)`` for each model) and the same latencies' recent
+    quantiles, the version serving (``batchkit_model_version_info``) and swaps.
     """
 
     def __init__(
@@ -52,10 +53,15 @@ class ModelCollector(Collector):
         models: Iterable[BatchedModel[Any, Any]] | Callable[[], Iterable[BatchedModel[Any, Any]]],
     ) -> None:
         self._models = models if callable(models) else list(models)
+        if not callable(models):
+            self._current()  # histograms count from now on, not from the first scrape
 
     def _current(self) -> list[BatchedModel[Any, Any]]:
         models = self._models
-        return list(models() if callable(models) else models)
+        current = list(models() if callable(models) else models)
+        for model in current:
+            model.record_histograms(LATENCY_BUCKETS)
+        return current
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families, from one snapshot per model."""
@@ -84,7 +90,7 @@ class ModelCollector(Collector):
         )
         latencies = {
             field: GaugeMetricFamily(
-                f"batchkit_{field}_seconds",
+                f"batchkit_{field}_recent_seconds",
                 f"{label} over the most recent items (a window of samples), by quantile.",
                 labels=["model", "quantile"],
             )
@@ -92,6 +98,16 @@ class ModelCollector(Collector):
                 ("queue_wait", "Queue wait"),
                 ("compute", "Batch compute time"),
                 ("end_to_end", "Submit-to-outcome time"),
+            )
+        }
+        histograms = {
+            field: HistogramMetricFamily(
+                f"batchkit_{field}_seconds", f"{label}, every sample.", labels=["model"]
+            )
+            for field, label in (
+                ("queue_wait", "Queue wait per item"),
+                ("compute", "Batch compute time"),
+                ("end_to_end", "Submit-to-outcome time per item"),
             )
         }
         for s in snapshots:
@@ -114,7 +130,18 @@ class ModelCollector(Collector):
                 summary = getattr(s, field)
                 for quantile, attr in _QUANTILES:
                     family.add_metric([s.name, quantile], getattr(summary, attr))
-        yield from (items, depth, waiting, in_flight, sizes, version, swaps, *latencies.values())
+            for field, hfamily in histograms.items():
+                hist = s.histograms.get(field)
+                if hist is not None:
+                    cumulative = [(_le(bound), n) for bound, n in hist.cumulative()]
+                    hfamily.add_metric([s.name], cumulative, hist.sum)
+        yield from (items, depth, waiting, in_flight, sizes, version, swaps)
+        yield from latencies.values()
+        yield from histograms.values()
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 class ServerMetrics:

@@ -20,7 +20,7 @@ OPS = {"<=": "\u2264", ">=": "\u2265"}
 
 REPRODUCE = (
     "nox -s bench",
-    "# or, in a virtualenv with the dev, numpy and torch extras:",
+    "# or, in a virtualenv with the dev, numpy, torch, server, metrics and bench extras:",
     "pytest benchmarks -p no:cacheprovider --benchmark-json=.benchmarks/latest.json",
     "python benchmarks/report.py .benchmarks/latest.json docs/benchmarks.md",
 )
@@ -84,6 +84,43 @@ def machine_section(data: dict[str, Any], source: str) -> list[str]:
         f"Source: `{source}`, written by pytest-benchmark {data.get('version', '?')}.",
         "",
     ]
+    return lines
+
+
+# The ratios that matter, by scenario: (figure key, what it says). The values come from the run.
+HEADLINES = {
+    "dispatch": [
+        ("batchkit_us_wall", "engine overhead per item (identity model, 1,000 callers)"),
+        ("vs_baseline", "batchkit items/s vs a hand-written asyncio queue batcher"),
+    ],
+    "mlp_throughput": [("of_ceiling", "batchkit items/s vs the raw model on full batches")],
+    "latency_async": [("added_p50", "low load: latency added to one async call, p50")],
+    "latency_sync": [("added_p50", "low load: latency added to one `call_sync`, p50")],
+    "sync_callers": [("vs_unbatched", "16 threads: batched vs each thread calling the model")],
+    "swap_latency": [("swap_ratio", "p99 with a swap every 200 ms vs steady p99 (54 MB MLP)")],
+    "serving": [
+        ("trivial_rps", "HTTP server, trivial model, 32 in flight: requests/s"),
+        ("trivial_p99", "HTTP server, trivial model, 32 in flight: p99"),
+        ("mlp_speedup", "HTTP server, MLP: batched vs unbatched requests/s"),
+    ],
+    "bench_compare": [
+        ("speedup_32", "`batchkit bench --compare`, 32 in flight: batched vs unbatched"),
+        ("batched_p99_32", "`batchkit bench --compare`, 32 in flight: batched p99"),
+    ],
+}
+
+
+def headline_section(benches: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Headline figures", "", "| scenario | figure | value |", "| --- | --- | --- |"]
+    for info in benches:
+        figures = {f["key"]: f for f in info["figures"]}
+        for key, label in HEADLINES.get(info["scenario"], []):
+            if key in figures:
+                fig = figures[key]
+                lines.append(
+                    f"| {info.get('number', '')} | {label} | {fmt(fig['value'], fig['unit'])} |"
+                )
+    lines.append("")
     return lines
 
 
@@ -170,6 +207,7 @@ def render(data: dict[str, Any], source: str) -> str:
     if not benches:
         lines += ["No benchmark results in this run.", ""]
     else:
+        lines += headline_section(benches)
         lines += summary_section(benches)
         for info in benches:
             lines += scenario_section(info)

@@ -1,4 +1,4 @@
-"""Scenario 6: the KServe v2 server under 32 concurrent tritonclient.http.aio requests.
+"""Scenario 7: the KServe v2 server under 32 concurrent tritonclient.http.aio requests.
 
 The server (``batchkit serve``, uvicorn with httptools and uvloop) runs in a subprocess; the
 client, in this process, keeps 32 requests in flight with ``tritonclient.http.aio`` (binary
@@ -68,8 +68,8 @@ async def measure(url: str) -> Findings:
     f = Findings(
         "serving",
         "KServe v2 server: 32 concurrent tritonclient.http.aio requests",
-        order=6,
-        number="6",
+        order=7,
+        number="7",
     )
     f.setup(
         f"{CONCURRENCY} requests in flight, one item each, binary tensors; "

@@ -1,4 +1,4 @@
-"""Scenario 7: 64 callers through batchkit to a real Triton, vs one request per item to Triton.
+"""Scenario 9: 64 callers through batchkit to a real Triton, vs one request per item to Triton.
 
 A real Triton Inference Server (nvidia-pytriton's tritonserver, on CPU) serves ``id_fp32``: the
 identity on 3 floats per row, ``max_batch_size`` 64, Triton's dynamic batcher on. 64 asyncio
@@ -57,8 +57,8 @@ async def measure(server: TritonServer) -> Findings:
     f = Findings(
         "triton",
         "Triton: 64 callers through batchkit vs one request per item",
-        order=7,
-        number="7",
+        order=9,
+        number="9",
     )
     address = server.grpc_url.removeprefix("grpc://")
     rows = [np.full(3, n, np.float32) for n in range(CALLERS)]

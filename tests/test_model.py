@@ -709,3 +709,40 @@ class TestWorkerThreadEdges:
         assert attempts == [[1, 2, 3, 4], [1, 2]]
         assert len(outcomes) == 4
         assert all(isinstance(o, ClosedError) for o in outcomes)
+
+
+class TestHistograms:
+    async def test_off_by_default(self) -> None:
+        async with BatchedModel(GatedModel(gated=False)) as model:
+            await model.call(1)
+        assert dict(model.statistics().histograms) == {}
+
+    async def test_every_sample_is_counted(self) -> None:
+        fake = GatedModel()
+        model = BatchedModel(fake, max_batch_size=4)
+        model.record_histograms((0.5, 1000.0))
+        model.record_histograms([0.5, 1000.0])  # again, same bounds: nothing changes
+        results: dict[Any, Any] = {}
+        async with model:
+            async with anyio.create_task_group() as tg:
+                await spawn_calls(tg, model, list(range(10)), results)
+                fake.open()
+        stats = model.statistics()
+        hist = stats.histograms
+        assert set(hist) == {"queue_wait", "compute", "end_to_end"}
+        assert hist["queue_wait"].count == hist["end_to_end"].count == 10
+        assert hist["compute"].count == stats.batches
+        assert hist["queue_wait"].bounds == (0.5, 1000.0)
+        assert hist["end_to_end"].cumulative()[-1] == (math.inf, 10)
+        assert hist["end_to_end"].sum >= hist["queue_wait"].sum > 0
+
+    @pytest.mark.parametrize("bounds", [(), (1, 1), (2, 1), (0, 1), (True,), ("1",)])
+    def test_bad_bounds(self, bounds: Any) -> None:
+        with pytest.raises(ConfigurationError, match="increasing numbers > 0"):
+            BatchedModel(lambda items: items).record_histograms(bounds)
+
+    def test_other_bounds_later_are_refused(self) -> None:
+        model = BatchedModel(lambda items: items)
+        model.record_histograms((1.0,))
+        with pytest.raises(ConfigurationError, match="already recorded"):
+            model.record_histograms((2.0,))

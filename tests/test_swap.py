@@ -268,6 +268,51 @@ class TestFailedSwapsLeaveTheOldModelServing:
             await self.check_still_serving(model, rec)
 
 
+class TwoGates:
+    """An async model that fails every batch; its first two batches wait for their gates."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+        self.started = [anyio.Event(), anyio.Event()]
+        self.gates = [anyio.Event(), anyio.Event()]
+
+    async def __call__(self, items: list[Any]) -> list[Any]:
+        n = len(self.batches)
+        self.batches.append(list(items))
+        if n < 2:
+            self.started[n].set()
+            await self.gates[n].wait()
+        raise RuntimeError("v1 fails")
+
+
+class TestIsolationRetries:
+    async def test_retries_run_on_the_version_that_failed(self) -> None:
+        old = TwoGates()
+        rec = Recording()
+        results: dict[int, Any] = {}
+        async with BatchedModel(old, version="1", isolate_failures=True) as model:
+
+            async def call(item: int) -> None:
+                try:
+                    results[item] = await model.call_versioned(item)
+                except ModelError as exc:
+                    results[item] = exc
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, 0)
+                await old.started[0].wait()
+                for item in (1, 2):  # one at a time: trio runs new tasks in any order
+                    tg.start_soon(call, item)
+                    await anyio.wait_all_tasks_blocked()
+                old.gates[0].set()
+                await old.started[1].wait()  # the batch [1, 2] runs on v1
+                await model.swap(rec.version("2"), version="2")
+                old.gates[1].set()  # it fails: its halves are retried
+        assert old.batches == [[0], [1, 2], [1], [2]]
+        assert rec.batches == []
+        assert all(isinstance(r, ModelError) and r.version == "1" for r in results.values())
+
+
 class TestRollback:
     async def test_rollback_goes_back_and_forth(self) -> None:
         rec = Recording()

@@ -39,6 +39,7 @@ class Probe:
         self.seen: list[tuple[float, float]] = []  # bias at the start and end of each batch
         self.gate: threading.Event | None = None
         self.entered = threading.Event()
+        self.hook: Any = None  # called at the start of each batch
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Probe:
         return self
@@ -56,6 +57,8 @@ class Tagged(torch.nn.Module):
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             before = float(self.layer.bias)
+            if self.probe.hook is not None:
+                self.probe.hook()
             self.probe.entered.set()
             if self.probe.gate is not None:
                 assert self.probe.gate.wait(10)
@@ -224,29 +227,119 @@ class TestInPlace:
             await model.swap(weights(2.0), version="2", in_place=True, warmup=[X])
             assert await answers(model) == Versioned(2.0, "2")
 
-    async def test_in_place_waits_for_the_running_batch(self) -> None:
+    async def test_in_place_holds_dispatch_and_waits_for_the_running_batch(self) -> None:
         module = tagged(1.0)
         probe = module.probe
         probe.gate = threading.Event()
-        results: list[Versioned[float]] = []
-        async with served(module) as model:
+        results: dict[str, Versioned[float]] = {}
+        # Two batch slots: without the hold, the second call would start at once.
+        async with served(module, max_concurrency=2) as model:
 
-            async def call() -> None:
-                results.append(await answers(model))
+            async def call(name: str) -> None:
+                results[name] = await answers(model)
 
             async with anyio.create_task_group() as tg:
-                tg.start_soon(call)
+                tg.start_soon(call, "running")
                 await anyio.to_thread.run_sync(probe.entered.wait)
                 tg.start_soon(lambda: model.swap(weights(2.0), version="2", in_place=True))
+                await wait_until(lambda: model.statistics().dispatch_held)
+                tg.start_soon(call, "queued")
                 await anyio.wait_all_tasks_blocked()
-                tg.start_soon(call)
-                await anyio.wait_all_tasks_blocked()
+                stats = model.statistics()
+                assert (stats.queue_depth, stats.in_flight_batches) == (1, 1)
                 probe.gate.set()
-            assert await answers(model) == Versioned(2.0, "2")
-        # Each batch saw one set of weights from start to end, and reported that version.
+            assert not model.statistics().dispatch_held
+        assert results == {"running": Versioned(1.0, "1"), "queued": Versioned(2.0, "2")}
+        # Each batch saw one set of weights from start to end.
         assert all(before == after for before, after in probe.seen)
-        assert results[0] == Versioned(1.0, "1")
-        assert all(r.value == float(r.version) for r in results)
+        assert model.statistics().last_swap_pause_seconds > 0
+
+    async def test_an_engine_starting_during_an_in_place_copy_waits(self) -> None:
+        module = tagged(1.0)
+        model = served(module)
+        answered: list[Versioned[float]] = []
+        caller = threading.Thread(target=lambda: answered.append(model.call_sync_versioned(X)))
+
+        def validate(new: Tagged, old: None) -> bool:
+            caller.start()  # starts the background engine while the slot is held
+            for _ in range(10_000):
+                if model.statistics().queue_depth == 1:
+                    return True  # queued, not run: the new weights are in, still unpublished
+                threading.Event().wait(0.001)
+            raise AssertionError("the call never reached the queue")
+
+        try:
+            await model.swap(weights(2.0), version="2", in_place=True, validate=validate)
+            await anyio.to_thread.run_sync(caller.join)
+        finally:
+            await model.aclose()
+        assert answered == [Versioned(2.0, "2")]
+
+    def test_in_place_from_inside_the_model_is_refused(self) -> None:
+        module = tagged(1.0)
+        errors: list[BaseException] = []
+        with served(module) as model:
+
+            def swap_from_inside() -> None:
+                module.probe.hook = None
+                try:
+                    model.swap_sync(weights(2.0), version="2", in_place=True)
+                except SwapError as exc:
+                    errors.append(exc)
+
+            module.probe.hook = swap_from_inside
+            assert model.call_sync_versioned(X) == Versioned(1.0, "1")
+            assert model.call_sync_versioned(X) == Versioned(1.0, "1")
+        assert len(errors) == 1
+        assert "from inside the model" in str(errors[0])
+
+    async def test_a_copy_failing_halfway_puts_the_old_weights_back(self) -> None:
+        bad = {"layer.weight": torch.ones(1, 4), "layer.bias": torch.empty(1, device="meta")}
+        async with served(tagged(1.0)) as model:
+            with pytest.raises(SwapError):
+                await model.swap(bad, version="2", in_place=True)
+            assert await answers(model) == Versioned(1.0, "1")
+            assert not model.statistics().dispatch_held
+
+
+async def wait_until(condition: Any) -> None:
+    """Wait, polling, until ``condition()`` holds (a state another thread reaches)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await anyio.sleep(0.001)
+    raise AssertionError("the condition never held")
+
+
+class Packed(torch.nn.Module):
+    """Keeps its weight in a plain tensor attribute and builds its own state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.packed = torch.ones(2)
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.packed.clone()
+
+    def _load_from_state_dict(
+        self, state_dict: Any, prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
+        self.packed = state_dict[prefix + "weight"].clone()
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.packed.sum().expand(batch.shape[0])
+
+
+class TestModulesWithTheirOwnStateDict:
+    @pytest.mark.parametrize("in_place", [False, True])
+    async def test_weights_are_loaded_by_the_module(self, in_place: bool) -> None:
+        async with served(Packed()) as model:
+            assert await answers(model) == Versioned(2.0, "1")
+            new = {"weight": torch.full((2,), 3.0)}
+            await model.swap(new, version="2", in_place=in_place)
+            assert await answers(model) == Versioned(6.0, "2")
+            await model.rollback()
+            assert await answers(model) == Versioned(2.0, "1")
 
 
 class TestTorchSwapsUnderLoad:
@@ -314,6 +407,13 @@ class TestCuda:
             assert await model.call_versioned(X.cuda()) == Versioned(3.0, "3")
             await model.rollback()
             assert await model.call_versioned(X.cuda()) == Versioned(1.0, "1")
+
+    async def test_cuda_without_an_index_is_the_current_device(self) -> None:
+        module = tagged(1.0).cuda()
+        async with served(module) as model:
+            new = tagged(2.0).cuda()
+            await model.swap(new, version="2", device="cuda")
+            assert model.model is new  # already there: not copied
 
     async def test_a_cpu_module_moves_to_the_serving_device(self) -> None:
         async with served(tagged(1.0).cuda()) as model:

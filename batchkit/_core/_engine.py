@@ -148,9 +148,8 @@ class Engine:
         self._abandoned = False  # a batch was left running when the host cancelled the engine
         self.in_model = threading.local()  # `active` while this thread runs the sync model
         self._limiter: anyio.CapacityLimiter | None = None
-        # Pausing (for an in-place swap): no batch starts while paused; the futures resolve
+        # While the slot is held (an in-place swap), no batch starts; the idle futures resolve
         # once every worker is parked, that is when no batch runs.
-        self._paused = 0
         self._parked = 0
         self._idle_waiters: list[concurrent.futures.Future[None]] = []
 
@@ -222,25 +221,20 @@ class Engine:
         """Return the token of the engine's loop (for ``anyio.from_thread``)."""
         return self._token
 
-    def pause(self) -> concurrent.futures.Future[None]:
-        """Start no batch until ``resume()``; the future resolves once no batch runs.
-
-        Call on the loop thread. Queued items keep their deadlines meanwhile.
-        """
-        self._paused += 1
+    def when_idle(self) -> concurrent.futures.Future[None]:
+        """Return a future that resolves once no batch runs (while the slot is held, that
+        lasts). Call on the loop thread."""
         idle: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._idle_waiters.append(idle)
         self._check_idle()
         return idle
 
-    def resume(self) -> None:
-        """Undo one ``pause()``. Call on the loop thread."""
-        self._paused -= 1
-        if not self._paused:
-            self._signal.set()
+    def wake(self) -> None:
+        """Let the workers look at the queue again (the slot was released). On the loop thread."""
+        self._signal.set()
 
     def _check_idle(self) -> None:
-        if self._paused and self._parked >= self._workers:
+        if self._idle_waiters and self._parked >= self._workers:
             waiters, self._idle_waiters = self._idle_waiters, []
             for idle in waiters:
                 if not idle.done():
@@ -503,7 +497,7 @@ class Engine:
         """Wait until the policy releases a batch and take it; None once closed and empty."""
         self._parked += 1
         try:
-            if self._paused:
+            if self._idle_waiters:
                 self._check_idle()
             return await self._wait_for_batch()
         finally:
@@ -512,7 +506,7 @@ class Engine:
     async def _wait_for_batch(self) -> list[Request] | None:
         queue = self._queue
         while True:
-            if self._paused:
+            if self._slot.held:
                 await self._signal.wait()
                 continue
             now = self._clock()
@@ -534,10 +528,14 @@ class Engine:
             self.expire(req)
         return batch
 
-    def _start(self, batch: list[Request]) -> _Running:
-        """Start the model on ``batch``: in the engine's thread pool, or as a coroutine."""
+    def _start(self, batch: list[Request], installed: Installed | None = None) -> _Running:
+        """Start the model on ``batch``: in the engine's thread pool, or as a coroutine.
+
+        The batch runs on ``installed``, by default the one in the slot now.
+        """
         self._in_flight += 1
-        installed = self._slot.current  # the whole batch runs on this installation
+        if installed is None:
+            installed = self._slot.current
         items = [req.item for req in batch]
         started = self._clock()
         # Only a model that opted in (checked once, at installation) pays for its BatchInfo.
@@ -564,7 +562,7 @@ class Engine:
         """Start the next batch now if the policy releases one now."""
         now = self._clock()
         when = self._queue.next_dispatch_time(now)
-        if when is None or when > now or self._paused:
+        if when is None or when > now or self._slot.held:
             return None
         batch = self._take(now)
         return self._start(batch) if batch else None
@@ -586,7 +584,7 @@ class Engine:
             self._record_batch(n, start, self._clock())
             # Output errors (wrong count, no length) are the model's bug, not a poison item's.
             if self.settings.isolate_failures and n > 1 and not isinstance(exc, ModelError):
-                await self._retry_halves(batch)
+                await self._retry_halves(batch, installed)
                 return None
             for req in batch:
                 self._fail(req, self._batch_error(exc, n, installed.version))
@@ -637,15 +635,21 @@ class Engine:
                 req.deliver(out)
         rec.completed += completed
         rec.failed += failed
+        if rec.histograms is not None:
+            waits, totals = rec.histograms["queue_wait"], rec.histograms["end_to_end"]
+            for req in batch:
+                waits.observe(start - req.enqueued_at)
+                totals.observe(end - req.enqueued_at)
 
-    async def _retry_halves(self, batch: list[Request]) -> None:
+    async def _retry_halves(self, batch: list[Request], installed: Installed) -> None:
         half = len(batch) // 2
         try:
             for part in (batch[:half], batch[half:]):
                 # Callers that gave up (cancelled, expired) meanwhile are not run again.
                 part = [req for req in part if not req.finished]
                 if part:
-                    await self._complete(self._start(part), prefetch=False)
+                    # On the installation that failed: a batch runs on one version.
+                    await self._complete(self._start(part, installed), prefetch=False)
         except BaseException:  # cancelled mid-retry: settle the half not yet run
             self._fail_all(batch)
             raise
@@ -671,6 +675,8 @@ class Engine:
         rec.batches += 1
         rec.batch_sizes[n] += 1
         rec.compute.append(end - start)
+        if rec.histograms is not None:
+            rec.histograms["compute"].observe(end - start)
 
     def _batch_error(self, exc: Exception, n: int, version: str) -> ModelError:
         if isinstance(exc, BatchSizeMismatch):
@@ -724,6 +730,7 @@ class Engine:
             queue_depth=len(self._queue),
             waiting_for_room=self._queue.waiting_for_room,
             in_flight_batches=self._in_flight,
+            dispatch_held=self._slot.held,
         )
 
 

@@ -22,7 +22,7 @@ from ._engine import Engine
 from ._errors import ClosedError, ConfigurationError, WrongLoopError
 from ._requests import FutureRequest, Request, ThreadRequest
 from ._slot import Installed, ModelSlot, Versioned
-from ._stats import Recorder, Statistics
+from ._stats import DEFAULT_LATENCY_BOUNDS, Recorder, Statistics, check_bounds
 from ._swap import Swapper, is_async_callable
 
 if TYPE_CHECKING:
@@ -600,9 +600,10 @@ class BatchedModel(Generic[T, R]):
         ``new`` is a model function (or ``torch.nn.Module``), or, when the model is a torch
         module, its new weights: a state dict, or a path to a file saved with ``torch.save``
         (loaded with ``weights_only=True``, inside ``weights_dir`` when that is set). The new
-        model is prepared in a worker thread: built, moved to ``device`` (default: the current
-        model's), put in ``eval()`` mode, run on the ``warmup`` items as one batch, and checked
-        by ``validate(new_model, old_model)`` (sync or async; False or an exception rejects it).
+        model is prepared in a thread of its own at the lowest CPU priority: built, moved to
+        ``device`` (default: the current model's), put in ``eval()`` mode, run on the
+        ``warmup`` items as one batch, and checked by ``validate(new_model, old_model)`` (sync
+        or async; False or an exception rejects it).
         Only then is it published: batches that start later run on it, batches already running
         finish on the old one, and queued items are kept.
 
@@ -628,7 +629,7 @@ class BatchedModel(Generic[T, R]):
         validate: Callable[[Any, Any], Any] | None = None,
         device: Any = None,
     ) -> None:
-        """Like ``swap()``, preparing in the calling thread (not the engine's loop thread)."""
+        """Like ``swap()``, blocking the calling thread (not the engine's loop thread)."""
         swap = self._prepare_swap(new, version, in_place, warmup, validate, device)
         self._check_not_engine_thread("swap_sync")
         swap(token=None)
@@ -689,6 +690,16 @@ class BatchedModel(Generic[T, R]):
 
     # -- statistics ----------------------------------------------------------------------------
 
+    def record_histograms(self, bounds: Sequence[float] = DEFAULT_LATENCY_BOUNDS) -> None:
+        """Count every queue-wait, compute and end-to-end latency into histograms from now on.
+
+        ``statistics().histograms`` then holds them (exporters such as Prometheus need every
+        sample, not the recent window of the summaries). Costs a few tenths of a microsecond per
+        item. Calling it again with the same ``bounds`` does nothing; other bounds raise
+        ``ConfigurationError``, as do bounds that are not increasing numbers > 0.
+        """
+        self._recorder.record_histograms(check_bounds(bounds))
+
     def statistics(self) -> Statistics:
         """Return an immutable snapshot of counters, queue state and recent latencies."""
         engine = self._engine
@@ -700,6 +711,7 @@ class BatchedModel(Generic[T, R]):
             queue_depth=0,
             waiting_for_room=0,
             in_flight_batches=0,
+            dispatch_held=self._slot.held,
         )
 
 

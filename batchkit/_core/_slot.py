@@ -55,11 +55,13 @@ class Installed:
 class ModelSlot:
     """Where the serving model lives; replaced whole, between batches."""
 
-    __slots__ = ("current", "previous")
+    __slots__ = ("current", "held", "previous")
 
     def __init__(self, installed: Installed) -> None:
         self.current = installed
         self.previous: Installed | None = None
+        # While held (an in-place swap changes the model object itself), no batch starts.
+        self.held = False
 
     def publish(self, installed: Installed, *, previous: Installed | None) -> None:
         """Make ``installed`` serve from the next batch on, remembering ``previous``."""

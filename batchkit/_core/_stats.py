@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+from bisect import bisect_left
 from collections import Counter, deque
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
-__all__ = ("LatencySummary", "Statistics")
+from ._errors import ConfigurationError
+
+__all__ = ("DEFAULT_LATENCY_BOUNDS", "LatencyHistogram", "LatencySummary", "Statistics")
+
+# Upper bounds, in seconds, of the latency histogram buckets (as Prometheus' defaults, finer low).
+DEFAULT_LATENCY_BOUNDS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 # How many recent latency samples the percentiles are computed over.
 SAMPLE_WINDOW = 4096
@@ -40,6 +49,63 @@ class LatencySummary:
 
 
 @dataclass(frozen=True)
+class LatencyHistogram:
+    """Every latency sample since histograms were turned on, counted into buckets.
+
+    ``counts[i]`` is the number of samples ``<= bounds[i]`` and above the bound before it; the
+    last count is the samples above every bound. Unlike ``LatencySummary``, nothing is dropped.
+    """
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    sum: float
+
+    @property
+    def count(self) -> int:
+        """Return the number of samples."""
+        return sum(self.counts)
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """Return ``(bound, samples <= bound)`` per bucket, ending with ``(inf, count)``."""
+        out, total = [], 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += n
+            out.append((bound, total))
+        return out
+
+
+class _Histogram:
+    """The mutable counts behind a ``LatencyHistogram``."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def snapshot(self) -> LatencyHistogram:
+        return LatencyHistogram(self.bounds, tuple(self.counts), self.sum)
+
+
+def check_bounds(bounds: Sequence[float]) -> tuple[float, ...]:
+    """Validate histogram bucket bounds: increasing positive numbers."""
+    values = tuple(bounds)
+    ok = bool(values) and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in values
+    )
+    if not ok or any(a >= b for a, b in itertools.pairwise(values)):
+        raise ConfigurationError(
+            f"histogram bounds must be increasing numbers > 0, got {bounds!r}"
+        )
+    return tuple(float(b) for b in values)
+
+
+@dataclass(frozen=True)
 class Statistics:
     """An immutable snapshot of a model's counters and recent latencies.
 
@@ -68,6 +134,10 @@ class Statistics:
     failed_swaps: int = 0
     last_swap_seconds: float = 0.0
     last_swap_pause_seconds: float = 0.0
+    dispatch_held: bool = False
+    histograms: Mapping[str, LatencyHistogram] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
     @property
     def mean_batch_size(self) -> float:
@@ -96,6 +166,7 @@ class Recorder:
         "expired",
         "failed",
         "failed_swaps",
+        "histograms",
         "last_swap_pause_seconds",
         "last_swap_seconds",
         "queue_wait",
@@ -114,6 +185,20 @@ class Recorder:
         # Written by the swapping thread (one at a time), read by snapshots.
         self.swaps = self.failed_swaps = 0
         self.last_swap_seconds = self.last_swap_pause_seconds = 0.0
+        # queue_wait, compute, end_to_end: counted only once turned on (a cost per item).
+        self.histograms: dict[str, _Histogram] | None = None
+
+    def record_histograms(self, bounds: tuple[float, ...]) -> None:
+        """Start counting latencies into histograms with ``bounds`` (once; same bounds after)."""
+        if self.histograms is None:
+            self.histograms = {
+                key: _Histogram(bounds) for key in ("queue_wait", "compute", "end_to_end")
+            }
+        elif self.histograms["compute"].bounds != bounds:
+            raise ConfigurationError(
+                "histograms are already recorded with bounds "
+                f"{self.histograms['compute'].bounds!r}, got {bounds!r}"
+            )
 
     def snapshot(
         self,
@@ -123,6 +208,7 @@ class Recorder:
         queue_depth: int,
         waiting_for_room: int,
         in_flight_batches: int,
+        dispatch_held: bool = False,
     ) -> Statistics:
         """Return a frozen copy of the counters (safe from any thread under the GIL)."""
         return Statistics(
@@ -146,4 +232,8 @@ class Recorder:
             failed_swaps=self.failed_swaps,
             last_swap_seconds=self.last_swap_seconds,
             last_swap_pause_seconds=self.last_swap_pause_seconds,
+            dispatch_held=dispatch_held,
+            histograms=MappingProxyType(
+                {key: h.snapshot() for key, h in (self.histograms or {}).items()}
+            ),
         )

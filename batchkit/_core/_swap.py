@@ -93,7 +93,7 @@ class Swapper:
                     runner,
                 )
             else:
-                self._timed(previous.version, self._publish, previous, self._slot.current)
+                self._timed(previous.version, self._restore, previous)
             return previous.version
 
     # -- the steps -----------------------------------------------------------------------------
@@ -178,9 +178,9 @@ class Swapper:
             self._settings.name, self._stage_in_place, helpers, module, new
         )
         installed = Installed(module, current.is_async, version)
-        with self._paused():  # at normal priority: callers wait for this part
-            helpers.copy_into(module, state)
+        with self._held():  # at normal priority: callers wait for this part
             try:
+                helpers.copy_into(module, state)
                 self._check(installed, None, warmup, validate, runner)
             except BaseException:
                 helpers.copy_into(module, old_weights)
@@ -192,6 +192,10 @@ class Swapper:
         state = helpers.load_state(new, self._settings.weights_dir)
         helpers.check_fits(module, state)
         return helpers.stage(state, helpers.device_of(module)), helpers.snapshot(module)
+
+    def _restore(self, previous: Installed) -> None:
+        self._publish(previous, self._slot.current)
+        self._rec.last_swap_pause_seconds = 0.0
 
     def _publish(self, installed: Installed, previous: Installed) -> None:
         keep = previous if self._settings.keep_previous else None
@@ -235,27 +239,37 @@ class Swapper:
                 )
 
     @contextmanager
-    def _paused(self) -> Iterator[None]:
-        """Hold the engine between batches: no batch runs inside the block."""
+    def _held(self) -> Iterator[None]:
+        """Hold the slot: no batch starts (in any engine, even one starting meanwhile), and
+        inside the block no batch runs: the running ones finish first."""
         engine = self._engine()
-        if engine is None:  # nothing runs: nothing to hold
-            yield
-            return
+        if engine is not None and getattr(engine.in_model, "active", False):
+            raise SwapError(
+                f"an in-place swap of model {self._settings.name!r} from inside the model would "
+                "wait for its own batch to end; swap from outside the model"
+            )
+        start = time.perf_counter()
+        self._slot.held = True
         try:
-            idle = engine.run_in_loop(engine.pause)
-        except ClosedError:
+            engine = self._engine()
+            if engine is not None and engine.token is not None:
+                try:
+                    idle = engine.run_in_loop(engine.when_idle)
+                except ClosedError:  # its loop has ended: nothing runs
+                    pass
+                else:
+                    idle.result()  # the batches in flight finish first
             yield
-            return
-        try:
-            idle.result()  # the batches in flight finish first
-            start = time.perf_counter()
-            yield
-            self._rec.last_swap_pause_seconds = time.perf_counter() - start
         finally:
-            try:
-                engine.run_in_loop(engine.resume)
-            except ClosedError:
-                pass
+            self._slot.held = False
+            self._rec.last_swap_pause_seconds = time.perf_counter() - start
+            # An engine that entered before `held` went False may have workers waiting on it.
+            engine = self._engine()
+            if engine is not None and engine.token is not None:
+                try:
+                    engine.run_in_loop(engine.wake)
+                except ClosedError:
+                    pass
 
     def _weights_helpers(self, model: Any, what: str) -> ModuleType:
         helpers = _torch_helpers_for(model)
