@@ -7,6 +7,8 @@ carry (any other torch pulls several GB of CUDA packages). torch is installed fi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import nox
 
 nox.options.sessions = ["lint", "typecheck", "tests"]
@@ -56,7 +58,11 @@ def bench(session: nox.Session) -> None:
         "--benchmark-json=.benchmarks/latest.json",
         *session.posargs,
     )
-    session.run("python", "benchmarks/report.py", ".benchmarks/latest.json", "docs/benchmarks.md")
+    # The Triton scenario comes from `nox -s triton`, when it has run.
+    triton = [".benchmarks/triton.json"] if Path(".benchmarks/triton.json").exists() else []
+    session.run(
+        "python", "benchmarks/report.py", ".benchmarks/latest.json", *triton, "docs/benchmarks.md"
+    )
 
 
 @nox.session(python="3.11")
@@ -78,4 +84,7 @@ def triton(session: nox.Session) -> None:
         "benchmarks/test_triton_throughput.py",
         "--benchmark-json=.benchmarks/triton.json",
         *session.posargs,
+    )
+    session.run(
+        "python", "benchmarks/report.py", ".benchmarks/triton.json", ".benchmarks/triton.md"
     )
