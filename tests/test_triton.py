@@ -300,3 +300,15 @@ async def test_the_asgi_server_answers_upstream_failures(
     await triton.aclose()
     assert reply.status == status
     assert phrase in reply.error
+
+
+@pytest.mark.anyio
+@ASYNCIO
+async def test_the_decorator_wraps_a_triton_model(batchkit_server: str) -> None:
+    from batchkit import AsyncBatched, batched
+
+    triton = TritonModel(batchkit_server, "double")
+    model = batched(max_batch_size=8)(triton)
+    assert isinstance(model, AsyncBatched)
+    async with triton, model:
+        assert (await model.call(np.ones(3, np.float32), priority=1)).tolist() == [2.0] * 3
