@@ -156,6 +156,7 @@ async def test_a_server_that_is_down_gives_a_clear_error_after_retries(
         results = await model.call_many([1.0, 2.0], return_exceptions=True)
     assert [type(r) for r in results] == [RemoteUnavailable, RemoteUnavailable]
     assert results[0] is not results[1]
+    assert results[0].batch_size == 2
     await triton.aclose()
 
 

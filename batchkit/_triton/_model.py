@@ -276,7 +276,7 @@ class TritonModel:
         try:
             conn = await self._connection()
         except (RemoteUnavailable, ClosedError) as exc:
-            return [_copy(exc) for _ in range(n)]
+            return [_copy(exc, n) for _ in range(n)]
         size = conn.signature.max_batch_size or 1
         results: list[Any] = [None] * n
         if n <= size:
@@ -494,11 +494,12 @@ def _rows(signature: _Signature, arrays: dict[str, np.ndarray[Any, Any]], n: int
     return [{name: per_row[name][i] for name in arrays} for i in range(n)]
 
 
-def _copy(exc: Exception) -> Exception:
+def _copy(exc: Exception, batch_size: int | None = None) -> Exception:
     """Return a fresh copy of ``exc`` (one per caller: raising one instance from several
     tasks would mix their tracebacks), with the same cause."""
     if isinstance(exc, RemoteError):
-        error: Exception = type(exc)(str(exc), batch_size=exc.batch_size)
+        size = exc.batch_size if batch_size is None else batch_size
+        error: Exception = type(exc)(str(exc), batch_size=size)
     else:
         error = type(exc)(str(exc))
     error.__cause__ = exc.__cause__
