@@ -150,8 +150,11 @@ async def test_a_server_that_is_down_gives_a_clear_error_after_retries(
 ) -> None:
     triton = TritonModel(f"{protocol}://127.0.0.1:{dead_port()}", "scale", retries=2, backoff=0.01)
     assert not await triton.ready()
+    caplog.set_level(logging.INFO, logger="batchkit.triton")
     with pytest.raises(RemoteUnavailable, match=r"model 'scale' at .* (cannot be used|is unr)"):
         await triton.connect()
+    retries = [r for r in caplog.records if "retry in" in r.getMessage()]
+    assert [r.getMessage().rsplit(" ", 2)[-2] for r in retries] == ["0.010", "0.020"]
     async with BatchedModel(triton) as model:
         results = await model.call_many([1.0, 2.0], return_exceptions=True)
     assert [type(r) for r in results] == [RemoteUnavailable, RemoteUnavailable]
@@ -267,10 +270,6 @@ async def test_a_sync_caller_through_the_background_engine(batchkit_server: str)
 
     assert (await anyio.to_thread.run_sync(call)).tolist() == [2.0, 2.0, 2.0]
     await triton.aclose()  # closes the client on the background engine's loop, if still there
-
-
-def test_the_log_names_the_retries(caplog: pytest.LogCaptureFixture) -> None:
-    assert logging.getLogger("batchkit.triton").name == "batchkit.triton"
 
 
 # -- a batchkit server in front of a TritonModel -------------------------------------------------

@@ -412,7 +412,11 @@ class TritonModel:
                         )
                         error.__cause__ = exc
                     raise error from exc
-                await anyio.sleep(self._backoff * 2**attempt)
+                delay = self._backoff * 2**attempt
+                logger.info(
+                    "batchkit: %s unreachable (%s); retry in %.3f s", self._where, exc, delay
+                )
+                await anyio.sleep(delay)
                 attempt += 1
 
     def _parse(self, meta: Mapping[str, Any], config: Mapping[str, Any]) -> _Signature:
