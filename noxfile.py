@@ -1,10 +1,13 @@
-"""Developer tasks: `nox -s tests`, `nox -s lint`, `nox -s typecheck`, `nox -s bench`.
+"""Developer tasks: `nox -s tests`, `nox -s lint`, `nox -s typecheck`, `nox -s bench`,
+`nox -s triton`.
 
 Every session installs through constraints.txt, which pins torch to the CPU build these machines
 carry (any other torch pulls several GB of CUDA packages). torch is installed first, on its own.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nox
 
@@ -55,4 +58,33 @@ def bench(session: nox.Session) -> None:
         "--benchmark-json=.benchmarks/latest.json",
         *session.posargs,
     )
-    session.run("python", "benchmarks/report.py", ".benchmarks/latest.json", "docs/benchmarks.md")
+    # The Triton scenario comes from `nox -s triton`, when it has run.
+    triton = [".benchmarks/triton.json"] if Path(".benchmarks/triton.json").exists() else []
+    session.run(
+        "python", "benchmarks/report.py", ".benchmarks/latest.json", *triton, "docs/benchmarks.md"
+    )
+
+
+@nox.session(python="3.11")
+def triton(session: nox.Session) -> None:
+    """Run the Triton tests and benchmark against a real tritonserver, from nvidia-pytriton.
+
+    pytriton bundles a CPU-capable tritonserver and pins numpy<2, hence its own virtualenv.
+    The tests start the server on 127.0.0.1 and stop it by its PID.
+    """
+    install(session, "dev", "numpy", "server", "metrics", "triton")
+    session.install(*CONSTRAINTS, "nvidia-pytriton")
+    session.run(
+        "pytest",
+        "-m",
+        "triton",
+        "-p",
+        "no:cacheprovider",
+        "tests",
+        "benchmarks/test_triton_throughput.py",
+        "--benchmark-json=.benchmarks/triton.json",
+        *session.posargs,
+    )
+    session.run(
+        "python", "benchmarks/report.py", ".benchmarks/triton.json", ".benchmarks/triton.md"
+    )
