@@ -1,4 +1,4 @@
-"""The ``batchkit`` command: ``batchkit serve``, ``batchkit pipe`` (one subcommand per adapter).
+"""The ``batchkit`` command: ``serve``, ``bench``, ``profile``, ``pipe``.
 
 ``main`` only dispatches: each subcommand adds its parser and does its work in its own module.
 """
@@ -16,10 +16,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: the process arguments), run the subcommand, return its status."""
     parser = argparse.ArgumentParser(prog="batchkit", description="Dynamic batching for ML.")
     subparsers = parser.add_subparsers(title="commands", required=True)
-    from . import _serve
+    from . import _bench_cli, _profile_cli, _serve
     from .pipe import _cli as pipe_cli
 
     _serve.add_parser(subparsers)
+    _bench_cli.add_parser(subparsers)
+    _profile_cli.add_parser(subparsers)
     pipe_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
     return int(args.command(args))

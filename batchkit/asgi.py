@@ -22,8 +22,19 @@ from ._asgi._app import Send as Send
 from ._asgi._served import ServedModel as ServedModel
 from ._asgi._tensors import DATATYPES as _DATATYPES
 from ._asgi._tensors import Tensor as Tensor
+from ._inprocess import serving as serving
 
 DATATYPES = tuple(_DATATYPES)
 """The KServe v2 datatypes a ``Tensor`` may declare."""
 
-__all__ = ("ASGIApp", "DATATYPES", "KServeApp", "Receive", "Scope", "Send", "ServedModel", "Tensor")
+__all__ = (
+    "ASGIApp",
+    "DATATYPES",
+    "KServeApp",
+    "Receive",
+    "Scope",
+    "Send",
+    "ServedModel",
+    "Tensor",
+    "serving",
+)

@@ -1,6 +1,9 @@
 """Write docs/benchmarks.md from a pytest-benchmark JSON file.
 
-Usage: ``python benchmarks/report.py .benchmarks/latest.json docs/benchmarks.md``
+Usage: ``python benchmarks/report.py .benchmarks/latest.json [MORE.json ...] docs/benchmarks.md``
+
+Several JSON files merge into one report: the first gives the machine section, and a scenario
+from a later file (the Triton benchmark of ``nox -s triton``, say) says which run it came from.
 
 Every figure, target and verdict comes from the JSON: the benchmarks record what they measured in
 ``extra_info`` (see ``benchmarks/_measure.py``), and the machine and commit come from the JSON's
@@ -20,9 +23,11 @@ OPS = {"<=": "\u2264", ">=": "\u2265"}
 
 REPRODUCE = (
     "nox -s bench",
-    "# or, in a virtualenv with the dev, numpy and torch extras:",
+    "# or, in a virtualenv with the dev, numpy, torch, server, metrics and bench extras:",
     "pytest benchmarks -p no:cacheprovider --benchmark-json=.benchmarks/latest.json",
     "python benchmarks/report.py .benchmarks/latest.json docs/benchmarks.md",
+    "# scenario 9 (Triton) runs in `nox -s triton`, which writes .benchmarks/triton.json;",
+    "# `nox -s bench` merges that file into this page when it exists",
 )
 
 
@@ -87,6 +92,44 @@ def machine_section(data: dict[str, Any], source: str) -> list[str]:
     return lines
 
 
+# The ratios that matter, by scenario: (figure key, what it says). The values come from the run.
+HEADLINES = {
+    "dispatch": [
+        ("batchkit_us_wall", "engine overhead per item (identity model, 1,000 callers)"),
+        ("vs_baseline", "batchkit items/s vs a hand-written asyncio queue batcher"),
+    ],
+    "mlp_throughput": [("of_ceiling", "batchkit items/s vs the raw model on full batches")],
+    "latency_async": [("added_p50", "low load: latency added to one async call, p50")],
+    "latency_sync": [("added_p50", "low load: latency added to one `call_sync`, p50")],
+    "sync_callers": [("vs_unbatched", "16 threads: batched vs each thread calling the model")],
+    "swap_latency": [("swap_ratio", "p99 with a swap every 200 ms vs steady p99 (54 MB MLP)")],
+    "serving": [
+        ("trivial_rps", "HTTP server, trivial model, 32 in flight: requests/s"),
+        ("trivial_p99", "HTTP server, trivial model, 32 in flight: p99"),
+        ("mlp_speedup", "HTTP server, MLP: batched vs unbatched requests/s"),
+    ],
+    "triton": [("vs_direct", "64 callers to Triton: through batchkit vs one request per row")],
+    "bench_compare": [
+        ("speedup_32", "`batchkit bench --compare`, 32 in flight: batched vs unbatched"),
+        ("batched_p99_32", "`batchkit bench --compare`, 32 in flight: batched p99"),
+    ],
+}
+
+
+def headline_section(benches: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Headline figures", "", "| scenario | figure | value |", "| --- | --- | --- |"]
+    for info in benches:
+        figures = {f["key"]: f for f in info["figures"]}
+        for key, label in HEADLINES.get(info["scenario"], []):
+            if key in figures:
+                fig = figures[key]
+                lines.append(
+                    f"| {info.get('number', '')} | {label} | {fmt(fig['value'], fig['unit'])} |"
+                )
+    lines.append("")
+    return lines
+
+
 def verdict(target: dict[str, Any]) -> str:
     return "met" if target["met"] else "**not met**"
 
@@ -147,10 +190,32 @@ def scenario_section(info: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render(data: dict[str, Any], source: str) -> str:
-    benches = [
-        b["extra_info"] for b in data.get("benchmarks", []) if "scenario" in b.get("extra_info", {})
-    ]
+def scenarios(data: dict[str, Any], source: str | None) -> list[dict[str, Any]]:
+    """Return the scenarios of one JSON file; ``source`` names the run of a merged file."""
+    found = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if "scenario" not in info:
+            continue
+        if source is not None:
+            commit = data.get("commit_info", {})
+            when = data.get("datetime")
+            date = datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M UTC") if when else "?"
+            info = dict(info, notes=[
+                *info.get("notes", []),
+                f"Measured in a separate run: `{source}`, {date}, commit "
+                f"{str(commit.get('id') or 'unknown')[:10]}.",
+            ])  # fmt: skip
+        found.append(info)
+    return found
+
+
+def render(
+    data: dict[str, Any], source: str, more: list[tuple[dict[str, Any], str]] | None = None
+) -> str:
+    benches = scenarios(data, None)
+    for other, other_source in more or []:
+        benches += scenarios(other, other_source)
     benches.sort(key=lambda info: info["order"])
     lines = [
         "# Benchmarks",
@@ -170,6 +235,7 @@ def render(data: dict[str, Any], source: str) -> str:
     if not benches:
         lines += ["No benchmark results in this run.", ""]
     else:
+        lines += headline_section(benches)
         lines += summary_section(benches)
         for info in benches:
             lines += scenario_section(info)
@@ -177,13 +243,14 @@ def render(data: dict[str, Any], source: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print(f"usage: {argv[0]} BENCHMARK_JSON OUTPUT_MD", file=sys.stderr)
+    if len(argv) < 3:
+        print(f"usage: {argv[0]} BENCHMARK_JSON [MORE_JSON ...] OUTPUT_MD", file=sys.stderr)
         return 2
-    source, output = Path(argv[1]), Path(argv[2])
-    data = json.loads(source.read_text(encoding="utf-8"))
+    sources, output = [Path(a) for a in argv[1:-1]], Path(argv[-1])
+    loaded = [(json.loads(p.read_text(encoding="utf-8")), p.as_posix()) for p in sources]
+    (data, source), more = loaded[0], loaded[1:]
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render(data, source.as_posix()), encoding="utf-8")
+    output.write_text(render(data, source, more), encoding="utf-8")
     print(f"wrote {output}")
     return 0
 

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import anyio
 
 from batchkit import DeadlineExceeded, batched
-from batchkit.pipe import PipeClient, RemoteError, SyncPipeClient, run
+from batchkit.pipe import PipeClient, ResponseError, SyncPipeClient, run
 
 SERVER = [sys.executable, __file__, "serve"]
 
@@ -40,7 +40,7 @@ async def async_client() -> None:
         print(f"async:   square(12) = {value} (model version {version})")
         try:
             await client.call(-3)
-        except RemoteError as exc:  # an exception the model returned for this item
+        except ResponseError as exc:  # an exception the model returned for this item
             print(f"async:   {exc.type}: {exc.message}")
         try:
             await client.call(4, timeout=0)

@@ -11,16 +11,13 @@ accelerator). The same server runs it twice: "demo" batches up to 64 requests to
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 
 import numpy as np
 import tritonclient.http.aio as aio
-import uvicorn
 
 from batchkit._demo import demo_models
-from batchkit.asgi import KServeApp
+from batchkit.asgi import KServeApp, serving
 
 CONCURRENCY = 32
 REQUESTS = 400
@@ -48,25 +45,15 @@ async def drive(url: str, model: str) -> float:
 
 def main() -> None:
     app = KServeApp(demo_models(unbatched=True))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # loopback only, on a free port
-    sock.listen(128)
-    url = f"127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
-    thread.start()
-    try:
+    with serving(app) as url:  # uvicorn in a background thread, on a free loopback port
         batched = asyncio.run(drive(url, "demo"))
         unbatched = asyncio.run(drive(url, "demo_unbatched"))
         stats = app.models[0].model.statistics()
-    finally:
-        server.should_exit = True
-        thread.join()
-        sock.close()
-    print(f"serving on http://{url} (KServe v2), {CONCURRENCY} concurrent clients")
+    print(f"served on http://{url} (KServe v2), {CONCURRENCY} concurrent clients")
     print(f"batched (up to 64):  {batched:7.0f} req/s, mean batch {stats.mean_batch_size:.1f}")
     print(f"unbatched:           {unbatched:7.0f} req/s")
     print(f"batching speedup:    {batched / unbatched:7.1f}x")
+    print("the same, step by step: python -m batchkit bench --compare")
 
 
 if __name__ == "__main__":

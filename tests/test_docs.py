@@ -34,11 +34,28 @@ def test_readme_quickstart_runs(tmp_path: Path) -> None:
     assert run_python(quickstart, tmp_path).splitlines() == ["5", "1.0"]
 
 
+MAIN_COMMAND = "python -m batchkit bench --compare --concurrency 1,8,32 --duration 2"
+
+
 def test_readme_main_command_is_the_serving_demo() -> None:
     readme = (ROOT / "README.md").read_text()
-    command = 'python -m pip install -e ".[server,triton]" && python examples/serve_demo.py'
-    assert command in readme
-    assert (ROOT / "examples" / "serve_demo.py").exists()  # run by test_example_runs
+    assert f'python -m pip install -e ".[server,bench]" && {MAIN_COMMAND}' in readme
+
+
+@pytest.mark.timeout(180)
+def test_readme_main_command_runs(tmp_path: Path) -> None:
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("tritonclient.http")
+    out = subprocess.run(
+        [sys.executable, "-W", "error", *MAIN_COMMAND.split()[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "batching on (up to 64) vs off" in out.stdout
+    assert "speedup" in out.stdout
 
 
 def test_readme_names_the_ci_test_command() -> None:

@@ -13,8 +13,18 @@ from typing import Any
 import anyio
 import pytest
 
-from batchkit import ClosedError, ConfigurationError, DeadlineExceeded, ModelError
-from batchkit.pipe import PipeClient, RemoteError, ServerExited, SyncPipeClient
+from batchkit import (
+    ClosedError,
+    ConfigurationError,
+    DeadlineExceeded,
+    ModelError,
+    QueueFull,
+    RemoteInvalidInput,
+    RemoteRejected,
+    RemoteUnavailable,
+)
+from batchkit.pipe import PipeClient, ResponseError, ServerExited, SyncPipeClient
+from batchkit.pipe._client import _error_from
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,13 +65,13 @@ async def test_error_responses_raise_what_the_model_would_raise_in_process() -> 
         with pytest.raises(ModelError, match="boom in the batch") as model_error:
             await c.call("boom", model="faulty")
         assert model_error.value.version == "7"
-        with pytest.raises(RemoteError, match="negative: -1") as remote:
+        with pytest.raises(ResponseError, match="negative: -1") as remote:
             await c.call(-1, model="faulty")
         assert (remote.value.type, remote.value.message) == ("ValueError", "negative: -1")
-        with pytest.raises(RemoteError) as unknown:
+        with pytest.raises(ResponseError) as unknown:
             await c.call(1, model="nope")
         assert unknown.value.type == "UnknownModel"
-        with pytest.raises(RemoteError) as unnamed:
+        with pytest.raises(ResponseError) as unnamed:
             await c.call(1)
         assert unnamed.value.type == "InvalidRequest"
         with pytest.raises(ConfigurationError, match="name the model"):
@@ -70,8 +80,8 @@ async def test_error_responses_raise_what_the_model_would_raise_in_process() -> 
             await c.call({1, 2}, model="double")
         results = await c.call_many([1, -2, 3], model="faulty", return_exceptions=True)
         assert results[0] == 2 and results[2] == 4
-        assert isinstance(results[1], RemoteError)
-        with pytest.raises(RemoteError, match="negative"):
+        assert isinstance(results[1], ResponseError)
+        with pytest.raises(ResponseError, match="negative"):
             await c.call_many([1, -2, 3], model="faulty")
         assert await c.call(4, model="double") == 8  # still serving
 
@@ -187,3 +197,28 @@ def test_client_settings_are_checked() -> None:
         PipeClient("m:x", command=["x"])
     with pytest.raises(ConfigurationError, match="startup_timeout must be a number > 0, got 0"):
         PipeClient("m:x", startup_timeout=0)
+
+
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [
+        ({"type": "DeadlineExceeded", "message": "m"}, DeadlineExceeded),
+        ({"type": "ModelError", "message": "m", "batch_size": 4, "version": "2"}, ModelError),
+        ({"type": "BatchSizeMismatch", "message": "m", "batch_size": 4}, ModelError),
+        ({"type": "RemoteUnavailable", "message": "m", "batch_size": 1}, RemoteUnavailable),
+        ({"type": "RemoteRejected", "message": "m", "retry_after": 2.5}, RemoteRejected),
+        ({"type": "RemoteInvalidInput", "message": "m"}, RemoteInvalidInput),
+        ({"type": "QueueFull", "message": "m", "retry_after": 3.0}, QueueFull),
+        ({"type": "ClosedError", "message": "m"}, ClosedError),
+        ({"type": "KeyError", "message": "m"}, ResponseError),
+    ],
+)
+def test_error_responses_map_to_the_errors_of_the_core(
+    error: dict[str, Any], raised: type[Exception]
+) -> None:
+    exc = _error_from(error)
+    assert type(exc) is raised
+    assert "m" in str(exc)
+    for attr in ("batch_size", "version", "retry_after"):
+        if attr in error:
+            assert getattr(exc, attr) == error[attr]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ._client import PipeClient as PipeClient
 from ._client import SyncPipeClient as SyncPipeClient
 from ._errors import PipeProtocolError as PipeProtocolError
-from ._errors import RemoteError as RemoteError
+from ._errors import ResponseError as ResponseError
 from ._errors import ServerExited as ServerExited
 from ._protocol import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._server import serve as serve
@@ -22,7 +22,7 @@ __all__ = (
     "PROTOCOL_VERSION",
     "PipeClient",
     "PipeProtocolError",
-    "RemoteError",
+    "ResponseError",
     "ServerExited",
     "SyncPipeClient",
     "claim_stdio",

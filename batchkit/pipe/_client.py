@@ -28,10 +28,14 @@ from .._core._errors import (
     DeadlineExceeded,
     ModelError,
     QueueFull,
+    RemoteError,
+    RemoteInvalidInput,
+    RemoteRejected,
+    RemoteUnavailable,
 )
 from .._core._slot import Versioned
 from .._core._stats import LatencyHistogram, LatencySummary, Statistics
-from ._errors import PipeProtocolError, RemoteError, ServerExited
+from ._errors import PipeProtocolError, ResponseError, ServerExited
 from ._protocol import PROTOCOL_VERSION, RequestError, as_tensor, decode_tensor, encode_tensor
 
 __all__ = ("PipeClient", "SyncPipeClient")
@@ -372,7 +376,7 @@ class PipeClient:
         server, from when it reads the line).
 
         Raises what the model's caller would get in its own process: ``DeadlineExceeded``,
-        ``ModelError`` (with ``version``), ``ClosedError``; ``RemoteError`` for any other error
+        ``ModelError`` (with ``version``), ``ClosedError``; ``ResponseError`` for any other error
         response (an exception the model returned for this item, an unknown model);
         ``ServerExited`` if the server ended first; ``TypeError`` if ``item`` is not JSON.
         """
@@ -607,18 +611,35 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"an item of type {type(value).__name__} is not JSON serializable")
 
 
+# Error types raised as themselves (BatchSizeMismatch, whose fields differ, as a ModelError).
+_MODEL_ERRORS: dict[str, type[ModelError]] = {
+    "ModelError": ModelError,
+    "BatchSizeMismatch": ModelError,
+    "RemoteError": RemoteError,
+    "RemoteUnavailable": RemoteUnavailable,
+    "RemoteInvalidInput": RemoteInvalidInput,
+}
+
+
 def _error_from(error: Mapping[str, Any]) -> Exception:
     type_, message = str(error.get("type")), str(error.get("message"))
     version = error.get("version")
     if type_ == "DeadlineExceeded":
         return DeadlineExceeded(message)
-    if type_ in ("ModelError", "BatchSizeMismatch"):
-        return ModelError(message, batch_size=int(error.get("batch_size", 0)), version=version)
+    batch_size = int(error.get("batch_size", 0))
+    if type_ == "RemoteRejected":
+        retry_after = float(error.get("retry_after", 1.0))
+        return RemoteRejected(
+            message, batch_size=batch_size, version=version, retry_after=retry_after
+        )
+    model_error = _MODEL_ERRORS.get(type_)
+    if model_error is not None:
+        return model_error(message, batch_size=batch_size, version=version)
     if type_ == "ClosedError":
         return ClosedError(message)
     if type_ == "QueueFull":
         return QueueFull(message, retry_after=float(error.get("retry_after", 1.0)))
-    return RemoteError(type_, message, version=version)
+    return ResponseError(type_, message, version=version)
 
 
 def _statistics_from_json(obj: Mapping[str, Any]) -> Statistics:

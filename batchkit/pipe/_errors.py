@@ -4,7 +4,7 @@ The hierarchy (``BatchkitError`` is the core's base)::
 
     BatchkitError
     ├── ServerExited (also RuntimeError)  the server process ended before answering
-    ├── RemoteError                       the server answered with an error of another type
+    ├── ResponseError                     the server answered with an error of another type
     └── PipeProtocolError                 the server's output broke the protocol
 
 Error responses whose type the core has (``DeadlineExceeded``, ``ModelError``, ``ClosedError``,
@@ -12,11 +12,13 @@ Error responses whose type the core has (``DeadlineExceeded``, ``ModelError``, `
 process handles a model in a pipe server the same way.
 
 They live in the adapter, not in ``batchkit/_core/_errors.py``: the core knows nothing of pipes.
+(``batchkit.RemoteError`` is another thing: a remote inference server such as Triton failed a
+batch.)
 """
 
 from __future__ import annotations
 
-__all__ = ("PipeProtocolError", "RemoteError", "ServerExited")
+__all__ = ("PipeProtocolError", "ResponseError", "ServerExited")
 
 from .._core._errors import BatchkitError
 
@@ -34,7 +36,7 @@ class ServerExited(BatchkitError, RuntimeError):
         self.returncode = returncode
 
 
-class RemoteError(BatchkitError):
+class ResponseError(BatchkitError):
     """Raised by the client's calls for an error response with no batchkit equivalent.
 
     ``type`` is the error type on the wire (``InvalidRequest``, ``UnknownModel``, or the class

@@ -1,0 +1,244 @@
+"""``batchkit bench`` against a live ``batchkit serve`` on loopback, checked through its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("uvicorn")
+pytest.importorskip("tritonclient.http")
+np = pytest.importorskip("numpy")
+
+SERVED = textwrap.dedent(
+    """
+    import time
+
+    from batchkit import BatchedModel
+    from batchkit.asgi import KServeApp, ServedModel, Tensor
+
+    def double(rows):
+        return [row * 2 for row in rows]
+
+    def slow(rows):
+        time.sleep(0.02)
+        return [row for row in rows]
+
+    def mixed(items):
+        return [{"SUM": item["A"] + item["B"].astype("int64"), "NAME": item["S"]} for item in items]
+
+    mixed_signature = {
+        "inputs": [Tensor("A", "INT64", [2]), Tensor("B", "INT32", [2]), Tensor("S", "BYTES", [1])],
+        "outputs": [Tensor("SUM", "INT64", [2]), Tensor("NAME", "BYTES", [1])],
+    }
+    models = [
+        ServedModel(BatchedModel(double, name="double", max_batch_size=64)),
+        # One batch at a time, at most one item queued: concurrent callers get 503s.
+        ServedModel(BatchedModel(slow, name="tight", max_batch_size=1, max_queue_size=1)),
+        ServedModel(BatchedModel(mixed, name="mixed"), **mixed_signature),
+    ]
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Run ``batchkit serve`` on a free loopback port; yield ``host:port``."""
+    where = tmp_path_factory.mktemp("served")
+    (where / "bench_models.py").write_text(SERVED)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchkit", "serve", "bench_models:models", "--port", str(port)],
+        cwd=where,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(where)},
+    )
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:  # uvicorn logs this line once it listens
+            if "Uvicorn running on" in line:
+                break
+        else:
+            pytest.fail(f"the server exited: {proc.wait()}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        proc.stderr.close()
+
+
+def bench(tmp_path: Path, *args: str, timeout: float = 90) -> tuple[int, dict[str, Any], str]:
+    """Run ``batchkit bench ARGS --json``; return its exit status, the JSON and stderr."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchkit", "bench", *args, "--quiet", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=tmp_path,
+    )
+    report = json.loads(out.read_text()) if out.exists() else {}
+    return proc.returncode, report, proc.stdout + proc.stderr
+
+
+def check_step(step: dict[str, Any]) -> None:
+    """The figures of one step are consistent with each other."""
+    assert step["sent"] == step["ok"] + step["failed"] == step["ok"] + sum(step["errors"].values())
+    lat = step["latency"]
+    if step["ok"]:
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+        assert step["throughput"] == pytest.approx(step["ok"] / step["duration"])
+
+
+def test_a_healthy_server_closed_loop(server: str, tmp_path: Path) -> None:
+    status, report, output = bench(
+        tmp_path, server, "--model", "double", "--concurrency", "1,8", "--duration", "1",
+        "--warmup", "0.2",
+    )  # fmt: skip
+    assert status == 0, output
+    assert report["model"] == "double" and report["mode"] == "closed"
+    assert [s["concurrency"] for s in report["steps"]] == [1, 8]
+    for step in report["steps"]:
+        check_step(step)
+        assert step["failed"] == 0 and step["ok"] > 0
+        assert step["server_batch_size"] >= 1
+    assert report["steps"][1]["server_batch_size"] > 1  # 8 in flight share batches
+    assert report["failed"] == 0
+
+
+def test_json_tensors_a_request_count_and_every_input_kind(server: str, tmp_path: Path) -> None:
+    status, report, output = bench(
+        tmp_path, server, "-m", "mixed", "--concurrency", "4", "--requests", "200",
+        "--json-tensors", "--warmup", "0",
+    )  # fmt: skip
+    assert status == 0, output
+    (step,) = report["steps"]
+    check_step(step)
+    assert step["sent"] == step["ok"] == 200
+
+
+@pytest.mark.parametrize("kind", ["json", "npz"])
+def test_inputs_from_a_file(server: str, tmp_path: Path, kind: str) -> None:
+    values = {"A": [[1, 2]], "B": [[3, 4]], "S": [["x"]]}
+    if kind == "json":
+        path = tmp_path / "inputs.json"
+        path.write_text(json.dumps(values))
+    else:
+        path = tmp_path / "inputs.npz"
+        np.savez(path, A=np.array([[1, 2]]), B=np.array([[3, 4]]), S=np.array([[b"x"]]))
+    status, report, output = bench(
+        tmp_path, server, "-m", "mixed", "--concurrency", "2", "--requests", "20",
+        "--input-file", str(path), "--warmup", "0",
+    )  # fmt: skip
+    assert status == 0, output
+    assert report["steps"][0]["ok"] == 20
+
+
+def test_rejections_are_counted_and_fail_the_run(server: str, tmp_path: Path) -> None:
+    status, report, output = bench(
+        tmp_path, server, "-m", "tight", "--concurrency", "16", "--duration", "1", "--warmup", "0",
+    )  # fmt: skip
+    assert status == 1, output
+    (step,) = report["steps"]
+    check_step(step)
+    assert step["errors"]["reject"] > 0
+    assert step["errors"]["timeout"] == step["errors"]["other"] == 0
+    assert "503" in step["error_samples"]["reject"]
+    assert step["ok"] > 0
+    assert report["failed"] == step["errors"]["reject"]
+    assert "request(s) failed" in output
+
+
+def test_open_loop_holds_the_target_rate(server: str, tmp_path: Path) -> None:
+    status, report, output = bench(
+        tmp_path, server, "-m", "double", "--rate", "300", "--duration", "2", "--warmup", "0.3",
+    )  # fmt: skip
+    assert status == 0, output
+    (step,) = report["steps"]
+    check_step(step)
+    assert report["mode"] == "open" and step["target_rate"] == 300
+    assert step["sent"] == 600
+    assert abs(step["achieved_rate"] - 300) / 300 < 0.10
+
+
+def test_an_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
+    status, report, output = bench(
+        tmp_path, f"127.0.0.1:{free_port()}", "-m", "x", "--duration", "1"
+    )
+    assert status == 2
+    assert "cannot read the metadata of model 'x'" in output
+    assert report == {}
+
+
+def test_an_unknown_model_is_a_clear_error(server: str, tmp_path: Path) -> None:
+    status, _, output = bench(tmp_path, server, "-m", "nope", "--duration", "1")
+    assert status == 2
+    assert "'nope'" in output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--duration", "1"],
+        ["127.0.0.1:1", "-m", "x", "--concurrency", "0"],
+        ["127.0.0.1:1", "-m", "x", "--concurrency", "a,b"],
+        ["127.0.0.1:1", "-m", "x", "--rate", "-5"],
+        ["127.0.0.1:1", "-m", "x", "--rate", "5", "--concurrency", "2"],
+        ["127.0.0.1:1", "-m", "x", "--duration", "0"],
+    ],
+)
+def test_bad_arguments(args: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "batchkit", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "batchkit bench" in proc.stderr or "usage:" in proc.stderr
+
+
+def test_compare_serves_the_demo_model_twice(tmp_path: Path) -> None:
+    status, report, output = bench(
+        tmp_path, "--compare", "--concurrency", "1,16", "--duration", "1", "--warmup", "0.2",
+    )  # fmt: skip
+    assert status == 0, output
+    batched, unbatched = report["compare"]["batched"], report["compare"]["unbatched"]
+    assert [s["model"] for s in batched] == ["demo", "demo"]
+    assert [s["model"] for s in unbatched] == ["demo_unbatched", "demo_unbatched"]
+    for step in batched + unbatched:
+        check_step(step)
+        assert step["failed"] == 0
+    assert unbatched[1]["server_batch_size"] == 1.0
+    assert batched[1]["server_batch_size"] > 1
+    # 16 in flight on a model costing 2 ms per batch: batching must pay off.
+    assert batched[1]["throughput"] > 1.5 * unbatched[1]["throughput"]
+    assert "speedup" in output
+
+
+def test_plot(server: str, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "bench.png"
+    status, _, output = bench(
+        tmp_path, server, "-m", "double", "--concurrency", "1,2", "--requests", "20",
+        "--warmup", "0", "--plot", str(png),
+    )  # fmt: skip
+    assert status == 0, output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
