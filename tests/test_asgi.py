@@ -318,14 +318,16 @@ async def test_timeout_parameter_in_microseconds_gives_504() -> None:
     async with app.lifespan(), anyio.create_task_group() as tg:
         tg.start_soon(send, "first", 0, None)
         await gated.started.wait()  # the model is held until the 504 below has arrived
-        # 30 s: read as nanoseconds (or a thousandth of what it means) it would expire first.
-        tg.start_soon(send, "patient", 1, 30_000_000)
-        await anyio.wait_all_tasks_blocked()
-        # 0.2 s: read as milliseconds it is 200 s, past the bound below.
-        with anyio.fail_after(20):
-            await send("late", 2, 200_000)
-        assert "patient" not in replies
-        gated.open()
+        try:
+            # 30 s: it must still be queued when the 0.2 s request below has expired.
+            tg.start_soon(send, "patient", 1, 30_000_000)
+            await anyio.wait_all_tasks_blocked()
+            # 0.2 s: read as milliseconds it would be 200 s, past this bound.
+            with anyio.fail_after(10):
+                await send("late", 2, 200_000)
+            assert "patient" not in replies
+        finally:
+            gated.open()
     assert replies["late"].status == 504
     assert "deadline" in replies["late"].error
     assert replies["patient"].status == 200
