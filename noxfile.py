@@ -1,10 +1,13 @@
-"""Developer tasks: `nox -s tests`, `nox -s lint`, `nox -s typecheck`, `nox -s bench`.
+"""Developer tasks: `nox -s tests`, `nox -s lint`, `nox -s typecheck`, `nox -s bench`,
+`nox -s triton`.
 
 Every session installs through constraints.txt, which pins torch to the CPU build these machines
 carry (any other torch pulls several GB of CUDA packages). torch is installed first, on its own.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import nox
 
@@ -25,7 +28,7 @@ def install(session: nox.Session, *extras: str, torch: bool = False) -> None:
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     """Run the whole test suite (typecheck included, as a test)."""
-    install(session, "dev", "numpy", "torch", "server", "metrics", "bench", torch=True)
+    install(session, "dev", "numpy", "torch", "server", "metrics", "bench", "notebook", torch=True)
     session.run("pytest", *session.posargs)
 
 
@@ -39,7 +42,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def typecheck(session: nox.Session) -> None:
     """Run mypy --strict on batchkit/."""
-    install(session, "dev")
+    install(session, "dev", "rich", "notebook")
     session.run("mypy")
 
 
@@ -55,4 +58,33 @@ def bench(session: nox.Session) -> None:
         "--benchmark-json=.benchmarks/latest.json",
         *session.posargs,
     )
-    session.run("python", "benchmarks/report.py", ".benchmarks/latest.json", "docs/benchmarks.md")
+    # The Triton scenario comes from `nox -s triton`, when it has run.
+    triton = [".benchmarks/triton.json"] if Path(".benchmarks/triton.json").exists() else []
+    session.run(
+        "python", "benchmarks/report.py", ".benchmarks/latest.json", *triton, "docs/benchmarks.md"
+    )
+
+
+@nox.session(python="3.11")
+def triton(session: nox.Session) -> None:
+    """Run the Triton tests and benchmark against a real tritonserver, from nvidia-pytriton.
+
+    pytriton bundles a CPU-capable tritonserver and pins numpy<2, hence its own virtualenv.
+    The tests start the server on 127.0.0.1 and stop it by its PID.
+    """
+    install(session, "dev", "numpy", "server", "metrics", "triton")
+    session.install(*CONSTRAINTS, "nvidia-pytriton")
+    session.run(
+        "pytest",
+        "-m",
+        "triton",
+        "-p",
+        "no:cacheprovider",
+        "tests",
+        "benchmarks/test_triton_throughput.py",
+        "--benchmark-json=.benchmarks/triton.json",
+        *session.posargs,
+    )
+    session.run(
+        "python", "benchmarks/report.py", ".benchmarks/triton.json", ".benchmarks/triton.md"
+    )

@@ -19,11 +19,17 @@ from ._core._errors import ForbiddenPath as ForbiddenPath
 from ._core._errors import IncompatibleWeights as IncompatibleWeights
 from ._core._errors import ModelError as ModelError
 from ._core._errors import QueueFull as QueueFull
+from ._core._errors import RemoteError as RemoteError
+from ._core._errors import RemoteInvalidInput as RemoteInvalidInput
+from ._core._errors import RemoteRejected as RemoteRejected
+from ._core._errors import RemoteUnavailable as RemoteUnavailable
 from ._core._errors import SwapError as SwapError
 from ._core._errors import ValidationFailed as ValidationFailed
 from ._core._errors import WarmupFailed as WarmupFailed
 from ._core._errors import WeightsNotFound as WeightsNotFound
 from ._core._errors import WrongLoopError as WrongLoopError
+from ._core._info import BatchInfo as BatchInfo
+from ._core._info import SupportsBatchInfo as SupportsBatchInfo
 from ._core._model import BatchedModel as BatchedModel
 from ._core._slot import Versioned as Versioned
 from ._core._stats import LatencyHistogram as LatencyHistogram
@@ -33,6 +39,7 @@ from ._version import __version__ as __version__
 
 __all__ = (
     "AsyncBatched",
+    "BatchInfo",
     "BatchSizeMismatch",
     "BatchedModel",
     "BatchkitError",
@@ -45,8 +52,13 @@ __all__ = (
     "LatencySummary",
     "ModelError",
     "QueueFull",
+    "RemoteError",
+    "RemoteInvalidInput",
+    "RemoteRejected",
+    "RemoteUnavailable",
     "Settings",
     "Statistics",
+    "SupportsBatchInfo",
     "SwapError",
     "SyncBatched",
     "ValidationFailed",

@@ -1,4 +1,4 @@
-"""The ``batchkit`` command: ``batchkit serve`` (and the other adapters' subcommands)."""
+"""The ``batchkit`` command: ``serve``, ``bench``, ``profile`` and the other subcommands."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: the process arguments), run the subcommand, return its status."""
     parser = argparse.ArgumentParser(prog="batchkit", description="Dynamic batching for ML.")
     subparsers = parser.add_subparsers(title="commands", required=True)
-    from . import _bench_cli, _serve
+    from . import _bench_cli, _profile_cli, _serve
 
     _serve.add_parser(subparsers)
     _bench_cli.add_parser(subparsers)
+    _profile_cli.add_parser(subparsers)
     args = parser.parse_args(argv)
     return int(args.command(args))
 

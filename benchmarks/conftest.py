@@ -41,3 +41,6 @@ def pytest_benchmark_update_machine_info(
     machine_info["platform"] = platform.platform()
     machine_info["load_average_start"] = list(_LOAD_AT_START)
     machine_info["load_average_end"] = list(os.getloadavg())
+
+# The real Triton of the Triton tests (skips without nvidia-pytriton).
+from tests.conftest import triton_server as triton_server  # noqa: E402

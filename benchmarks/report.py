@@ -1,6 +1,9 @@
 """Write docs/benchmarks.md from a pytest-benchmark JSON file.
 
-Usage: ``python benchmarks/report.py .benchmarks/latest.json docs/benchmarks.md``
+Usage: ``python benchmarks/report.py .benchmarks/latest.json [MORE.json ...] docs/benchmarks.md``
+
+Several JSON files merge into one report: the first gives the machine section, and a scenario
+from a later file (the Triton benchmark of ``nox -s triton``, say) says which run it came from.
 
 Every figure, target and verdict comes from the JSON: the benchmarks record what they measured in
 ``extra_info`` (see ``benchmarks/_measure.py``), and the machine and commit come from the JSON's
@@ -23,6 +26,8 @@ REPRODUCE = (
     "# or, in a virtualenv with the dev, numpy, torch, server, metrics and bench extras:",
     "pytest benchmarks -p no:cacheprovider --benchmark-json=.benchmarks/latest.json",
     "python benchmarks/report.py .benchmarks/latest.json docs/benchmarks.md",
+    "# scenario 9 (Triton) runs in `nox -s triton`, which writes .benchmarks/triton.json;",
+    "# `nox -s bench` merges that file into this page when it exists",
 )
 
 
@@ -103,6 +108,7 @@ HEADLINES = {
         ("trivial_p99", "HTTP server, trivial model, 32 in flight: p99"),
         ("mlp_speedup", "HTTP server, MLP: batched vs unbatched requests/s"),
     ],
+    "triton": [("vs_direct", "64 callers to Triton: through batchkit vs one request per row")],
     "bench_compare": [
         ("speedup_32", "`batchkit bench --compare`, 32 in flight: batched vs unbatched"),
         ("batched_p99_32", "`batchkit bench --compare`, 32 in flight: batched p99"),
@@ -184,10 +190,32 @@ def scenario_section(info: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render(data: dict[str, Any], source: str) -> str:
-    benches = [
-        b["extra_info"] for b in data.get("benchmarks", []) if "scenario" in b.get("extra_info", {})
-    ]
+def scenarios(data: dict[str, Any], source: str | None) -> list[dict[str, Any]]:
+    """Return the scenarios of one JSON file; ``source`` names the run of a merged file."""
+    found = []
+    for bench in data.get("benchmarks", []):
+        info = bench.get("extra_info", {})
+        if "scenario" not in info:
+            continue
+        if source is not None:
+            commit = data.get("commit_info", {})
+            when = data.get("datetime")
+            date = datetime.fromisoformat(when).strftime("%Y-%m-%d %H:%M UTC") if when else "?"
+            info = dict(info, notes=[
+                *info.get("notes", []),
+                f"Measured in a separate run: `{source}`, {date}, commit "
+                f"{str(commit.get('id') or 'unknown')[:10]}.",
+            ])  # fmt: skip
+        found.append(info)
+    return found
+
+
+def render(
+    data: dict[str, Any], source: str, more: list[tuple[dict[str, Any], str]] | None = None
+) -> str:
+    benches = scenarios(data, None)
+    for other, other_source in more or []:
+        benches += scenarios(other, other_source)
     benches.sort(key=lambda info: info["order"])
     lines = [
         "# Benchmarks",
@@ -215,13 +243,14 @@ def render(data: dict[str, Any], source: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 3:
-        print(f"usage: {argv[0]} BENCHMARK_JSON OUTPUT_MD", file=sys.stderr)
+    if len(argv) < 3:
+        print(f"usage: {argv[0]} BENCHMARK_JSON [MORE_JSON ...] OUTPUT_MD", file=sys.stderr)
         return 2
-    source, output = Path(argv[1]), Path(argv[2])
-    data = json.loads(source.read_text(encoding="utf-8"))
+    sources, output = [Path(a) for a in argv[1:-1]], Path(argv[-1])
+    loaded = [(json.loads(p.read_text(encoding="utf-8")), p.as_posix()) for p in sources]
+    (data, source), more = loaded[0], loaded[1:]
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render(data, source.as_posix()), encoding="utf-8")
+    output.write_text(render(data, source, more), encoding="utf-8")
     print(f"wrote {output}")
     return 0
 

@@ -5,6 +5,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from .triton_server import TritonServer, find_tritonserver
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
@@ -23,3 +25,21 @@ def no_engine_threads_left() -> Iterator[None]:
         if t.ident not in before and t.name.startswith("batchkit-")
     ]
     assert not left, f"background engine threads left running: {left}"
+
+
+@pytest.fixture(scope="session")
+def triton_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """A real Triton Inference Server with the test models, for the whole session.
+
+    Skips when nvidia-pytriton (which bundles ``tritonserver``) is not installed: run
+    ``nox -s triton``.
+    """
+    package = find_tritonserver()
+    if package is None:
+        pytest.skip("no tritonserver: nvidia-pytriton is not installed (run `nox -s triton`)")
+    server = TritonServer(package, tmp_path_factory.mktemp("triton"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -53,6 +53,13 @@ def not_numbers(items: list[Any]) -> list[Any]:
     return [np.array([np.nan, np.inf, -np.inf], np.float32) for _ in items]
 
 
+@pytest.fixture
+def flavor() -> str:
+    """Which server the protocol tests run against: tests/test_triton_conformance.py runs some
+    of them against a real Triton, where this is "triton"."""
+    return "batchkit"
+
+
 @pytest.fixture(scope="module")
 def gate() -> Gate:
     return Gate()
@@ -133,17 +140,22 @@ def test_health_metadata_and_config(client: Any) -> None:
     assert meta["inputs"] == [{"name": "X", "datatype": "INT8", "shape": [-1, 3]}]
     config = client.get_model_config("id_fp16")
     assert config["max_batch_size"] == 64
-    assert config["input"][0] == {
+    # Triton adds fields of its own (allow_ragged_batch, optional, ...): compare these.
+    assert {
         "name": "X", "data_type": "TYPE_FP16", "format": "FORMAT_NONE", "dims": [3],
         "is_shape_tensor": False,
-    }  # fmt: skip
+    }.items() <= config["input"][0].items()  # fmt: skip
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 @pytest.mark.parametrize("datatype", DATATYPES)
-def test_every_datatype_with_the_sync_client(client: Any, datatype: str, binary: bool) -> None:
+def test_every_datatype_with_the_sync_client(
+    client: Any, datatype: str, binary: bool, flavor: str
+) -> None:
     if datatype == "BF16" and not binary:
         pytest.skip("tritonclient sends BF16 only as binary data")
+    if datatype == "FP16" and not binary and flavor == "triton":
+        pytest.skip("Triton takes FP16 only as binary data (batchkit also takes it as JSON)")
     array = as_client_array(datatype, sample(datatype))
     if datatype == "BYTES" and not binary:
         array = np.array([f"é{i}".encode() for i in range(6)], dtype=object).reshape(2, 3)
@@ -294,17 +306,18 @@ def test_client_errors(client: Any) -> None:
     good.set_data_from_numpy(np.zeros((1, 3), np.float32))
     wrong_shape = tritonclient_http.InferInput("X", [1, 4], "FP32")
     wrong_shape.set_data_from_numpy(np.zeros((1, 4), np.float32))
-    assert "[-1, 3]" in expect_error("400", client.infer, "id_fp32", [wrong_shape])
+    assert re.search(r"\[-1, ?3\]", expect_error("400", client.infer, "id_fp32", [wrong_shape]))
     wrong_type = tritonclient_http.InferInput("X", [1, 3], "FP64")
     wrong_type.set_data_from_numpy(np.zeros((1, 3)))
     assert "FP64" in expect_error("400", client.infer, "id_fp32", [wrong_type])
     unknown = tritonclient_http.InferInput("Z", [1, 3], "FP32")
     unknown.set_data_from_numpy(np.zeros((1, 3), np.float32))
-    assert '"Z"' in expect_error("400", client.infer, "id_fp32", [unknown])
+    assert re.search(r"[\"']Z[\"']", expect_error("400", client.infer, "id_fp32", [unknown]))
     out = tritonclient_http.InferRequestedOutput("NOPE")
     assert "NOPE" in expect_error("400", client.infer, "id_fp32", [good], outputs=[out])
     assert "nope" in expect_error("404", client.infer, "nope", [good])
-    assert "'9'" in expect_error("404", client.infer, "id_fp32", [good], model_version="9")
+    no_version = expect_error("404", client.infer, "id_fp32", [good], model_version="9")
+    assert re.search(r"\b9\b", no_version)
     expect_error("404", client.get_model_metadata, "nope")
 
 
@@ -353,11 +366,12 @@ def test_body_over_the_limit_is_413(client: Any) -> None:
     assert client.is_server_live()
 
 
-def test_error_bodies_are_json_with_an_error_field(server: str) -> None:
+def test_error_bodies_are_json_with_an_error_field(server: str, flavor: str) -> None:
     conn = http.client.HTTPConnection(server, timeout=10)
     conn.request("PUT", "/v2/models/id_fp32/infer", body=b"{}")
     reply = conn.getresponse()
     assert reply.status == 405
-    assert reply.getheader("allow") == "POST"
+    if flavor == "batchkit":  # RFC 9110 wants Allow with a 405; Triton sends none
+        assert reply.getheader("allow") == "POST"
     assert set(json.loads(reply.read())) == {"error"}
     conn.close()

@@ -13,14 +13,24 @@ import pytest
 import batchkit
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "numpy", "rich", "prometheus_client", "tritonclient", "uvicorn", "IPython")
+HEAVY = (
+    "torch",
+    "numpy",
+    "rich",
+    "prometheus_client",
+    "tritonclient",
+    "uvicorn",
+    "IPython",
+    "matplotlib",
+)
 
 
-def test_import_is_light() -> None:
+@pytest.mark.parametrize("module", ["batchkit", "batchkit.notebook"])
+def test_import_is_light(module: str) -> None:
     code = textwrap.dedent(
         f"""
         import sys
-        import batchkit
+        import {module}
         heavy = [m for m in {HEAVY!r} if m in sys.modules]
         print(",".join(heavy))
         """

@@ -24,6 +24,10 @@ from .._core._errors import (
     ForbiddenPath,
     ModelError,
     QueueFull,
+    RemoteError,
+    RemoteInvalidInput,
+    RemoteRejected,
+    RemoteUnavailable,
     SwapError,
 )
 from .._core._model import BatchedModel
@@ -308,6 +312,8 @@ class KServeApp:
             ) from None
         except ClosedError:
             raise HTTPError(f"model {served.name!r} is shutting down", status=503) from None
+        except RemoteError as exc:  # a model that forwards to another server (TritonModel)
+            raise _remote_error(served.name, exc) from None
         except ModelError as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             logger.error("batchkit: model %r failed", served.name, exc_info=exc)
@@ -522,6 +528,30 @@ class _Response:
         headers = [*self.headers, (b"content-length", str(len(self.body)).encode())]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
+
+
+def _remote_error(name: str, exc: RemoteError) -> HTTPError:
+    """Answer for a model whose upstream server failed: unavailable and rejected are 503 (the
+    latter with Retry-After), invalid input 400 (the client's fault), anything else 502."""
+    if isinstance(exc, RemoteRejected):
+        retry = str(max(1, math.ceil(exc.retry_after)))
+        return HTTPError(
+            f"model {name!r}: its upstream server refused the request; retry after {retry} s",
+            status=503,
+            headers={"retry-after": retry},
+        )
+    if isinstance(exc, RemoteUnavailable):
+        return HTTPError(f"model {name!r}: its upstream server is unavailable", status=503)
+    if isinstance(exc, RemoteInvalidInput):
+        return HTTPError(
+            f"model {name!r}: the upstream server rejected the input: {exc}", status=400
+        )
+    logger.error("batchkit: the upstream server of model %r failed", name, exc_info=exc)
+    return HTTPError(
+        f"model {name!r}: its upstream server failed on this request; the server log has the "
+        "details",
+        status=502,
+    )
 
 
 def _json(status: int, payload: Any) -> _Response:

@@ -32,6 +32,7 @@ from ._errors import (
     ModelError,
     QueueFull,
 )
+from ._info import BatchInfo, batch_info
 from ._queue import BatchQueue
 from ._requests import EventRequest, FutureRequest, Request, ThreadRequest
 from ._slot import Installed, ModelSlot
@@ -536,6 +537,9 @@ class Engine:
         if installed is None:
             installed = self._slot.current
         items = [req.item for req in batch]
+        started = self._clock()
+        # Only a model that opted in (checked once, at installation) pays for its BatchInfo.
+        info = None if installed.with_info is None else batch_info(batch, started)
         job: Awaitable[Sequence[Any]] | None = None
         if self._own_threads and not installed.is_async:
             assert self._loop is not None
@@ -546,13 +550,13 @@ class Engine:
                 )
             try:
                 job = self._loop.run_in_executor(
-                    self._executor, self._invoke_sync, items, installed
+                    self._executor, self._invoke_sync, items, installed, info
                 )
             except RuntimeError:  # the pool refuses work (interpreter shutdown): use anyio's
                 self._own_threads = False
         if job is None:
-            job = self._invoke(items, installed)
-        return batch, job, self._clock(), installed
+            job = self._invoke(items, installed, info)
+        return batch, job, started, installed
 
     def _start_ready(self) -> _Running | None:
         """Start the next batch now if the policy releases one now."""
@@ -687,19 +691,32 @@ class Engine:
         error.__cause__ = exc
         return error
 
-    async def _invoke(self, items: list[Any], installed: Installed) -> Sequence[Any]:
+    async def _invoke(
+        self, items: list[Any], installed: Installed, info: BatchInfo | None
+    ) -> Sequence[Any]:
         if installed.is_async:
             collate = self.settings.collate
-            out = await installed.model(collate(items) if collate is not None else items)
+            batch = collate(items) if collate is not None else items
+            if info is None:
+                out = await installed.model(batch)
+            else:
+                assert installed.with_info is not None
+                out = await installed.with_info(batch, info)
             return split_outputs(self.settings, out, len(items))
         return await anyio.to_thread.run_sync(
-            self._invoke_sync, items, installed, limiter=self._limiter
+            self._invoke_sync, items, installed, info, limiter=self._limiter
         )
 
-    def _invoke_sync(self, items: list[Any], installed: Installed) -> Sequence[Any]:
+    def _invoke_sync(
+        self, items: list[Any], installed: Installed, info: BatchInfo | None
+    ) -> Sequence[Any]:
         self.in_model.active = True
         try:
-            return run_sync_batch(self.settings, installed.model, items)
+            if info is None:
+                return run_sync_batch(self.settings, installed.model, items)
+            with_info = installed.with_info
+            assert with_info is not None
+            return run_sync_batch(self.settings, lambda batch: with_info(batch, info), items)
         finally:
             self.in_model.active = False
 

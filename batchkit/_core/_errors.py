@@ -9,7 +9,11 @@ The hierarchy::
     ├── DeadlineExceeded (also TimeoutError)  the call's deadline passed before its outcome
     ├── WrongLoopError (also RuntimeError)    the engine runs in another loop than this call needs
     ├── ModelError                            the model function failed for a whole batch
-    │   └── BatchSizeMismatch                 the model returned the wrong number of outputs
+    │   ├── BatchSizeMismatch                 the model returned the wrong number of outputs
+    │   └── RemoteError                       a remote inference server failed the request
+    │       ├── RemoteUnavailable (also ConnectionError)  unreachable, not ready, or went away
+    │       ├── RemoteRejected                it refused the request: overloaded, queue full
+    │       └── RemoteInvalidInput (also ValueError)      it rejected the inputs as invalid
     └── SwapError                             swap() or rollback() failed; the old model serves
         ├── WeightsNotFound (also FileNotFoundError)  no weights file at the path given
         ├── ForbiddenPath (also PermissionError)      the path is outside ``weights_dir``
@@ -18,7 +22,9 @@ The hierarchy::
         └── ValidationFailed                          the validation callback rejected it
 
 A model that returns an exception instance in one item's slot fails only that caller, with that
-exception as it is (not wrapped).
+exception as it is (not wrapped). A remote model (``batchkit.triton.TritonModel``) does that for
+each request it sends: a failed request fails only its own items, with a ``RemoteError`` (or a
+``DeadlineExceeded`` when the server's timeout for it expired), the server's error chained.
 """
 
 from __future__ import annotations
@@ -33,6 +39,10 @@ __all__ = (
     "IncompatibleWeights",
     "ModelError",
     "QueueFull",
+    "RemoteError",
+    "RemoteInvalidInput",
+    "RemoteRejected",
+    "RemoteUnavailable",
     "SwapError",
     "ValidationFailed",
     "WarmupFailed",
@@ -109,6 +119,42 @@ class BatchSizeMismatch(ModelError):
         )
         self.expected = expected
         self.got = got
+
+
+class RemoteError(ModelError):
+    """Raised to the callers of the items a remote inference server failed (``TritonModel``).
+
+    Only the items of the failed request get it; ``batch_size`` is that request's size. The
+    client library's exception is chained as ``__cause__``; the message names the server and
+    the model, and quotes the server's reason.
+    """
+
+
+class RemoteUnavailable(RemoteError, ConnectionError):
+    """Raised when the server cannot be reached (after the retries), or is not ready.
+
+    Also raised by ``TritonModel`` when it connects, and when the server goes away while a
+    request is in flight. Worth retrying later: the same model works again once the server is
+    back.
+    """
+
+
+class RemoteRejected(RemoteError):
+    """Raised when the server refused the request without running it: its queue was full, or
+    it is over capacity. Worth retrying after ``retry_after`` seconds (a guess: 1.0)."""
+
+    def __init__(
+        self, message: str, *, batch_size: int, version: str | None = None, retry_after: float = 1.0
+    ) -> None:
+        super().__init__(message, batch_size=batch_size, version=version)
+        self.retry_after = retry_after
+
+
+class RemoteInvalidInput(RemoteError, ValueError):
+    """Raised when the server rejected the request's inputs: a wrong shape, datatype or name.
+
+    The caller's fault, not the server's: the same items fail again.
+    """
 
 
 class SwapError(BatchkitError):

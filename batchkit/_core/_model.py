@@ -195,8 +195,22 @@ class BatchedModel(Generic[T, R]):
         return self._slot.current.model
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "running" if self._engine else "idle"
-        return f"<{type(self).__name__} {self.name!r} {state}>"
+        return f"<{type(self).__name__} {self.name!r} {self._state()}>"
+
+    def _state(self) -> str:
+        return "closed" if self._closed else "running" if self._engine else "idle"
+
+    def _repr_html_(self) -> str:
+        """Return the model, its settings and statistics as HTML (Jupyter's rich display)."""
+        from .._display import model_html  # the display layer, imported only when used
+
+        return model_html(self, self._state())
+
+    def __rich__(self) -> Any:
+        """Return the model, its settings and statistics as a rich renderable (needs rich)."""
+        from .._display import model_rich
+
+        return model_rich(self, self._state())
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -8,8 +8,10 @@ keep the installation they started with, and every later batch gets the new one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
+
+from ._info import BatchInfo, info_method
 
 __all__ = ("Installed", "ModelSlot", "Versioned")
 
@@ -36,12 +38,18 @@ class Installed:
 
     ``weights`` is set only for an installation replaced in place (the same module object
     serves several versions): the weights to copy back in to make ``model`` this version again.
+    ``with_info`` is the model's ``call_with_info`` when it opts in to receiving a ``BatchInfo``
+    (looked up once, here, so ordinary models cost nothing per batch).
     """
 
     model: Callable[..., Any]
     is_async: bool
     version: str
     weights: Any = None
+    with_info: Callable[[Any, BatchInfo], Any] | None = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "with_info", info_method(self.model))
 
 
 class ModelSlot:

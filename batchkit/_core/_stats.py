@@ -9,6 +9,7 @@ from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from ._errors import ConfigurationError
 
@@ -151,6 +152,18 @@ class Statistics:
         """Return the items submitted that have no outcome yet."""
         done = self.completed + self.failed + self.expired + self.cancelled
         return self.submitted - done
+
+    def _repr_html_(self) -> str:
+        """Return the snapshot as a compact HTML table (Jupyter's rich display)."""
+        from .._display import statistics_html  # the display layer, imported only when used
+
+        return statistics_html(self)
+
+    def __rich__(self) -> Any:
+        """Return the snapshot as a rich renderable (needs rich)."""
+        from .._display import statistics_rich
+
+        return statistics_rich(self)
 
 
 class Recorder:

@@ -29,6 +29,7 @@ from anyio.lowlevel import EventLoopToken
 from ._config import Settings
 from ._engine import Engine, run_sync_batch, split_outputs
 from ._errors import ClosedError, SwapError, ValidationFailed, WarmupFailed
+from ._info import info_method
 from ._slot import Installed, ModelSlot
 from ._stats import Recorder
 
@@ -352,7 +353,13 @@ def _torch_helpers_for(model: Any) -> ModuleType | None:
 
 
 def is_async_callable(fn: object) -> bool:
-    """Return whether calling ``fn`` returns a coroutine (an async function or ``__call__``)."""
+    """Return whether calling ``fn`` returns a coroutine (an async function or ``__call__``).
+
+    For a model that opts in to ``call_with_info``, that method decides.
+    """
+    with_info = info_method(fn)
+    if with_info is not None:
+        return inspect.iscoroutinefunction(with_info)
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         getattr(fn, "__call__", None)  # noqa: B004
     )

@@ -1,0 +1,1 @@
+"""The tritonclient-backed model (imports tritonclient; reached through ``batchkit.triton``)."""
