@@ -177,12 +177,15 @@ class Target:
         except Exception:
             return None
         label = re.escape(json.dumps(self.model))
+        # One series per version serving (label "version"); without a version, all of them.
+        version = r'"[^"]*"' if not self.version else re.escape(json.dumps(self.version))
         found = {}
         for key in ("sum", "count"):
-            match = re.search(rf"^batchkit_batch_size_{key}\{{model={label}\}} (\S+)$", text, re.M)
-            if match is None:
+            pattern = rf"^batchkit_batch_size_{key}\{{model={label},version={version}\}} (\S+)$"
+            matches = re.findall(pattern, text, re.M)
+            if not matches:
                 return None
-            found[key] = float(match.group(1))
+            found[key] = sum(float(m) for m in matches)
         return found["sum"], found["count"]
 
 

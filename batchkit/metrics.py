@@ -10,7 +10,7 @@ This module imports ``prometheus_client``; ``import batchkit`` does not.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -37,62 +37,67 @@ LATENCY_BUCKETS = DEFAULT_LATENCY_BOUNDS
 _OUTCOMES = ("completed", "failed", "expired", "cancelled", "rejected")
 _QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
 
+_Exported: TypeAlias = "BatchedModel[Any, Any] | tuple[str, BatchedModel[Any, Any]]"
+"""A model, exported under its own name, or a ``(name, model)`` pair: under that name."""
+
 
 class ModelCollector(Collector):
     """Export the statistics of ``models`` (a callable returning them is read per scrape).
 
-    Per model (label ``model``): items by outcome, queue depth, items waiting for room,
+    Each entry is a ``BatchedModel`` (labelled with its ``name``) or a ``(name, model)`` pair
+    (labelled ``name``: the name a server serves it under). Every series has the labels
+    ``model`` and ``version`` (the version serving now, so several versions of one name stay
+    apart; after a swap the model's counters go on under the new version).
+
+    Per model: items by outcome, queue depth, items waiting for room,
     batches in flight, a batch-size histogram, queue-wait / compute / end-to-end latency
     histograms (every sample since collection began: the collector turns on
     ``record_histograms(LATENCY_BUCKETS)`` for each model) and the same latencies' recent
     quantiles, the version serving (``batchkit_model_version_info``) and swaps.
     """
 
-    def __init__(
-        self,
-        models: Iterable[BatchedModel[Any, Any]] | Callable[[], Iterable[BatchedModel[Any, Any]]],
-    ) -> None:
+    def __init__(self, models: Iterable[_Exported] | Callable[[], Iterable[_Exported]]) -> None:
         self._models = models if callable(models) else list(models)
         if not callable(models):
             self._current()  # histograms count from now on, not from the first scrape
 
-    def _current(self) -> list[BatchedModel[Any, Any]]:
+    def _current(self) -> list[tuple[str, BatchedModel[Any, Any]]]:
         models = self._models
-        current = list(models() if callable(models) else models)
-        for model in current:
+        current = [
+            entry if isinstance(entry, tuple) else (entry.name, entry)
+            for entry in (models() if callable(models) else models)
+        ]
+        for _, model in current:
             model.record_histograms(LATENCY_BUCKETS)
         return current
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families, from one snapshot per model."""
-        snapshots = [m.statistics() for m in self._current()]
+        snapshots = [(name, m.statistics()) for name, m in self._current()]
+        mv = ["model", "version"]
         items = CounterMetricFamily(
-            "batchkit_items", "Items submitted to a model, by outcome.", labels=["model", "outcome"]
+            "batchkit_items", "Items submitted to a model, by outcome.", labels=[*mv, "outcome"]
         )
-        depth = GaugeMetricFamily("batchkit_queue_depth", "Items queued.", labels=["model"])
+        depth = GaugeMetricFamily("batchkit_queue_depth", "Items queued.", labels=mv)
         waiting = GaugeMetricFamily(
-            "batchkit_waiting_for_room",
-            "Submits waiting for room in a full queue.",
-            labels=["model"],
+            "batchkit_waiting_for_room", "Submits waiting for room in a full queue.", labels=mv
         )
         in_flight = GaugeMetricFamily(
-            "batchkit_in_flight_batches", "Batches running now.", labels=["model"]
+            "batchkit_in_flight_batches", "Batches running now.", labels=mv
         )
-        sizes = HistogramMetricFamily(
-            "batchkit_batch_size", "Items per batch run.", labels=["model"]
-        )
+        sizes = HistogramMetricFamily("batchkit_batch_size", "Items per batch run.", labels=mv)
         version = GaugeMetricFamily(
             "batchkit_model_version_info", "The version serving now (value 1).",
             labels=["model", "version"],
         )  # fmt: skip
         swaps = CounterMetricFamily(
-            "batchkit_swaps", "Model swaps and rollbacks, by result.", labels=["model", "result"]
+            "batchkit_swaps", "Model swaps and rollbacks, by result.", labels=[*mv, "result"]
         )
         latencies = {
             field: GaugeMetricFamily(
                 f"batchkit_{field}_recent_seconds",
                 f"{label} over the most recent items (a window of samples), by quantile.",
-                labels=["model", "quantile"],
+                labels=[*mv, "quantile"],
             )
             for field, label in (
                 ("queue_wait", "Queue wait"),
@@ -102,7 +107,7 @@ class ModelCollector(Collector):
         }
         histograms = {
             field: HistogramMetricFamily(
-                f"batchkit_{field}_seconds", f"{label}, every sample.", labels=["model"]
+                f"batchkit_{field}_seconds", f"{label}, every sample.", labels=mv
             )
             for field, label in (
                 ("queue_wait", "Queue wait per item"),
@@ -110,31 +115,32 @@ class ModelCollector(Collector):
                 ("end_to_end", "Submit-to-outcome time per item"),
             )
         }
-        for s in snapshots:
+        for name, s in snapshots:
+            key = [name, s.model_version]
             for outcome in _OUTCOMES:
-                items.add_metric([s.name, outcome], getattr(s, outcome))
-            depth.add_metric([s.name], s.queue_depth)
-            waiting.add_metric([s.name], s.waiting_for_room)
-            in_flight.add_metric([s.name], s.in_flight_batches)
+                items.add_metric([*key, outcome], getattr(s, outcome))
+            depth.add_metric(key, s.queue_depth)
+            waiting.add_metric(key, s.waiting_for_room)
+            in_flight.add_metric(key, s.in_flight_batches)
             buckets, total = [], 0
             for bound in BATCH_SIZE_BUCKETS:
                 total = sum(n for size, n in s.batch_sizes.items() if size <= bound)
                 buckets.append((str(bound), total))
             buckets.append(("+Inf", s.batches))
             size_sum = sum(size * n for size, n in s.batch_sizes.items())
-            sizes.add_metric([s.name], buckets, size_sum)
-            version.add_metric([s.name, s.model_version], 1)
-            swaps.add_metric([s.name, "ok"], s.swaps)
-            swaps.add_metric([s.name, "failed"], s.failed_swaps)
+            sizes.add_metric(key, buckets, size_sum)
+            version.add_metric(key, 1)
+            swaps.add_metric([*key, "ok"], s.swaps)
+            swaps.add_metric([*key, "failed"], s.failed_swaps)
             for field, family in latencies.items():
                 summary = getattr(s, field)
                 for quantile, attr in _QUANTILES:
-                    family.add_metric([s.name, quantile], getattr(summary, attr))
+                    family.add_metric([*key, quantile], getattr(summary, attr))
             for field, hfamily in histograms.items():
                 hist = s.histograms.get(field)
                 if hist is not None:
                     cumulative = [(_le(bound), n) for bound, n in hist.cumulative()]
-                    hfamily.add_metric([s.name], cumulative, hist.sum)
+                    hfamily.add_metric(key, cumulative, hist.sum)
         yield from (items, depth, waiting, in_flight, sizes, version, swaps)
         yield from latencies.values()
         yield from histograms.values()
@@ -147,30 +153,35 @@ def _le(bound: float) -> str:
 class ServerMetrics:
     """The metrics of one ASGI app: its models' statistics and its HTTP requests.
 
-    Each app has its own registry, so several apps (or tests) in one process never clash.
+    Each app has its own registry, so several apps (or tests) in one process never clash. The
+    request metrics carry the same ``model`` (the served name) and ``version`` labels as the
+    model metrics.
     """
 
-    def __init__(self, models: Iterable[BatchedModel[Any, Any]]) -> None:
+    def __init__(self, models: Iterable[_Exported]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ModelCollector(models))
         self._requests = Counter(
             "batchkit_http_requests",
-            "Inference requests answered, by model and HTTP status.",
-            ["model", "status"],
+            "Inference requests answered, by model, version and HTTP status.",
+            ["model", "version", "status"],
             registry=self.registry,
         )
         self._duration = Histogram(
             "batchkit_http_request_duration_seconds",
             "Inference request time in the server, from routing to the response sent.",
-            ["model"],
+            ["model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
 
-    def observe_request(self, model: str, status: int, seconds: float) -> None:
-        """Count one inference request answered with ``status`` after ``seconds``."""
-        self._requests.labels(model, str(status)).inc()
-        self._duration.labels(model).observe(seconds)
+    def observe_request(
+        self, model: str, version: str | None, status: int, seconds: float
+    ) -> None:
+        """Count one inference request for ``model`` answered with ``status`` after ``seconds``."""
+        version = "" if version is None else version
+        self._requests.labels(model, version, str(status)).inc()
+        self._duration.labels(model, version).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """Return the exposition text and its content type."""

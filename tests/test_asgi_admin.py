@@ -63,6 +63,8 @@ async def test_load_swaps_in_a_new_version_and_unload_stops_serving(tmp_path: Pa
         assert unload.status == 200
         assert (await request(app, "POST", "/v2/models/lin/infer", BODY)).status == 404
         assert (await request(app, "GET", "/v2/models/lin/ready")).status == 503
+        assert (await request(app, "GET", "/v2/models/lin")).status == 404
+        assert (await request(app, "GET", "/v2/models/lin/config")).status == 404
         index = await request(app, "POST", "/v2/repository/index", {}, headers=AUTH)
         assert index.json()[0]["state"] == "UNAVAILABLE"
         reload = await request(app, "POST", "/v2/repository/models/lin/load", {}, headers=AUTH)
@@ -78,6 +80,10 @@ async def test_weight_paths_stay_inside_the_weights_directory(tmp_path: Path) ->
             reply = await request(app, "POST", "/v2/repository/models/lin/load", load, headers=AUTH)
             assert reply.status == 403, reply.body
             assert "outside" in reply.error
+        nul = {"parameters": {"weights": "v2.pt\u0000x", "version": "2"}}
+        reply = await request(app, "POST", "/v2/repository/models/lin/load", nul, headers=AUTH)
+        assert reply.status == 400, reply.body
+        assert "NUL" in reply.error
         missing = {"parameters": {"weights": "nope.pt", "version": "2"}}
         reply = await request(app, "POST", "/v2/repository/models/lin/load", missing, headers=AUTH)
         assert reply.status == 400

@@ -43,6 +43,23 @@ def json_input(**fields: object) -> bytes:
     return json.dumps({"inputs": [tensor]}).encode()
 
 
+HUGE_BYTES = {
+    "name": "X",
+    "datatype": "BYTES",
+    "shape": [1, 2**40],
+    "parameters": {"binary_data_size": 0},
+}
+
+# What the error says, where the status alone could come from an earlier check.
+MESSAGES = {
+    "binary without header length": "no Inference-Header-Content-Length header",
+    "header length not decimal digits": "decimal integer",
+    "gzip with trailing bytes": "7 bytes after",
+    "too many rows": "1000000 rows",
+    "huge BYTES count": "4-byte length prefix",
+    "deep nesting": "nested too deeply",
+}
+
 CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     ("garbage bytes", "POST", INFER, b"\x00\xff\xfe garbage", {}, 400),
     ("empty body", "POST", INFER, b"", {}, 400),
@@ -90,11 +107,45 @@ CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
     ("short binary body", "POST", INFER, *header_and(b"\x00" * 8, binary_input(12)), 400),
     ("binary size != shape", "POST", INFER, *header_and(b"\x00" * 8, binary_input(8)), 400),
     ("extra binary bytes", "POST", INFER, *header_and(b"\x00" * 16, binary_input(12)), 400),
+    # Valid JSON, so the check that binary_data_size needs the header is what answers.
+    ("binary without header length", "POST", INFER, json.dumps(binary_input(12)).encode(), {}, 400),
     (
-        "binary without header length",
+        "header length not decimal digits",
         "POST",
         INFER,
-        json.dumps(binary_input(12)).encode() + b"\x00" * 12,
+        GOOD,
+        {"Inference-Header-Content-Length": " 1_0"},
+        400,
+    ),
+    (
+        "gzip with trailing bytes",
+        "POST",
+        INFER,
+        gzip.compress(GOOD) + b"GARBAGE",
+        {"Content-Encoding": "gzip"},
+        400,
+    ),
+    ("too many rows", "POST", INFER, json_input(shape=[1_000_000, 3], data=[]), {}, 400),
+    (
+        "huge BYTES count",
+        "POST",
+        "/v2/models/id_bytes/infer",
+        *header_and(b"", {"inputs": [HUGE_BYTES]}),
+        400,
+    ),
+    (
+        "deep nesting",
+        "POST",
+        INFER,
+        GOOD.replace(b"[1, 2, 3]", b"[" * 30_000 + b"]" * 30_000),
+        {},
+        400,
+    ),
+    (
+        "timeout past uint64",
+        "POST",
+        INFER,
+        json.dumps({**json.loads(GOOD), "parameters": {"timeout": 10**400}}).encode(),
         {},
         400,
     ),
@@ -148,7 +199,7 @@ CASES: list[tuple[str, str, str, bytes, dict[str, str], int]] = [
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    app = KServeApp([identity_model("FP32")], max_body_size=LIMIT)
+    app = KServeApp([identity_model("FP32"), identity_model("BYTES", (-1,))], max_body_size=LIMIT)
     with running_server(app) as url:
         # The engine's model thread starts on the first call; make it before any test does.
         conn = http.client.HTTPConnection(url, timeout=10)
@@ -185,6 +236,7 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(
     got, reply = send(server, method, path, body, headers)
     assert got == status, reply
     assert set(json.loads(reply)) == {"error"}
+    assert MESSAGES.get(case, "") in json.loads(reply)["error"]
     ok, answer = send(server, "POST", INFER, GOOD, {})
     assert ok == 200
     assert json.loads(answer)["outputs"][0]["data"] == [1.0, 2.0, 3.0]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import re
 import threading
+import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from batchkit import BatchedModel
-from batchkit.asgi import KServeApp, ServedModel
+from batchkit.asgi import KServeApp, ServedModel, Tensor
 
 from .asgi_helpers import DATATYPES, identity_model, running_server, sample
 
@@ -41,6 +43,16 @@ def broken(items: list[Any]) -> list[Any]:
     raise RuntimeError("the secret stack")
 
 
+def double_in_place(items: list[Any]) -> list[Any]:
+    for item in items:
+        item *= 2
+    return items
+
+
+def not_numbers(items: list[Any]) -> list[Any]:
+    return [np.array([np.nan, np.inf, -np.inf], np.float32) for _ in items]
+
+
 @pytest.fixture
 def flavor() -> str:
     """Which server the protocol tests run against: tests/test_triton_conformance.py runs some
@@ -60,6 +72,20 @@ def app(gate: Gate) -> KServeApp:
     models.append(identity_model("FP32", name="tiny_queue", max_queue_size=1))
     models.append(ServedModel(BatchedModel(broken, name="broken")))
     models.append(ServedModel(BatchedModel(gate, name="gated", max_batch_size=1)))
+    models.append(
+        ServedModel(
+            BatchedModel(double_in_place, name="inplace"),
+            inputs=[Tensor("X", "FP32", [3])],
+            outputs=[Tensor("Y", "FP32", [3])],
+        )
+    )
+    models.append(
+        ServedModel(
+            BatchedModel(not_numbers, name="nan"),
+            inputs=[Tensor("X", "FP32", [3])],
+            outputs=[Tensor("Y", "FP32", [3])],
+        )
+    )
     return KServeApp(models, max_body_size=1 << 20)
 
 
@@ -146,7 +172,7 @@ def test_every_datatype_with_the_sync_client(
 
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
-def test_compression_both_ways(client: Any, algorithm: str) -> None:
+def test_compression_both_ways(server: str, client: Any, algorithm: str) -> None:
     inp = tritonclient_http.InferInput("X", [1, 3], "FP64")
     inp.set_data_from_numpy(np.array([[1.0, 2.0, 3.0]]), binary_data=False)
     result = client.infer(
@@ -156,6 +182,21 @@ def test_compression_both_ways(client: Any, algorithm: str) -> None:
         response_compression_algorithm=algorithm,
     )
     assert result.as_numpy("Y").tolist() == [[1.0, 2.0, 3.0]]
+    # What tritonclient asks for is what comes back: compressed, and marked so.
+    body = json.dumps(
+        {"inputs": [{"name": "X", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 3]}]}
+    ).encode()
+    conn = http.client.HTTPConnection(server, timeout=10)
+    conn.request(
+        "POST", "/v2/models/id_fp64/infer", body=body, headers={"Accept-Encoding": algorithm}
+    )
+    reply = conn.getresponse()
+    raw = reply.read()
+    conn.close()
+    assert reply.getheader("content-encoding") == algorithm
+    plain = gzip.decompress(raw) if algorithm == "gzip" else zlib.decompress(raw)
+    assert raw != plain
+    assert json.loads(plain)["outputs"][0]["data"] == [1.0, 2.0, 3.0]
 
 
 def test_concurrent_sync_clients_each_get_their_own_result(server: str) -> None:
@@ -205,19 +246,49 @@ def test_batches_formed_across_clients_show_in_metrics(server: str) -> None:
     text = conn.getresponse().read().decode()
     conn.close()
     # The warm-up sent "batched" one request of 64 rows: one batch of 64.
-    assert 'batchkit_batch_size_bucket{le="32",model="batched"} 0.0' in text
-    assert 'batchkit_batch_size_bucket{le="64",model="batched"}' in text
-    assert 'batchkit_items_total{model="batched",outcome="completed"}' in text
-    assert 'batchkit_http_requests_total{model="batched",status="200"}' in text
-    assert 'batchkit_http_requests_total{model="broken",status="500"}' in text
+    assert 'batchkit_batch_size_bucket{le="32",model="batched",version="1"} 0.0' in text
+    assert 'batchkit_batch_size_bucket{le="64",model="batched",version="1"}' in text
+    assert 'batchkit_items_total{model="batched",outcome="completed",version="1"}' in text
+    assert 'batchkit_http_requests_total{model="batched",status="200",version="1"}' in text
+    assert 'batchkit_http_requests_total{model="broken",status="500",version="1"}' in text
     assert 'batchkit_model_version_info{model="id_fp32",version="1"} 1.0' in text
     # Latency histograms count every sample: at least the 64 items of that one batch.
-    counts = dict(re.findall(r'batchkit_(\w+)_seconds_count\{model="batched"\} ([\d.e+]+)', text))
+    pattern = r'batchkit_(\w+)_seconds_count\{model="batched",version="1"\} ([\d.e+]+)'
+    counts = dict(re.findall(pattern, text))
     assert float(counts["queue_wait"]) >= 64
     assert float(counts["end_to_end"]) >= 64
     assert float(counts["compute"]) >= 1
-    assert 'batchkit_queue_wait_seconds_bucket{le="+Inf",model="batched"}' in text
-    assert 'batchkit_queue_wait_recent_seconds{model="batched",quantile="0.99"}' in text
+    assert 'batchkit_queue_wait_seconds_bucket{le="+Inf",model="batched",version="1"}' in text
+    assert 'batchkit_queue_wait_recent_seconds{model="batched",quantile="0.99",version="1"}' in text
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_classification_as_tritonclient_asks_for_it(client: Any, binary: bool) -> None:
+    inp = tritonclient_http.InferInput("X", [2, 3], "FP32")
+    inp.set_data_from_numpy(np.array([[0.1, 0.7, 0.2], [3.0, 1.0, 2.0]], np.float32))
+    out = tritonclient_http.InferRequestedOutput("Y", binary_data=binary, class_count=2)
+    got = client.infer("id_fp32", [inp], outputs=[out]).as_numpy("Y")
+    assert got.shape == (2, 2)
+    texts = [b if isinstance(b, str) else b.decode() for b in got.reshape(-1).tolist()]
+    assert texts == ["0.700000:1", "0.200000:2", "3.000000:0", "2.000000:2"]
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_binary_and_json_inputs_can_be_changed_in_place_by_the_model(
+    client: Any, binary: bool
+) -> None:
+    inp = tritonclient_http.InferInput("X", [2, 3], "FP32")
+    inp.set_data_from_numpy(np.ones((2, 3), np.float32), binary_data=binary)
+    assert client.infer("inplace", [inp]).as_numpy("Y").tolist() == [[2.0] * 3] * 2
+
+
+def test_nan_and_infinity_reach_tritonclient_from_json_outputs(client: Any) -> None:
+    inp = tritonclient_http.InferInput("X", [1, 3], "FP32")
+    inp.set_data_from_numpy(np.zeros((1, 3), np.float32))
+    out = tritonclient_http.InferRequestedOutput("Y", binary_data=False)
+    got = client.infer("nan", [inp], outputs=[out]).as_numpy("Y")
+    assert np.isnan(got[0, 0])
+    assert got[0, 1:].tolist() == [np.inf, -np.inf]
 
 
 # -- errors as tritonclient sees them -------------------------------------------------------------
@@ -272,11 +343,13 @@ def test_deadline_passing_is_504(server: str, gate: Gate) -> None:
     inp.set_data_from_numpy(np.zeros((1, 1), np.float32))
     with ThreadPoolExecutor(1) as pool:
         c1 = tritonclient_http.InferenceServerClient(server)
-        c2 = tritonclient_http.InferenceServerClient(server)
+        # timeout is in microseconds: 0.2 s. Read as milliseconds (200 s) the client gives up
+        # at 20 s first; the gate opens only after the 504 arrived.
+        c2 = tritonclient_http.InferenceServerClient(server, network_timeout=20.0)
         try:
             held = pool.submit(c1.infer, "gated", [inp])
             assert gate.entered.wait(10)
-            message = expect_error("504", c2.infer, "gated", [inp], timeout=2000)
+            message = expect_error("504", c2.infer, "gated", [inp], timeout=200_000)
             assert "deadline" in message
             gate.release.set()
             assert held.result(10).as_numpy("OUTPUT0").tolist() == [[0.0]]

@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMappi
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
+import anyio.to_thread
+
 from .._core._errors import (
     ClosedError,
     ConfigurationError,
@@ -31,7 +33,7 @@ from .._core._errors import (
 from .._core._model import BatchedModel
 from .._version import __version__
 from ._errors import BadRequest, HTTPError
-from ._protocol import encode_response, parse_request
+from ._protocol import InferRequest, encode_response, parse_request
 from ._served import ServedModel
 
 __all__ = ("ASGIApp", "KServeApp", "Receive", "Scope", "Send")
@@ -46,6 +48,13 @@ logger = logging.getLogger("batchkit.asgi")
 
 _JSON = [(b"content-type", b"application/json")]
 _OCTETS = [(b"content-type", b"application/octet-stream")]
+
+# Work on a request or response bigger than this (bytes) runs in a worker thread, so that the
+# event loop keeps answering other requests (health checks) meanwhile; smaller work stays on
+# the loop, where it costs less than the hop to a thread.
+OFFLOAD_BYTES = 1 << 20
+# A compressed body this big may decompress to OFFLOAD_BYTES and more.
+_OFFLOAD_COMPRESSED = 4096
 
 
 class KServeApp:
@@ -109,7 +118,7 @@ class KServeApp:
         if metrics:
             from ..metrics import ServerMetrics
 
-            self._metrics = ServerMetrics([m.model for m in served])
+            self._metrics = ServerMetrics([(m.name, m.model) for m in served])
 
     @property
     def models(self) -> list[ServedModel]:
@@ -178,22 +187,22 @@ class KServeApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        root = scope.get("root_path", "")
-        if root and path.startswith(root):
+        root = scope.get("root_path", "").rstrip("/")
+        if root and (path == root or path.startswith(root + "/")):
             path = path[len(root) :]
         start = time.perf_counter()
         try:
             response = await self._route(scope, receive, path.strip("/").split("/"))
         except HTTPError as exc:
             response = _error(exc.status, exc.message, exc.headers)
-            response.model = exc.model
+            response.model, response.version = exc.model, exc.version
         except Exception:
             logger.exception("batchkit: internal error serving %s %s", scope["method"], path)
             response = _error(500, "internal server error; the server log has the details")
         await response.send(send)
         if self._metrics is not None and response.model is not None:
             self._metrics.observe_request(
-                response.model, response.status, time.perf_counter() - start
+                response.model, response.version, response.status, time.perf_counter() - start
             )
 
     async def _route(self, scope: Scope, receive: Receive, parts: list[str]) -> _Response:
@@ -233,16 +242,20 @@ class KServeApp:
             try:
                 return await self._infer(served, scope, receive)
             except HTTPError as exc:
-                exc.model = served.name  # counted in the model's request metrics
+                # counted in the model's request metrics
+                exc.model, exc.version = served.name, served.version
                 raise
+        if name in self._unloaded:
+            # ready answers "not ready"; metadata, config and infer: no such model (as Triton)
+            raise HTTPError(f"model {name!r} is unloaded", status=503 if action == "ready" else 404)
         if action == "ready":
-            if name in self._unloaded:
-                raise HTTPError(f"model {name!r} is unloaded", status=503)
             return _Response(200, _JSON, b"")
         if action == "config":
             return _json(200, served.config())
-        versions = sorted(s.version for s in self._served[name])
-        return _json(200, served.metadata(versions))
+        return _json(200, served.metadata(self._versions(name)))
+
+    def _versions(self, name: str) -> list[str]:
+        return sorted((s.version for s in self._served[name]), key=_version_key)
 
     def _find(self, name: str, version: str | None) -> ServedModel:
         group = self._served.get(name)
@@ -253,11 +266,16 @@ class KServeApp:
         for served in group:
             if served.version == version:
                 return served
-        versions = sorted(s.version for s in group)
+        versions = self._versions(name)
         raise HTTPError(f"model {name!r} has no version {version!r}; it has {versions}", status=404)
 
     def _server_metadata(self) -> dict[str, Any]:
-        extensions = ["binary_tensor_data", "model_configuration", "schedule_policy"]
+        extensions = [
+            "binary_tensor_data",
+            "classification",
+            "model_configuration",
+            "schedule_policy",
+        ]
         if self._admin_token is not None:
             extensions.append("model_repository")
         return {"name": "batchkit", "version": __version__, "extensions": extensions}
@@ -269,7 +287,11 @@ class KServeApp:
             raise HTTPError(f"model {served.name!r} is unloaded", status=404, headers={})
         headers = _headers(scope)
         body = await self._body(receive, headers)
-        request = parse_request(served, body, headers.get("inference-header-content-length"))
+        header_length = headers.get("inference-header-content-length")
+        if len(body) > OFFLOAD_BYTES:
+            request = await anyio.to_thread.run_sync(parse_request, served, body, header_length)
+        else:
+            request = parse_request(served, body, header_length)
         model = served.model
         items = served.items(request.arrays, request.rows)
         try:
@@ -308,7 +330,9 @@ class KServeApp:
                 status=500,
             ) from None
         try:
-            arrays = served.outputs_of([r.value for r in results], [t for t, _ in request.outputs])
+            arrays = served.outputs_of(
+                [r.value for r in results], [o.tensor for o in request.outputs]
+            )
         except (TypeError, ValueError) as exc:
             logger.error("batchkit: model %r returned a bad output: %s", served.name, exc)
             raise HTTPError(
@@ -318,15 +342,18 @@ class KServeApp:
         version = results[0].version
         versions = [r.version for r in results]
         mixed = versions if any(v != version for v in versions) else None
-        body, header_size = encode_response(served.name, version, request, arrays, mixed)
+        encoding = _accepted_encoding(headers.get("accept-encoding"))
+        job = (served.name, version, request, arrays, mixed, encoding)
+        if _output_bytes(arrays) > OFFLOAD_BYTES:
+            body, header_size = await anyio.to_thread.run_sync(_encode, *job)
+        else:
+            body, header_size = _encode(*job)
         response_headers = list(_JSON if header_size is None else _OCTETS)
         if header_size is not None:
             response_headers.append((b"inference-header-content-length", str(header_size).encode()))
-        encoding = _accepted_encoding(headers.get("accept-encoding"))
         if encoding is not None:
-            body = gzip.compress(body, 1) if encoding == "gzip" else zlib.compress(body, 1)
             response_headers.append((b"content-encoding", encoding.encode()))
-        return _Response(200, response_headers, body, served.name)
+        return _Response(200, response_headers, body, served.name, version)
 
     async def _body(self, receive: Receive, headers: Mapping[str, str]) -> bytes:
         limit = self.max_body_size
@@ -355,6 +382,8 @@ class KServeApp:
             return body
         if encoding not in ("gzip", "deflate"):
             raise BadRequest(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
+        if len(body) > _OFFLOAD_COMPRESSED:
+            return await anyio.to_thread.run_sync(_decompress, body, encoding, limit)
         return _decompress(body, encoding, limit)
 
     # -- metrics -------------------------------------------------------------------------------
@@ -444,6 +473,11 @@ class KServeApp:
                 "'weights' (a path inside the weights directory) and 'version' (a non-empty "
                 f"string) must be strings, got weights={weights!r}, version={version!r}"
             )
+        if "\x00" in weights or "\x00" in version or "/" in version:
+            raise BadRequest(
+                "'weights' may not hold a NUL byte, nor 'version' a NUL byte or '/', got "
+                f"weights={weights!r}, version={version!r}"
+            )
         served = self._find(name, params.get("replace"))
         if any(s.version == version for s in self._served[name]):
             raise HTTPError(f"model {name!r} already serves version {version!r}", status=409)
@@ -474,15 +508,21 @@ class KServeApp:
 
 
 class _Response:
-    __slots__ = ("body", "headers", "model", "status")
+    __slots__ = ("body", "headers", "model", "status", "version")
 
     def __init__(
-        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, model: str | None = None
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes,
+        model: str | None = None,
+        version: str | None = None,
     ) -> None:
         self.status = status
         self.headers = headers
         self.body = body
-        self.model = model
+        self.model = model  # the served model and version an infer request was for
+        self.version = version
 
     async def send(self, send: Send) -> None:
         headers = [*self.headers, (b"content-length", str(len(self.body)).encode())]
@@ -536,6 +576,33 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
 
+def _encode(
+    name: str,
+    version: str,
+    request: InferRequest,
+    arrays: dict[str, Any],
+    versions: list[str] | None,
+    encoding: str | None,
+) -> tuple[bytes, int | None]:
+    body, header_size = encode_response(name, version, request, arrays, versions)
+    if encoding == "gzip":
+        body = gzip.compress(body, 1)
+    elif encoding == "deflate":
+        body = zlib.compress(body, 1)
+    return body, header_size
+
+
+def _output_bytes(arrays: dict[str, Any]) -> int:
+    """Return about how many bytes encoding ``arrays`` writes (JSON numbers: ~8 each)."""
+    total = 0
+    for array in arrays.values():
+        if array.dtype.kind == "O":
+            total += sum(len(b) + 4 for b in array.reshape(-1).tolist())
+        else:
+            total += array.size * max(8, array.itemsize)
+    return total
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     if not body.strip():
         return {}
@@ -543,43 +610,81 @@ def _json_object(body: bytes) -> dict[str, Any]:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request's JSON is nested too deeply") from None
     if not isinstance(value, dict):
         raise BadRequest(f"the request must be a JSON object, got {type(value).__name__}")
     return value
 
 
 def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """Decompress a gzip (every member, as ``gzip.decompress``) or deflate (zlib) body.
+
+    Raises ``BadRequest`` for bad, truncated or trailing data, 413 past ``limit`` bytes.
+    """
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
-    decompressor = zlib.decompressobj(wbits)
-    try:
-        data = decompressor.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise BadRequest(f"the body is not valid {encoding} data: {exc}") from None
-    if len(data) > limit or decompressor.unconsumed_tail:
-        raise HTTPError(f"the decompressed body is more than the {limit} bytes allowed", status=413)
-    if not decompressor.eof:
-        raise BadRequest(f"the {encoding} body is truncated")
-    return data
+    parts: list[bytes] = []
+    size, rest = 0, body
+    while True:
+        decompressor = zlib.decompressobj(wbits)
+        try:
+            data = decompressor.decompress(rest, limit + 1 - size)
+        except zlib.error as exc:
+            raise BadRequest(f"the body is not valid {encoding} data: {exc}") from None
+        size += len(data)
+        if size > limit or decompressor.unconsumed_tail:
+            raise HTTPError(
+                f"the decompressed body is more than the {limit} bytes allowed", status=413
+            )
+        if not decompressor.eof:
+            raise BadRequest(f"the {encoding} body is truncated")
+        parts.append(data)
+        rest = decompressor.unused_data
+        if not rest:
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
+            raise BadRequest(
+                f"the {encoding} body has {len(rest)} bytes after the compressed data"
+            )
 
 
 def _accepted_encoding(header: str | None) -> str | None:
+    """Return the response encoding ``Accept-Encoding`` prefers: gzip, deflate or None.
+
+    The highest q-value wins among identity, gzip and deflate (``*`` stands for those not
+    named; q=0 is "not acceptable"); on a tie, a named coding beats one ``*`` stands for, then
+    gzip beats deflate beats identity. Identity is acceptable unless excluded, below any
+    coding that is named.
+    """
     if not header:
         return None
-    accepted = {}
+    named: dict[str, float] = {}
     for part in header.split(","):
-        token, _, params = part.strip().partition(";")
+        token, *params = part.split(";")
         q = 1.0
-        params = params.strip()
-        if params.startswith("q="):
-            try:
-                q = float(params[2:])
-            except ValueError:
-                q = 0.0
-        accepted[token.strip().lower()] = q
-    for encoding in ("gzip", "deflate"):
-        if accepted.get(encoding, 0.0) > 0:
-            return encoding
-    return None
+        for param in params:
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                q = _qvalue(value.strip())
+        named[token.strip().lower()] = q
+    wildcard = named.get("*")
+    best, best_key = None, (0.0, False, -1)
+    for rank, coding in enumerate(("identity", "deflate", "gzip")):
+        explicit = coding in named
+        given = named[coding] if explicit else wildcard
+        q = given if given is not None else 0.001 if coding == "identity" else 0.0
+        order = (q, explicit, rank)
+        if q > 0 and order > best_key:
+            best, best_key = coding, order
+    return None if best == "identity" else best
+
+
+def _qvalue(text: str) -> float:
+    try:
+        q = float(text)
+    except ValueError:
+        return 0.0
+    return q if 0.0 <= q <= 1.0 else 0.0
 
 
 def _version_key(version: str) -> tuple[int, int, str]:

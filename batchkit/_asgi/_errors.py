@@ -19,6 +19,7 @@ class HTTPError(Exception):
             self.status = status
         self.headers = headers or {}
         self.model: str | None = None  # the model the request was for, once known
+        self.version: str | None = None  # and its version
 
 
 class BadRequest(HTTPError):

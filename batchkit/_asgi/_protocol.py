@@ -13,9 +13,29 @@ from typing import Any
 
 from ._errors import BadRequest
 from ._served import ServedModel
-from ._tensors import Tensor, decode_binary, decode_json, encode_binary, encode_json
+from ._tensors import (
+    CLASSIFIABLE,
+    Tensor,
+    classify,
+    decode_binary,
+    decode_json,
+    encode_binary,
+    encode_json,
+)
 
-__all__ = ("InferRequest", "encode_response", "parse_request")
+__all__ = (
+    "DEFAULT_PRIORITY",
+    "InferRequest",
+    "RequestedOutput",
+    "encode_response",
+    "parse_request",
+)
+
+# Triton's priority is a uint64: 1 is the highest level, 0 (or none) the model's default level.
+# The engine serves lower numbers first, so the default level is one past every explicit one.
+_MAX_UINT64 = 2**64 - 1
+DEFAULT_PRIORITY = 2**64
+_MAX_DIM = 2**63 - 1  # Triton's dims are int64
 
 _UNSUPPORTED_PARAMETERS = (
     "shared_memory_region",
@@ -25,29 +45,46 @@ _UNSUPPORTED_PARAMETERS = (
 _SEQUENCE_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end")
 
 
+@dataclass(frozen=True)
+class RequestedOutput:
+    """One output the request asks for: binary or JSON, and its top-k classification (0: no)."""
+
+    tensor: Tensor
+    binary: bool
+    classification: int = 0
+
+
 @dataclass
 class InferRequest:
-    """A decoded inference request: one array per input (batch first) and the options."""
+    """A decoded inference request: one array per input (batch first) and the options.
+
+    ``priority`` is the engine's (lower first): Triton's level, or ``DEFAULT_PRIORITY``.
+    """
 
     id: str | None
     arrays: dict[str, Any]
     rows: int
-    outputs: list[tuple[Tensor, bool]]  # each requested output, and whether it goes binary
+    outputs: list[RequestedOutput]
     priority: int
     timeout: float | None
 
 
-def parse_request(served: ServedModel, body: bytes, header_length: str | None) -> InferRequest:
-    """Parse and validate an infer body against ``served``'s signature; raise ``BadRequest``."""
+def parse_request(
+    served: ServedModel, body: bytes | bytearray, header_length: str | None
+) -> InferRequest:
+    """Parse and validate an infer body against ``served``'s signature; raise ``BadRequest``.
+
+    Binary input data is decoded from a writable copy of the body, so the model may change
+    its inputs in place whether they came as JSON or binary.
+    """
+    binary: memoryview
     if header_length is None:
-        header, binary = body, b""
+        header, binary = body, memoryview(b"")
     else:
         size = _header_size(header_length, len(body))
-        header, binary = body[:size], body[size:]
-    try:
-        request = json.loads(header)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request is not valid JSON: {exc}") from None
+        writable = body if isinstance(body, bytearray) else bytearray(body)
+        header, binary = body[:size], memoryview(writable)[size:]
+    request = _load_json(header)
     if not isinstance(request, dict):
         raise BadRequest(f"the request must be a JSON object, got {_short(request)}")
     request_id = request.get("id")
@@ -64,13 +101,21 @@ def parse_request(served: ServedModel, body: bytes, header_length: str | None) -
     )
 
 
-def _header_size(value: str, body_size: int) -> int:
+def _load_json(header: bytes | bytearray) -> Any:
     try:
-        size = int(value)
-    except ValueError:
+        return json.loads(header)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request's JSON is nested too deeply") from None
+
+
+def _header_size(value: str, body_size: int) -> int:
+    if not (value.isascii() and value.isdigit()):
         raise BadRequest(
-            f"Inference-Header-Content-Length must be an integer, got {value!r}"
-        ) from None
+            f"Inference-Header-Content-Length must be a decimal integer, got {value!r}"
+        )
+    size = int(value)
     if not 0 <= size <= body_size:
         raise BadRequest(
             f"Inference-Header-Content-Length is {size}, but the body has {body_size} bytes"
@@ -79,7 +124,7 @@ def _header_size(value: str, body_size: int) -> int:
 
 
 def _inputs(
-    served: ServedModel, inputs: Any, binary: bytes, has_binary: bool
+    served: ServedModel, inputs: Any, binary: memoryview, has_binary: bool
 ) -> tuple[dict[str, Any], int]:
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest(f"'inputs' must be a non-empty list, got {_short(inputs)}")
@@ -158,28 +203,39 @@ def _input_header(
     if (
         not isinstance(shape, list)
         or not shape
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= _MAX_DIM for d in shape
+        )
     ):
         raise BadRequest(
-            f"input {name!r}: 'shape' must be a non-empty list of integers >= 0, "
+            f"input {name!r}: 'shape' must be a non-empty list of integers in [0, 2**63), "
             f"got {_short(shape)}"
         )
+    if not tensor.shape and shape[1:] == [1]:
+        shape = shape[:1]  # a scalar may come as [B, 1] (Triton's dims [1], reshape [])
     if shape[0] < 1 or not tensor.matches(shape[1:]):
         raise BadRequest(
             f"input {name!r} has shape {shape}, expected {[-1, *tensor.shape]} "
             "(a batch dimension >= 1, then the item's shape; -1 is any size)"
         )
+    if shape[0] > served.max_rows:
+        raise BadRequest(
+            f"input {name!r} has {shape[0]} rows (its batch dimension), more than the "
+            f"{served.max_rows} that model {served.name!r} accepts in one request"
+        )
     return tensor, tuple(shape)
 
 
-def _outputs(served: ServedModel, outputs: Any, binary_default: Any) -> list[tuple[Tensor, bool]]:
+def _outputs(served: ServedModel, outputs: Any, binary_default: Any) -> list[RequestedOutput]:
+    # binary_data_output applies to the outputs the request does not list (all, if it lists
+    # none); a listed output is JSON unless its own binary_data says otherwise, as in Triton.
     if not isinstance(binary_default, bool):
         raise BadRequest(f"'binary_data_output' must be a boolean, got {_short(binary_default)}")
     if outputs is None:
-        return [(t, binary_default) for t in served.outputs]
+        return [RequestedOutput(t, binary_default) for t in served.outputs]
     if not isinstance(outputs, list):
         raise BadRequest(f"'outputs' must be a list, got {_short(outputs)}")
-    wanted: list[tuple[Tensor, bool]] = []
+    wanted: list[RequestedOutput] = []
     for entry in outputs:
         if not isinstance(entry, dict):
             raise BadRequest(f"each requested output must be a JSON object, got {_short(entry)}")
@@ -190,19 +246,34 @@ def _outputs(served: ServedModel, outputs: Any, binary_default: Any) -> list[tup
                 f"model {served.name!r} has no output {_short(name)}; "
                 f"its outputs are {list(served.output_by_name)}"
             )
+        if any(w.tensor.name == name for w in wanted):
+            raise BadRequest(f"output {name!r} is requested more than once")
         params = _object(entry.get("parameters"), f"the parameters of output {name!r}")
-        if params.get("class_count", 0) not in (0, None):
-            raise BadRequest(f"output {name!r}: classification is not supported")
         for key in _UNSUPPORTED_PARAMETERS:
             if key in params:
                 raise BadRequest(f"output {name!r}: shared memory is not supported")
-        binary = params.get("binary_data", binary_default)
+        binary = params.get("binary_data", False)
         if not isinstance(binary, bool):
             raise BadRequest(
                 f"output {name!r}: 'binary_data' must be a boolean, got {_short(binary)}"
             )
-        wanted.append((tensor, binary))
-    return wanted or [(t, binary_default) for t in served.outputs]
+        wanted.append(RequestedOutput(tensor, binary, _classification(tensor, params)))
+    return wanted or [RequestedOutput(t, binary_default) for t in served.outputs]
+
+
+def _classification(tensor: Tensor, params: dict[str, Any]) -> int:
+    count = params.get("classification", 0)
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _MAX_UINT64:
+        raise BadRequest(
+            f"output {tensor.name!r}: 'classification' must be an integer >= 0 (the number of "
+            f"top classes), got {_short(count)}"
+        )
+    if count and tensor.datatype not in CLASSIFIABLE:
+        raise BadRequest(
+            f"output {tensor.name!r}: classification needs a numeric output, "
+            f"not {tensor.datatype}"
+        )
+    return count
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -215,17 +286,29 @@ def _object(value: Any, what: str) -> dict[str, Any]:
 
 def _priority(parameters: dict[str, Any]) -> int:
     priority = parameters.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise BadRequest(f"'priority' must be an integer, got {_short(priority)}")
-    return priority
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not 0 <= priority <= _MAX_UINT64
+    ):
+        raise BadRequest(
+            "'priority' must be an integer in [0, 2**64): 1 is the highest level, 0 the "
+            f"default (after every explicit level), got {_short(priority)}"
+        )
+    return priority if priority else DEFAULT_PRIORITY
 
 
 def _timeout(parameters: dict[str, Any]) -> float | None:
-    # Triton's request timeout is in microseconds; 0 means none.
+    # Triton's request timeout is in microseconds (a uint64); 0 means none.
     timeout = parameters.get("timeout", 0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-        raise BadRequest(f"'timeout' must be microseconds >= 0, got {_short(timeout)}")
-    if timeout == 0 or math.isinf(timeout):
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 <= timeout <= _MAX_UINT64
+        or (isinstance(timeout, float) and not math.isfinite(timeout))
+    ):
+        raise BadRequest(f"'timeout' must be microseconds in [0, 2**64), got {_short(timeout)}")
+    if timeout == 0:
         return None
     return timeout / 1e6
 
@@ -240,19 +323,22 @@ def encode_response(
     """Return the response body, and the JSON header's length when binary data follows it."""
     outputs = []
     chunks: list[bytes] = []
-    for tensor, binary in request.outputs:
-        array = arrays[tensor.name]
+    for wanted in request.outputs:
+        tensor = wanted.tensor
+        array, datatype = arrays[tensor.name], tensor.datatype
+        if wanted.classification:
+            array, datatype = classify(array, wanted.classification), "BYTES"
         entry: dict[str, Any] = {
             "name": tensor.name,
-            "datatype": tensor.datatype,
+            "datatype": datatype,
             "shape": list(array.shape),
         }
-        if binary:
-            data = encode_binary(tensor.datatype, array)
+        if wanted.binary:
+            data = encode_binary(datatype, array)
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
         else:
-            entry["data"] = encode_json(tensor.name, tensor.datatype, array)
+            entry["data"] = encode_json(tensor.name, datatype, array)
         outputs.append(entry)
     response: dict[str, Any] = {"model_name": served_name, "model_version": version}
     if request.id is not None:

@@ -11,7 +11,10 @@ from .._core._errors import ConfigurationError
 from .._core._model import BatchedModel
 from ._tensors import Tensor, as_output
 
-__all__ = ("DEFAULT_INPUTS", "DEFAULT_OUTPUTS", "ServedModel")
+__all__ = ("DEFAULT_INPUTS", "DEFAULT_MAX_ROWS", "DEFAULT_OUTPUTS", "ServedModel")
+
+# The fewest rows a request may have by default, whatever the model's max_batch_size.
+DEFAULT_MAX_ROWS = 64
 
 # The signature of a model served without one: a vector of floats in, a vector out.
 DEFAULT_INPUTS = (Tensor("INPUT0", "FP32", (-1,)),)
@@ -27,8 +30,14 @@ class ServedModel:
     an array-like when there is one output, else a mapping of output name to array-like.
 
     ``name`` is the name clients use (default: the model's name); the version is always the
-    model's current ``version``, so a ``swap()`` is seen at once. Raises
-    ``ConfigurationError`` for an empty or duplicated tensor list.
+    model's current ``version``, so a ``swap()`` is seen at once.
+
+    ``max_rows`` bounds the batch dimension of one request (each row is one item queued for the
+    model); a request with more rows is refused with 400, as Triton refuses a batch over its
+    ``max_batch_size``. Default: ``max(max_batch_size, 64)``, so that a small request cannot
+    queue millions of items (``shape [1000000, 0]`` holds no data at all).
+
+    Raises ``ConfigurationError`` for an empty or duplicated tensor list or a bad ``max_rows``.
     """
 
     def __init__(
@@ -38,9 +47,15 @@ class ServedModel:
         inputs: Sequence[Tensor] = DEFAULT_INPUTS,
         outputs: Sequence[Tensor] = DEFAULT_OUTPUTS,
         name: str | None = None,
+        max_rows: int | None = None,
     ) -> None:
         if not isinstance(model, BatchedModel):
             raise ConfigurationError(f"expected a BatchedModel, got {model!r}")
+        if max_rows is None:
+            max_rows = max(model.settings.max_batch_size, DEFAULT_MAX_ROWS)
+        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+            raise ConfigurationError(f"max_rows must be an int >= 1, got {max_rows!r}")
+        self.max_rows = max_rows
         self.model = model
         self.name = model.name if name is None else name
         if not isinstance(self.name, str) or not self.name or "/" in self.name:

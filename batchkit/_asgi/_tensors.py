@@ -98,14 +98,21 @@ class Tensor:
         return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.shape]}
 
     def config(self) -> dict[str, Any]:
-        """Return the tensor as Triton's model configuration lists it (no batch dimension)."""
-        return {
+        """Return the tensor as Triton's model configuration lists it (no batch dimension).
+
+        A scalar (shape ``[]``) is ``dims: [1]`` with ``reshape: {shape: []}``, as Triton
+        writes it: clients may send ``[B, 1]`` or ``[B]``.
+        """
+        config: dict[str, Any] = {
             "name": self.name,
             "data_type": DATATYPES[self.datatype].config,
             "format": "FORMAT_NONE",
             "dims": list(self.shape) or [1],
             "is_shape_tensor": False,
         }
+        if not self.shape:
+            config["reshape"] = {"shape": []}
+        return config
 
     def matches(self, shape: Sequence[int]) -> bool:
         """Return whether one item's ``shape`` fits the declared shape."""
@@ -123,8 +130,15 @@ def element_count(shape: Sequence[int]) -> int:
 # -- decoding -------------------------------------------------------------------------------------
 
 
-def decode_binary(name: str, datatype: str, shape: tuple[int, ...], data: bytes) -> Any:
-    """Decode the binary data of input ``name``; raise ``BadRequest`` on a size mismatch."""
+def decode_binary(
+    name: str, datatype: str, shape: tuple[int, ...], data: bytes | memoryview
+) -> Any:
+    """Decode the binary data of input ``name``; raise ``BadRequest`` on a size mismatch.
+
+    Sizes are checked before anything is allocated. The array is a view of ``data`` where the
+    layout allows: pass a writable buffer (a ``bytearray`` or a view of one) so that the model
+    gets a writable array, as it does from JSON data.
+    """
     spec = DATATYPES[datatype]
     count = element_count(shape)
     if spec.wire is None:
@@ -143,7 +157,14 @@ def decode_binary(name: str, datatype: str, shape: tuple[int, ...], data: bytes)
     return array.astype(spec.dtype, copy=False)
 
 
-def _decode_bytes(name: str, shape: tuple[int, ...], count: int, data: bytes) -> Any:
+def _decode_bytes(
+    name: str, shape: tuple[int, ...], count: int, data: bytes | memoryview
+) -> Any:
+    if count > len(data) // 4:  # each element has a 4-byte length prefix
+        raise BadRequest(
+            f"input {name!r}: {len(data)} bytes of binary data cannot hold the {count} BYTES "
+            f"elements of shape {list(shape)} (each needs a 4-byte length prefix)"
+        )
     out = np.empty(count, dtype=object)
     offset, end, unpack = 0, len(data), struct.Struct("<I").unpack_from
     for i in range(count):
@@ -157,7 +178,7 @@ def _decode_bytes(name: str, shape: tuple[int, ...], count: int, data: bytes) ->
             raise BadRequest(
                 f"input {name!r}: BYTES element {i} claims {size} bytes, only {end - offset} remain"
             )
-        out[i] = data[offset : offset + size]
+        out[i] = bytes(data[offset : offset + size])
         offset += size
     if offset != end:
         raise BadRequest(
@@ -171,9 +192,11 @@ def decode_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> 
     if not isinstance(data, list):
         raise BadRequest(f"input {name!r}: 'data' must be a list, got {_short(data)}")
     count = element_count(shape)
+    if datatype == "BYTES":
+        return _decode_json_bytes(name, shape, count, data)
     try:
         array = np.array(data)
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise BadRequest(
             f"input {name!r}: 'data' is ragged or mixes types: {_short(data)}"
         ) from None
@@ -191,10 +214,6 @@ def decode_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> 
             f"{_KIND_WORDS[spec.json_kinds]}, got {_short(data)}"
         )
     array = array.reshape(shape)
-    if datatype == "BYTES":
-        out = np.empty(count, dtype=object)
-        out[:] = [s.encode() for s in array.reshape(-1).tolist()]
-        return out.reshape(shape)
     if spec.json_kinds == "iu" and count:
         info = np.iinfo(spec.dtype)
         if array.min() < info.min or array.max() > info.max:
@@ -203,6 +222,34 @@ def decode_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> 
                 f"([{info.min}, {info.max}]): {_short(data)}"
             )
     return array.astype(spec.dtype)
+
+
+def _decode_json_bytes(name: str, shape: tuple[int, ...], count: int, data: list[Any]) -> Any:
+    # Every element must be a string: numpy would turn 1 and true into "1" and "True".
+    try:
+        array = np.array(data, dtype=object)
+    except (ValueError, TypeError, RecursionError):
+        raise BadRequest(f"input {name!r}: 'data' is ragged: {_short(data)}") from None
+    if array.size != count or (array.ndim != 1 and array.shape != shape):
+        raise BadRequest(
+            f"input {name!r}: 'data' holds {array.size} elements in shape {list(array.shape)}, "
+            f"expected {count} for shape {list(shape)}"
+        )
+    flat = array.reshape(-1)
+    for i, element in enumerate(flat.tolist()):
+        if not isinstance(element, str):
+            raise BadRequest(
+                f"input {name!r}: 'data' for BYTES must hold strings, element {i} is "
+                f"{_short(element)}"
+            )
+        try:
+            flat[i] = element.encode()
+        except UnicodeEncodeError:
+            raise BadRequest(
+                f"input {name!r}: BYTES element {i} is not valid Unicode text ({element!r}); "
+                "send bytes that are not UTF-8 as binary data"
+            ) from None
+    return flat.reshape(shape)
 
 
 def _exact_integers(name: str, datatype: str, data: Any, array: Any) -> Any:
@@ -282,3 +329,31 @@ def encode_json(name: str, datatype: str, array: Any) -> list[Any]:
     if datatype == "BF16":
         return _bf16_to_float32(_float32_to_bf16(flat)).tolist()  # type: ignore[no-any-return]
     return flat.tolist()  # type: ignore[no-any-return]
+
+
+# -- classification -------------------------------------------------------------------------------
+
+CLASSIFIABLE = frozenset(DATATYPES) - {"BOOL", "BYTES"}
+
+
+def classify(array: Any, count: int) -> Any:
+    """Return the top ``count`` classes of each row of ``array``, as Triton's classification.
+
+    Each row's elements (flattened) are ranked by value, highest first, ties by index; each of
+    the top ``min(count, elements)`` becomes ``b"value:index"`` (floats as ``%f``, integers as
+    they are). The result is a BYTES (object) array of shape ``[rows, k]``.
+    """
+    rows = array.reshape(array.shape[0], -1)
+    k = min(count, rows.shape[1])
+    out = np.empty((rows.shape[0], k), dtype=object)
+    floating = rows.dtype.kind == "f"
+    for r, row in enumerate(rows):
+        # A stable ascending sort of the reversed row, read backwards: highest first, and
+        # equal values in index order.
+        reverse = np.argsort(row[::-1], kind="stable")[::-1][:k]
+        for j, rev in enumerate(reverse.tolist()):
+            index = len(row) - 1 - rev
+            value = row[index].item()
+            text = f"{value:f}" if floating else str(value)
+            out[r, j] = f"{text}:{index}".encode()
+    return out

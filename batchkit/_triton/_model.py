@@ -111,8 +111,8 @@ class TritonModel:
     choice). ``priority`` maps a batch's most urgent batchkit priority (lower is more urgent)
     to Triton's priority level (1 is the most urgent, 0 the model's default); by default it is
     the model's default level moved by the rounded batchkit priority, clamped to the model's
-    ``priority_levels``, and 0 for models without priority levels (a batchkit server gets the
-    rounded batchkit priority as it is). The batch's earliest
+    ``priority_levels``, and 0 for models without priority levels (a batchkit server gets
+    level ``2**63 + round(p)``, which keeps every batchkit priority's order). The batch's earliest
     deadline goes to Triton as the request's ``timeout``.
 
     Connection failures (refused, reset, server gone) are retried ``retries`` times with
@@ -351,8 +351,11 @@ class TritonModel:
     def _triton_priority(self, signature: _Signature, priority: float) -> int:
         if self._priority is not None:
             return int(self._priority(priority))
-        if signature.platform == "batchkit":  # batchkit's own server: the same scale
-            return round(priority)
+        if signature.platform == "batchkit":
+            # batchkit's own server takes any level in [1, 2**64) as Triton's schedule policy
+            # does (lower first; 0 is its default level, after all of them): batchkit's 0 is
+            # the middle level, so that every batchkit priority keeps its order there.
+            return min(2**64 - 1, max(1, 2**63 + round(priority)))
         levels = signature.priority_levels
         if not levels or priority == 0:
             return 0
