@@ -231,17 +231,39 @@ async def test_compressed_request_bodies(encoding: str) -> None:
     assert reply.json()["outputs"][0]["data"] == [1.0, 2.0, 3.0]
 
 
+# 60 rows of 3: outputs of this size are compressed when the client accepts it (smaller are not).
+LARGE = [float(i) for i in range(180)]
+
+
 async def test_infer_responses_are_compressed_on_request_and_others_never() -> None:
     app = KServeApp([identity_model("FP32")], metrics=False)
-    body = {"inputs": [json_input("X", "FP32", [1, 2, 3], [1, 3])]}
+    body = {"inputs": [json_input("X", "FP32", LARGE, [60, 3])]}
     async with app.lifespan():
         reply = await request(
             app, "POST", "/v2/models/id_fp32/infer", body, headers={"Accept-Encoding": "gzip"}
         )
         assert reply.headers["content-encoding"] == "gzip"
-        assert json.loads(gzip.decompress(reply.body))["outputs"][0]["data"] == [1.0, 2.0, 3.0]
+        assert json.loads(gzip.decompress(reply.body))["outputs"][0]["data"] == LARGE
         meta = await request(app, "GET", "/v2", headers={"Accept-Encoding": "gzip"})
         assert "content-encoding" not in meta.headers
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [("gzip, deflate, br", None), ("gzip", None), ("identity;q=0, gzip", "gzip")],
+)
+async def test_small_responses_are_not_compressed_unless_identity_is_refused(
+    accept: str, expected: str | None
+) -> None:
+    app = KServeApp([identity_model("FP32")], metrics=False)
+    body = {"inputs": [json_input("X", "FP32", [1, 2, 3], [1, 3])]}
+    async with app.lifespan():
+        reply = await request(
+            app, "POST", "/v2/models/id_fp32/infer", body, headers={"Accept-Encoding": accept}
+        )
+    assert reply.headers.get("content-encoding") == expected
+    raw = gzip.decompress(reply.body) if expected else reply.body
+    assert json.loads(raw)["outputs"][0]["data"] == [1.0, 2.0, 3.0]
 
 
 async def test_a_request_of_n_rows_is_n_items_batched_with_other_requests() -> None:
@@ -647,7 +669,7 @@ async def test_binary_data_output_leaves_explicitly_listed_outputs_json() -> Non
 )
 async def test_accept_encoding_honours_q_values(accept: str, expected: str | None) -> None:
     app = KServeApp([identity_model("FP32")], metrics=False)
-    body = {"inputs": [json_input("X", "FP32", [1, 2, 3], [1, 3])]}
+    body = {"inputs": [json_input("X", "FP32", LARGE, [60, 3])]}
     async with app.lifespan():
         reply = await request(
             app, "POST", "/v2/models/id_fp32/infer", body, headers={"Accept-Encoding": accept}
@@ -658,7 +680,7 @@ async def test_accept_encoding_honours_q_values(accept: str, expected: str | Non
         raw = gzip.decompress(raw)
     elif expected == "deflate":
         raw = zlib.decompress(raw)
-    assert json.loads(raw)["outputs"][0]["data"] == [1.0, 2.0, 3.0]
+    assert json.loads(raw)["outputs"][0]["data"] == LARGE
 
 
 async def test_gzip_bodies_of_several_members_are_decoded_and_trailing_bytes_refused() -> None:

@@ -173,18 +173,20 @@ def test_every_datatype_with_the_sync_client(
 
 @pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
 def test_compression_both_ways(server: str, client: Any, algorithm: str) -> None:
-    inp = tritonclient_http.InferInput("X", [1, 3], "FP64")
-    inp.set_data_from_numpy(np.array([[1.0, 2.0, 3.0]]), binary_data=False)
+    rows = [[float(3 * i + j) for j in range(3)] for i in range(60)]  # worth compressing
+    values = [v for row in rows for v in row]
+    inp = tritonclient_http.InferInput("X", [60, 3], "FP64")
+    inp.set_data_from_numpy(np.array(rows), binary_data=False)
     result = client.infer(
         "id_fp64",
         [inp],
         request_compression_algorithm=algorithm,
         response_compression_algorithm=algorithm,
     )
-    assert result.as_numpy("Y").tolist() == [[1.0, 2.0, 3.0]]
+    assert result.as_numpy("Y").tolist() == rows
     # What tritonclient asks for is what comes back: compressed, and marked so.
     body = json.dumps(
-        {"inputs": [{"name": "X", "datatype": "FP64", "shape": [1, 3], "data": [1, 2, 3]}]}
+        {"inputs": [{"name": "X", "datatype": "FP64", "shape": [60, 3], "data": values}]}
     ).encode()
     conn = http.client.HTTPConnection(server, timeout=10)
     conn.request(
@@ -196,7 +198,7 @@ def test_compression_both_ways(server: str, client: Any, algorithm: str) -> None
     assert reply.getheader("content-encoding") == algorithm
     plain = gzip.decompress(raw) if algorithm == "gzip" else zlib.decompress(raw)
     assert raw != plain
-    assert json.loads(plain)["outputs"][0]["data"] == [1.0, 2.0, 3.0]
+    assert json.loads(plain)["outputs"][0]["data"] == values
 
 
 def test_concurrent_sync_clients_each_get_their_own_result(server: str) -> None:

@@ -53,6 +53,8 @@ _OCTETS = [(b"content-type", b"application/octet-stream")]
 # event loop keeps answering other requests (health checks) meanwhile; smaller work stays on
 # the loop, where it costs less than the hop to a thread.
 OFFLOAD_BYTES = 1 << 20
+# Responses whose outputs take fewer bytes than this are not compressed (when identity is ok).
+COMPRESS_BYTES = 1024
 # A compressed body this big may decompress to OFFLOAD_BYTES and more.
 _OFFLOAD_COMPRESSED = 4096
 
@@ -342,9 +344,10 @@ class KServeApp:
         version = results[0].version
         versions = [r.version for r in results]
         mixed = versions if any(v != version for v in versions) else None
-        encoding = _accepted_encoding(headers.get("accept-encoding"))
+        size = _output_bytes(arrays)
+        encoding = _accepted_encoding(headers.get("accept-encoding"), small=size < COMPRESS_BYTES)
         job = (served.name, version, request, arrays, mixed, encoding)
-        if _output_bytes(arrays) > OFFLOAD_BYTES:
+        if size > OFFLOAD_BYTES:
             body, header_size = await anyio.to_thread.run_sync(_encode, *job)
         else:
             body, header_size = _encode(*job)
@@ -648,8 +651,11 @@ def _decompress(body: bytes, encoding: str, limit: int) -> bytes:
             )
 
 
-def _accepted_encoding(header: str | None) -> str | None:
+def _accepted_encoding(header: str | None, *, small: bool = False) -> str | None:
     """Return the response encoding ``Accept-Encoding`` prefers: gzip, deflate or None.
+
+    A ``small`` body is sent as it is whenever identity is acceptable: compressing a few
+    hundred bytes costs more CPU than it saves (and may not shrink them at all).
 
     The highest q-value wins among identity, gzip and deflate (``*`` stands for those not
     named; q=0 is "not acceptable"); on a tie, a named coding beats one ``*`` stands for, then
@@ -673,6 +679,8 @@ def _accepted_encoding(header: str | None) -> str | None:
         explicit = coding in named
         given = named[coding] if explicit else wildcard
         q = given if given is not None else 0.001 if coding == "identity" else 0.0
+        if coding == "identity" and small and q > 0:
+            return None
         order = (q, explicit, rank)
         if q > 0 and order > best_key:
             best, best_key = coding, order
