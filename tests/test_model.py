@@ -20,6 +20,7 @@ from batchkit import (
     QueueFull,
     WrongLoopError,
 )
+from batchkit._core._stats import SAMPLE_WINDOW
 
 from .helpers import GatedModel
 
@@ -531,6 +532,18 @@ class TestStatistics:
             stats.batch_sizes[1] = 3  # type: ignore[index]
 
 
+    async def test_latency_percentiles_cover_the_most_recent_items(self) -> None:
+        async def ident(items: list[int]) -> list[int]:
+            return items
+
+        async with BatchedModel(ident, max_batch_size=64) as model:
+            await model.call_many(range(SAMPLE_WINDOW + 1000))
+            stats = model.statistics()
+        assert stats.completed == SAMPLE_WINDOW + 1000
+        assert stats.queue_wait.count == stats.end_to_end.count == SAMPLE_WINDOW
+        assert 0 <= stats.queue_wait.p50 <= stats.queue_wait.max <= stats.end_to_end.max
+
+
 class TestReviewedEdges:
     async def test_body_exception_propagates_unwrapped_and_running_batch_finishes(self) -> None:
         fake = GatedModel()
@@ -709,6 +722,106 @@ class TestWorkerThreadEdges:
         assert attempts == [[1, 2, 3, 4], [1, 2]]
         assert len(outcomes) == 4
         assert all(isinstance(o, ClosedError) for o in outcomes)
+
+
+async def call_many_into(
+    model: BatchedModel[Any, Any], items: list[Any], results: dict[Any, Any]
+) -> None:
+    """Submit ``items`` together and store each one's outcome in ``results``."""
+    outcomes = await model.call_many(items, return_exceptions=True)
+    results.update(zip(items, outcomes, strict=True))
+
+
+class GatedSyncModel:
+    """A sync model (it runs in a worker thread) that records each batch and holds the first
+    until the test opens the gate; items in ``poison`` fail the batch they are in."""
+
+    def __init__(self, poison: tuple[int, ...] = ()) -> None:
+        self.batches: list[list[int]] = []
+        self.first_started = threading.Event()
+        self.gate = threading.Event()
+        self.poison = poison
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.first_started.set()
+        self.gate.wait(10)
+        if any(item in self.poison for item in items):
+            raise ValueError("poison")
+        return [item * 10 for item in items]
+
+    async def wait_started(self) -> None:
+        await anyio.to_thread.run_sync(self.first_started.wait, 10)
+
+
+class TestStagedBatches:
+    """A sync model on asyncio: a full batch queued while one runs is handed to the model
+    thread at once, so it starts the moment the running batch ends. On trio it stays queued
+    until then. Either way every caller gets the outcome the contract says."""
+
+    async def test_a_caller_who_leaves_a_staged_batch_is_not_run(self, anyio_backend: str) -> None:
+        fake = GatedSyncModel()
+        results: dict[Any, Any] = {}
+        model = BatchedModel(fake, max_batch_size=2)
+        async with model, anyio.create_task_group() as tg:
+            tg.start_soon(call_many_into, model, [0, 1], results)  # one batch
+            await fake.wait_started()
+            await spawn_calls(tg, model, [2], results)
+            with anyio.CancelScope() as scope:
+                tg.start_soon(lambda: _cancel_when_blocked(scope))
+                await model.call(3)  # fills the batch: staged on asyncio
+            assert scope.cancelled_caught
+            await spawn_calls(tg, model, [4], results)
+            if anyio_backend == "asyncio":
+                stats = model.statistics()
+                assert (stats.in_flight_batches, stats.queue_depth) == (2, 1)
+            fake.gate.set()
+        assert results == {0: 0, 1: 10, 2: 20, 4: 40}
+        staged = [[0, 1], [2], [4]] if anyio_backend == "asyncio" else [[0, 1], [2, 4]]
+        assert fake.batches == staged
+        stats = model.statistics()
+        assert (stats.completed, stats.cancelled, stats.in_flight_batches) == (4, 1, 0)
+
+    async def test_a_staged_batch_runs_after_the_batch_before_it_fails(self) -> None:
+        fake = GatedSyncModel(poison=(1,))
+        results: dict[Any, Any] = {}
+        model = BatchedModel(fake, max_batch_size=2)
+        async with model, anyio.create_task_group() as tg:
+            tg.start_soon(call_many_into, model, [0, 1], results)  # one batch
+            await fake.wait_started()
+            await spawn_calls(tg, model, [2, 3], results)
+            fake.gate.set()
+        assert isinstance(results.pop(0), ModelError)
+        assert isinstance(results.pop(1), ModelError)
+        assert results == {2: 20, 3: 30}
+
+    async def test_isolation_retries_a_failed_batch_with_a_staged_one_behind_it(self) -> None:
+        fake = GatedSyncModel(poison=(1,))
+        results: dict[Any, Any] = {}
+        model = BatchedModel(fake, max_batch_size=2, isolate_failures=True)
+        async with model, anyio.create_task_group() as tg:
+            tg.start_soon(call_many_into, model, [0, 1], results)  # one batch
+            await fake.wait_started()
+            await spawn_calls(tg, model, [2, 3], results)
+            fake.gate.set()
+        assert isinstance(results.pop(1), ModelError)
+        assert results == {0: 0, 2: 20, 3: 30}
+        assert sorted(map(tuple, fake.batches)) == [(0,), (0, 1), (1,), (2, 3)]
+
+    async def test_close_without_drain_fails_a_staged_batch(self) -> None:
+        fake = GatedSyncModel()
+        results: dict[Any, Any] = {}
+        model = BatchedModel(fake, max_batch_size=2)
+        async with model, anyio.create_task_group() as tg:
+            tg.start_soon(call_many_into, model, [0, 1], results)  # one batch
+            await fake.wait_started()
+            await spawn_calls(tg, model, [2, 3], results)
+            model.close()  # on the engine's own loop: fails what has not begun
+            await settle()
+            fake.gate.set()
+        assert (results[0], results[1]) == (0, 10)
+        assert isinstance(results[2], ClosedError) and isinstance(results[3], ClosedError)
+        assert fake.batches == [[0, 1]]
 
 
 class TestHistograms:

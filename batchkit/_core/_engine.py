@@ -113,6 +113,10 @@ def _clock_of(loop: asyncio.AbstractEventLoop | None) -> Callable[[], float]:
     return loop.time
 
 
+# Builds a request without running ``__init__``: ``submit_plain`` sets every slot itself.
+_new_request = object.__new__
+
+
 def _wake(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -152,6 +156,10 @@ class Engine:
         # once every worker is parked, that is when no batch runs.
         self._parked = 0
         self._idle_waiters: list[concurrent.futures.Future[None]] = []
+        # Workers whose batch runs in a model thread, waiting for a full batch to stage.
+        self._full_waiters: list[asyncio.Future[None]] = []
+        # Batches handed to a model thread while the batch before them still runs there.
+        self._staged: list[list[Request]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -161,6 +169,15 @@ class Engine:
         except RuntimeError:
             self._loop = None
         self._signal = _AsyncioSignal(self._loop) if self._loop else _Signal()
+        settings = self.settings
+        # Calls with default settings on asyncio take `submit_plain`, a path of one frame.
+        self._plain = (
+            self._loop is not None
+            and settings.timeout is None
+            and settings.size_fn is None
+            and settings.max_queue_size is None
+            and settings.max_wait <= 0
+        )
         self._clock = _clock_of(self._loop)
         self._token = anyio.lowlevel.current_token()
         self.thread_id = threading.get_ident()
@@ -200,11 +217,15 @@ class Engine:
 
     def begin_close(self, drain: bool) -> None:
         """Stop accepting items; fail the queued ones unless ``drain``. Call on the loop thread."""
+        self._plain = False
         if not self._closing:
             self._closing = True
             self._closing_event.set()
         if not drain:
-            for req in self._queue.remove_all():
+            # A staged batch has not begun: its callers are failed like queued ones, and the
+            # model thread skips them.
+            staged = [req for batch in self._staged for req in batch]
+            for req in [*staged, *self._queue.remove_all()]:
                 self._fail(req, ClosedError(f"model {self.settings.name!r} was closed"))
         self._signal.set()
 
@@ -273,6 +294,33 @@ class Engine:
         self._submit(req, wait)
         return req
 
+    def submit_plain(self, item: Any, priority: int) -> FutureRequest | None:
+        """Queue ``item`` without deadline for a caller on the engine's asyncio loop, or return
+        None when the engine is not plain (a default timeout, a size function, a bounded queue, a
+        wait window, not asyncio) or is closing: the caller then takes ``submit``.
+
+        The per-item path of calls with default settings: everything ``submit`` does in that
+        case, in one frame.
+        """
+        if not self._plain:
+            return None
+        req = _new_request(FutureRequest)
+        req.future = asyncio.Future(loop=self._loop)
+        req.item = item
+        req.priority = priority
+        req.seq = next(self._seq)
+        req.enqueued_at = self._clock()
+        req.deadline = req.timer = req.version = None
+        req.cost = 1.0
+        req.finished = False
+        self._queue.enqueue(req)
+        self._rec.submitted += 1
+        if self._signal.waiting:
+            self._signal.set()
+        if self._full_waiters:
+            self._wake_stagers()
+        return req
+
     def _cost(self, item: Any) -> float:
         size_fn = self.settings.size_fn
         if size_fn is None:
@@ -301,6 +349,14 @@ class Engine:
                 self._tg.start_soon(self._expire_at_deadline, req)
         if self._signal.waiting:
             self._signal.set()
+        if self._full_waiters:
+            self._wake_stagers()
+
+    def _wake_stagers(self) -> None:
+        if self._queue.has_full_batch():
+            waiters, self._full_waiters = self._full_waiters, []
+            for waiter in waiters:
+                _wake(waiter)
 
     async def _expire_at_deadline(self, req: Request) -> None:
         # The timer of a thread request on a loop without timer handles (trio).
@@ -536,7 +592,6 @@ class Engine:
         self._in_flight += 1
         if installed is None:
             installed = self._slot.current
-        items = [req.item for req in batch]
         started = self._clock()
         # Only a model that opted in (checked once, at installation) pays for its BatchInfo.
         info = None if installed.with_info is None else batch_info(batch, started)
@@ -550,12 +605,12 @@ class Engine:
                 )
             try:
                 job = self._loop.run_in_executor(
-                    self._executor, self._invoke_sync, items, installed, info
+                    self._executor, self._invoke_live, batch, installed, info
                 )
             except RuntimeError:  # the pool refuses work (interpreter shutdown): use anyio's
                 self._own_threads = False
         if job is None:
-            job = self._invoke(items, installed, info)
+            job = self._invoke([req.item for req in batch], installed, info)
         return batch, job, started, installed
 
     def _start_ready(self) -> _Running | None:
@@ -575,31 +630,79 @@ class Engine:
         """
         batch, job, start, installed = running
         n = len(batch)
+        # Only a model in the engine's threads computes while the loop works.
+        threaded = prefetch and not installed.is_async
+        ahead = None
         try:
             try:
+                if threaded:
+                    ahead = await self._stage_next(job)  # type: ignore[arg-type]
                 outputs = await job
             finally:
                 self._in_flight -= 1
         except Exception as exc:
-            self._record_batch(n, start, self._clock())
+            end = self._clock()
+            self._record_batch(n, start, end)
             # Output errors (wrong count, no length) are the model's bug, not a poison item's.
             if self.settings.isolate_failures and n > 1 and not isinstance(exc, ModelError):
+                if ahead is not None:  # a batch runs on one installation: finish that one first
+                    ahead = await self._complete(self._begun(ahead, end), prefetch=False)
                 await self._retry_halves(batch, installed)
-                return None
+                return ahead
             for req in batch:
                 self._fail(req, self._batch_error(exc, n, installed.version))
-            return None
+            return None if ahead is None else self._begun(ahead, end)
         except BaseException:
             # The host cancelled the engine mid-batch: nobody else will settle these callers.
             self._abandoned = True
             self._fail_all(batch)
+            if ahead is not None:
+                self._staged.remove(ahead[0])
+                self._fail_all(ahead[0])
             raise
         end = self._clock()
         self._record_batch(n, start, end)
-        # Only a model in the engine's threads computes while the loop hands results out.
-        ahead = self._start_ready() if prefetch and not installed.is_async else None
+        if ahead is not None:
+            ahead = self._begun(ahead, end)
+        elif threaded:
+            ahead = self._start_ready()
         self._deliver(batch, outputs, start, end, installed.version)
         return ahead
+
+    def _begun(self, staged: _Running, at: float) -> _Running:
+        """Return a staged batch as begun at ``at``, when the batch before it ended."""
+        batch, job, start, installed = staged
+        self._staged.remove(batch)
+        return batch, job, max(start, at), installed
+
+    async def _stage_next(self, job: asyncio.Future[Sequence[Any]]) -> _Running | None:
+        """While ``job`` runs in a model thread, start the next batch once a full one is queued.
+
+        The thread takes the staged batch up the moment ``job`` ends, with no round trip through
+        the loop in between; its callers that leave meanwhile are skipped (``_invoke_live``).
+        Return the staged batch, or None if ``job`` ended first.
+        """
+        assert self._loop is not None
+        while not job.done():
+            if self._queue.has_full_batch():
+                ahead = self._start_ready()
+                if ahead is not None:
+                    self._staged.append(ahead[0])
+                    return ahead
+            waiter = self._loop.create_future()
+            self._full_waiters.append(waiter)
+
+            def wake(_: object, waiter: asyncio.Future[None] = waiter) -> None:
+                _wake(waiter)
+
+            job.add_done_callback(wake)
+            try:
+                await waiter
+            finally:
+                job.remove_done_callback(wake)
+                if waiter in self._full_waiters:
+                    self._full_waiters.remove(waiter)
+        return None
 
     def _deliver(
         self,
@@ -609,14 +712,10 @@ class Engine:
         end: float,
         version: str,
     ) -> None:
-        rec = self._rec
-        queue_wait = rec.queue_wait.append
-        end_to_end = rec.end_to_end.append
-        completed = failed = 0
+        failed = settled = 0
         for req, out in zip(batch, outputs, strict=True):
-            queue_wait(start - req.enqueued_at)
-            end_to_end(end - req.enqueued_at)
             if req.finished:
+                settled += 1
                 continue
             req.finished = True
             req.version = version
@@ -626,20 +725,16 @@ class Engine:
                 failed += 1
                 req.deliver_error(out)
             elif req.__class__ is FutureRequest:  # the common case, inlined
-                completed += 1
-                future = req.future
-                if not future.done():  # else its task was cancelled and has yet to withdraw it
-                    future.set_result(out)
+                try:
+                    req.future.set_result(out)
+                except asyncio.InvalidStateError:
+                    pass  # its task was cancelled and has yet to withdraw it
             else:
-                completed += 1
                 req.deliver(out)
-        rec.completed += completed
+        rec = self._rec
+        rec.completed += len(batch) - failed - settled
         rec.failed += failed
-        if rec.histograms is not None:
-            waits, totals = rec.histograms["queue_wait"], rec.histograms["end_to_end"]
-            for req in batch:
-                waits.observe(start - req.enqueued_at)
-                totals.observe(end - req.enqueued_at)
+        rec.record_items(start, end, [req.enqueued_at for req in batch])
 
     async def _retry_halves(self, batch: list[Request], installed: Installed) -> None:
         half = len(batch) // 2
@@ -706,6 +801,21 @@ class Engine:
         return await anyio.to_thread.run_sync(
             self._invoke_sync, items, installed, info, limiter=self._limiter
         )
+
+    def _invoke_live(
+        self, batch: list[Request], installed: Installed, info: BatchInfo | None
+    ) -> Sequence[Any]:
+        """Run the sync model on the items of ``batch`` whose callers still wait; in a thread.
+
+        A staged batch waits for the one before it: callers that left meanwhile (cancelled,
+        expired) are not run. Their slots in the result hold None; they are settled already.
+        """
+        keep = [not req.finished for req in batch]
+        if all(keep):
+            return self._invoke_sync([req.item for req in batch], installed, info)
+        live = [req.item for req, k in zip(batch, keep, strict=True) if k]
+        outputs = iter(self._invoke_sync(live, installed, info) if live else ())
+        return [next(outputs) if k else None for k in keep]
 
     def _invoke_sync(
         self, items: list[Any], installed: Installed, info: BatchInfo | None

@@ -128,11 +128,16 @@ class BatchQueue(Generic[E]):
             self._waiting.append(entry)
             self._waiting_count += 1
         else:
-            self._enqueue(entry)
+            self.enqueue(entry)
         if entry.deadline is not None:
             heapq.heappush(self._deadlines, (entry.deadline, entry.seq, entry))
 
-    def _enqueue(self, entry: E) -> None:
+    def enqueue(self, entry: E) -> None:
+        """Queue ``entry`` at once, past the size bound, without indexing its deadline.
+
+        ``push`` calls it once there is room. Called directly, it is the per-item path of calls
+        with default settings: valid for an entry without deadline in an unbounded queue.
+        """
         entry.state = QUEUED
         level = self._levels.get(entry.priority)
         if level is None:
@@ -140,14 +145,17 @@ class BatchQueue(Generic[E]):
             heapq.heappush(self._levels_heap, entry.priority)
         level.append(entry)
         if self.max_wait > 0:
-            arrivals = self._arrivals
-            arrivals.append(entry)
-            # Entries that left are trimmed lazily by `_oldest`, which a full batch never calls:
-            # compact now and then, so sustained load does not keep every taken entry alive.
-            if len(arrivals) > 2 * self._queued + 64:
-                self._arrivals = deque(e for e in arrivals if e.state == QUEUED)
+            self._arrive(entry)
         self._queued += 1
         self._queued_cost += entry.cost
+
+    def _arrive(self, entry: E) -> None:
+        arrivals = self._arrivals
+        arrivals.append(entry)
+        # Entries that left are trimmed lazily by `_oldest`, which a full batch never calls:
+        # compact now and then, so sustained load does not keep every taken entry alive.
+        if len(arrivals) > 2 * self._queued + 64:
+            self._arrivals = deque(e for e in arrivals if e.state == QUEUED)
 
     def remove(self, entry: E) -> bool:
         """Remove a queued or waiting ``entry``; return whether it was there.
@@ -194,7 +202,7 @@ class BatchQueue(Generic[E]):
             entry = waiting.popleft()
             if entry.state == WAITING:
                 self._waiting_count -= 1
-                self._enqueue(entry)
+                self.enqueue(entry)
 
     def expire(self, now: float) -> list[E]:
         """Remove and return the queued or waiting entries whose deadline is <= ``now``."""
@@ -235,7 +243,8 @@ class BatchQueue(Generic[E]):
 
     # -- the policy ----------------------------------------------------------------------------
 
-    def _batch_full(self) -> bool:
+    def has_full_batch(self) -> bool:
+        """Return whether the queued entries fill a batch (by count, or by cost budget)."""
         if self._queued >= self.max_batch_size:
             return True
         budget = self.max_batch_cost
@@ -254,7 +263,7 @@ class BatchQueue(Generic[E]):
         """
         if not self._queued:
             return None
-        if self.max_wait <= 0 or self._batch_full():
+        if self.max_wait <= 0 or self.has_full_batch():
             return now
         oldest = self._oldest()
         if self.adaptive_wait:

@@ -100,9 +100,7 @@ def check_bounds(bounds: Sequence[float]) -> tuple[float, ...]:
         isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in values
     )
     if not ok or any(a >= b for a, b in itertools.pairwise(values)):
-        raise ConfigurationError(
-            f"histogram bounds must be increasing numbers > 0, got {bounds!r}"
-        )
+        raise ConfigurationError(f"histogram bounds must be increasing numbers > 0, got {bounds!r}")
     return tuple(float(b) for b in values)
 
 
@@ -136,9 +134,7 @@ class Statistics:
     last_swap_seconds: float = 0.0
     last_swap_pause_seconds: float = 0.0
     dispatch_held: bool = False
-    histograms: Mapping[str, LatencyHistogram] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    histograms: Mapping[str, LatencyHistogram] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def mean_batch_size(self) -> float:
@@ -175,14 +171,14 @@ class Recorder:
         "cancelled",
         "completed",
         "compute",
-        "end_to_end",
         "expired",
         "failed",
         "failed_swaps",
         "histograms",
+        "item_batches",
+        "item_samples",
         "last_swap_pause_seconds",
         "last_swap_seconds",
-        "queue_wait",
         "rejected",
         "submitted",
         "swaps",
@@ -192,9 +188,11 @@ class Recorder:
         self.submitted = self.completed = self.failed = 0
         self.expired = self.cancelled = self.rejected = self.batches = 0
         self.batch_sizes: Counter[int] = Counter()
-        self.queue_wait: deque[float] = deque(maxlen=SAMPLE_WINDOW)
         self.compute: deque[float] = deque(maxlen=SAMPLE_WINDOW)
-        self.end_to_end: deque[float] = deque(maxlen=SAMPLE_WINDOW)
+        # The per-item latencies, kept per batch: (start, end, each item's enqueue time), for
+        # at least the last SAMPLE_WINDOW items; the samples are computed only by snapshots.
+        self.item_batches: deque[tuple[float, float, list[float]]] = deque()
+        self.item_samples = 0
         # Written by the swapping thread (one at a time), read by snapshots.
         self.swaps = self.failed_swaps = 0
         self.last_swap_seconds = self.last_swap_pause_seconds = 0.0
@@ -213,6 +211,29 @@ class Recorder:
                 f"{self.histograms['compute'].bounds!r}, got {bounds!r}"
             )
 
+    def record_items(self, start: float, end: float, enqueued: list[float]) -> None:
+        """Record the queue-wait and end-to-end latencies of one batch's items: the batch
+        started at ``start`` and ended at ``end``; ``enqueued`` has each item's submit time."""
+        batches = self.item_batches
+        batches.append((start, end, enqueued))
+        self.item_samples += len(enqueued)
+        while self.item_samples - len(batches[0][2]) >= SAMPLE_WINDOW:
+            self.item_samples -= len(batches.popleft()[2])
+        if self.histograms is not None:
+            waits, totals = self.histograms["queue_wait"], self.histograms["end_to_end"]
+            for t in enqueued:
+                waits.observe(start - t)
+                totals.observe(end - t)
+
+    def item_latencies(self) -> tuple[list[float], list[float]]:
+        """Return the queue-wait and end-to-end samples of the last SAMPLE_WINDOW items."""
+        waits: list[float] = []
+        totals: list[float] = []
+        for start, end, enqueued in list(self.item_batches):  # list(): atomic under the GIL
+            waits.extend([start - t for t in enqueued])
+            totals.extend([end - t for t in enqueued])
+        return waits[-SAMPLE_WINDOW:], totals[-SAMPLE_WINDOW:]
+
     def snapshot(
         self,
         *,
@@ -224,6 +245,7 @@ class Recorder:
         dispatch_held: bool = False,
     ) -> Statistics:
         """Return a frozen copy of the counters (safe from any thread under the GIL)."""
+        waits, totals = self.item_latencies()
         return Statistics(
             name=name,
             model_version=model_version,
@@ -238,9 +260,9 @@ class Recorder:
             in_flight_batches=in_flight_batches,
             batches=self.batches,
             batch_sizes=MappingProxyType(dict(self.batch_sizes)),
-            queue_wait=LatencySummary.of(list(self.queue_wait)),
+            queue_wait=LatencySummary.of(waits),
             compute=LatencySummary.of(list(self.compute)),
-            end_to_end=LatencySummary.of(list(self.end_to_end)),
+            end_to_end=LatencySummary.of(totals),
             swaps=self.swaps,
             failed_swaps=self.failed_swaps,
             last_swap_seconds=self.last_swap_seconds,
