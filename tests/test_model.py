@@ -531,7 +531,6 @@ class TestStatistics:
         with pytest.raises(TypeError):
             stats.batch_sizes[1] = 3  # type: ignore[index]
 
-
     async def test_latency_percentiles_cover_the_most_recent_items(self) -> None:
         async def ident(items: list[int]) -> list[int]:
             return items

@@ -169,6 +169,99 @@ class TestBackgroundEngine:
             assert [f.result(10) for f in futures] == [0, 1]
 
 
+class RecordingModel:
+    """A sync model that records each batch, the thread it ran in and the most batches that
+    ran at once; the test may hold the first batch until ``gate`` opens."""
+
+    def __init__(self, *, gated: bool = False) -> None:
+        self.batches: list[list[Any]] = []
+        self.threads: list[str] = []
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+        self._lock = threading.Lock()
+        self._running = 0
+        self.most_at_once = 0
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        with self._lock:
+            self._running += 1
+            self.most_at_once = max(self.most_at_once, self._running)
+            self.batches.append(list(items))
+            self.threads.append(threading.current_thread().name)
+        try:
+            self.started.set()
+            self.gate.wait(10)
+            return [item if isinstance(item, Exception) else 2 * item for item in items]
+        finally:
+            with self._lock:
+                self._running -= 1
+
+
+class TestLoneSyncCaller:
+    """An idle engine lets a sync caller run its item in its own thread: no hand-over."""
+
+    def test_runs_in_the_callers_thread_and_is_counted(self) -> None:
+        fake = RecordingModel()
+        with BatchedModel(fake, version="3") as model:
+            assert model.call_sync(4) == 8
+            versioned = model.call_sync_versioned(5)
+            assert (versioned.value, versioned.version) == (10, "3")
+            stats = model.statistics()
+        assert fake.threads == [threading.current_thread().name] * 2
+        assert (stats.submitted, stats.completed, stats.pending) == (2, 2, 0)
+        assert (stats.batches, dict(stats.batch_sizes)) == (2, {1: 2})
+
+    def test_errors_reach_the_caller_and_the_engine_keeps_serving(self) -> None:
+        def model_fn(items: list[Any]) -> list[Any]:
+            if "boom" in items:
+                raise ValueError("boom")
+            return [KeyError(i) if i == "bad" else i for i in items]
+
+        with BatchedModel(model_fn, version="2") as model:
+            with pytest.raises(ModelError) as info:
+                model.call_sync("boom")
+            assert isinstance(info.value.__cause__, ValueError)
+            assert (info.value.batch_size, info.value.version) == (1, "2")
+            with pytest.raises(KeyError):
+                model.call_sync("bad")
+            assert model.call_sync("ok") == "ok"
+            stats = model.statistics()
+        assert (stats.submitted, stats.completed, stats.failed) == (3, 1, 2)
+
+    def test_callers_arriving_meanwhile_queue_and_are_batched_after_it(self) -> None:
+        fake = RecordingModel(gated=True)
+        with BatchedModel(fake, max_batch_size=8) as model, ThreadPoolExecutor(3) as pool:
+            first = pool.submit(model.call_sync, 1)  # runs inline, held at the gate
+            assert fake.started.wait(10)
+            stats = model.statistics()
+            assert (stats.in_flight_batches, stats.pending) == (1, 1)
+            rest = [pool.submit(model.call_sync, i) for i in (2, 3)]
+            wait_for(lambda: model.statistics().queue_depth == 2)
+            fake.gate.set()
+            assert [f.result(10) for f in (first, *rest)] == [2, 4, 6]
+        assert fake.batches == [[1], [2, 3]]
+        assert fake.threads[0] != fake.threads[1]
+        assert fake.threads[1].startswith("batchkit-")  # the engine's model thread
+
+    def test_a_call_with_a_timeout_goes_through_the_engine(self) -> None:
+        fake = RecordingModel()
+        with BatchedModel(fake) as model:
+            assert model.call_sync(1, timeout=5) == 2
+        assert fake.threads[0].startswith("batchkit-")
+
+    def test_never_more_batches_at_once_than_max_concurrency(self) -> None:
+        fake = RecordingModel()
+        with BatchedModel(fake, max_batch_size=4) as model, ThreadPoolExecutor(8) as pool:
+            calls = [pool.submit(model.call_sync, i) for i in range(400)]
+            assert [f.result(30) for f in calls] == [2 * i for i in range(400)]
+            stats = model.statistics()
+        assert fake.most_at_once == 1
+        assert sorted(i for batch in fake.batches for i in batch) == list(range(400))
+        assert (stats.submitted, stats.completed, stats.pending) == (400, 400, 0)
+
+
 class TestInsideARunningLoop:
     """What a notebook cell does: sync calls with the kernel's loop running on this thread."""
 

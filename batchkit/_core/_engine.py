@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import itertools
 import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any
 
 import anyio
@@ -160,6 +161,13 @@ class Engine:
         self._full_waiters: list[asyncio.Future[None]] = []
         # Batches handed to a model thread while the batch before them still runs there.
         self._staged: list[list[Request]] = []
+        # A sync caller may run its item itself while the engine is idle (`run_inline`). The
+        # lock makes "idle? then claim" atomic against the loop's "inline run? else take a
+        # batch"; the inline runs' statistics wait in `_inline_done` for the loop to record.
+        self._claim = threading.Lock()
+        self._inline_ok = False
+        self._inline_busy = False
+        self._inline_done: list[tuple[float, float, bool]] = []
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -177,6 +185,9 @@ class Engine:
             and settings.size_fn is None
             and settings.max_queue_size is None
             and settings.max_wait <= 0
+        )
+        self._inline_ok = (
+            self._loop is not None and settings.timeout is None and settings.max_wait <= 0
         )
         self._clock = _clock_of(self._loop)
         self._token = anyio.lowlevel.current_token()
@@ -229,6 +240,15 @@ class Engine:
                 self._fail(req, ClosedError(f"model {self.settings.name!r} was closed"))
         self._signal.set()
 
+    def begin_close_soon(self, drain: bool) -> None:
+        """Have the engine's asyncio loop call ``begin_close(drain)``; from any other thread,
+        without waiting. Nothing happens if the loop has ended (the engine is closed)."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self.begin_close, drain)
+        except RuntimeError:
+            pass
+
     async def wait_stopped(self) -> None:
         """Return once closing finished: every worker has returned."""
         await self._stopped.wait()
@@ -255,7 +275,9 @@ class Engine:
         self._signal.set()
 
     def _check_idle(self) -> None:
-        if self._idle_waiters and self._parked >= self._workers:
+        with self._claim:
+            inline = self._inline_busy
+        if self._idle_waiters and self._parked >= self._workers and not inline:
             waiters, self._idle_waiters = self._idle_waiters, []
             for idle in waiters:
                 if not idle.done():
@@ -562,7 +584,7 @@ class Engine:
     async def _wait_for_batch(self) -> list[Request] | None:
         queue = self._queue
         while True:
-            if self._slot.held:
+            if self._slot.held or self._inline_busy:
                 await self._signal.wait()
                 continue
             now = self._clock()
@@ -579,7 +601,15 @@ class Engine:
                     return batch
 
     def _take(self, now: float) -> list[Request]:
-        batch, expired = self._queue.take(now)
+        """Take the next batch and count it in flight; none while a caller runs inline."""
+        with self._claim:
+            if self._inline_busy:
+                return []
+            if self._inline_done:
+                self._record_inline()
+            batch, expired = self._queue.take(now)
+            if batch:
+                self._in_flight += 1
         for req in expired:
             self.expire(req)
         return batch
@@ -587,9 +617,9 @@ class Engine:
     def _start(self, batch: list[Request], installed: Installed | None = None) -> _Running:
         """Start the model on ``batch``: in the engine's thread pool, or as a coroutine.
 
-        The batch runs on ``installed``, by default the one in the slot now.
+        The batch runs on ``installed``, by default the one in the slot now. The caller counted
+        it in ``_in_flight``; ``_complete`` uncounts it.
         """
-        self._in_flight += 1
         if installed is None:
             installed = self._slot.current
         started = self._clock()
@@ -634,12 +664,9 @@ class Engine:
         threaded = prefetch and not installed.is_async
         ahead = None
         try:
-            try:
-                if threaded:
-                    ahead = await self._stage_next(job)  # type: ignore[arg-type]
-                outputs = await job
-            finally:
-                self._in_flight -= 1
+            if threaded:
+                ahead = await self._stage_next(job)  # type: ignore[arg-type]
+            outputs = await job
         except Exception as exc:
             end = self._clock()
             self._record_batch(n, start, end)
@@ -647,19 +674,22 @@ class Engine:
             if self.settings.isolate_failures and n > 1 and not isinstance(exc, ModelError):
                 if ahead is not None:  # a batch runs on one installation: finish that one first
                     ahead = await self._complete(self._begun(ahead, end), prefetch=False)
-                await self._retry_halves(batch, installed)
+                await self._retry_halves(batch, installed)  # uncounts this batch at its end
                 return ahead
+            self._in_flight -= 1
             for req in batch:
                 self._fail(req, self._batch_error(exc, n, installed.version))
             return None if ahead is None else self._begun(ahead, end)
         except BaseException:
             # The host cancelled the engine mid-batch: nobody else will settle these callers.
+            self._in_flight -= 1
             self._abandoned = True
             self._fail_all(batch)
             if ahead is not None:
                 self._staged.remove(ahead[0])
                 self._fail_all(ahead[0])
             raise
+        self._in_flight -= 1
         end = self._clock()
         self._record_batch(n, start, end)
         if ahead is not None:
@@ -737,6 +767,10 @@ class Engine:
         rec.record_items(start, end, [req.enqueued_at for req in batch])
 
     async def _retry_halves(self, batch: list[Request], installed: Installed) -> None:
+        """Run the halves of the failed ``batch`` one after the other, then uncount ``batch``.
+
+        ``batch`` stays counted in flight meanwhile, so no caller runs inline in between.
+        """
         half = len(batch) // 2
         try:
             for part in (batch[:half], batch[half:]):
@@ -744,10 +778,13 @@ class Engine:
                 part = [req for req in part if not req.finished]
                 if part:
                     # On the installation that failed: a batch runs on one version.
+                    self._in_flight += 1
                     await self._complete(self._start(part, installed), prefetch=False)
         except BaseException:  # cancelled mid-retry: settle the half not yet run
             self._fail_all(batch)
             raise
+        finally:
+            self._in_flight -= 1
 
     def _fail_all(self, batch: list[Request]) -> None:
         for req in batch:
@@ -802,6 +839,90 @@ class Engine:
             self._invoke_sync, items, installed, info, limiter=self._limiter
         )
 
+    # -- sync callers running their own item ----------------------------------------------------
+
+    def run_inline(self, item: Any) -> tuple[Any, str] | None:
+        """Run ``item`` alone, now, in the calling (non-loop) thread if the engine is idle.
+
+        Idle means no batch runs or is staged, nothing is queued, the slot is not held and the
+        engine is not closing; the engine must be on asyncio, with no default timeout and no
+        wait window, and the model sync (without ``BatchInfo``). A lone sync caller then skips
+        the two thread hand-overs a queued item costs. While the item runs, the loop starts no
+        batch: callers arriving meanwhile queue, as behind a running batch.
+
+        Return ``(output, version)``, raise the item's error (as a batch of one would), or
+        return None when the engine is not idle: the caller then queues its item as usual.
+        """
+        if not self._inline_ok:
+            return None
+        with self._claim:
+            queue = self._queue
+            if (
+                self._inline_busy
+                or self._in_flight
+                or self._closing
+                or self._slot.held
+                or len(queue)
+                or queue.waiting_for_room
+            ):
+                return None
+            installed = self._slot.current
+            if installed.is_async or installed.with_info is not None:
+                return None
+            self._inline_busy = True
+        # Not the loop's clock, which belongs to the loop's thread; durations only.
+        start = time.monotonic()
+        failed = True
+        try:
+            try:
+                value = self._invoke_sync([item], installed, None)[0]
+            except Exception as exc:
+                raise self._batch_error(exc, 1, installed.version) from exc
+            if isinstance(value, Exception):
+                raise value
+            failed = False
+            return value, installed.version
+        finally:
+            with self._claim:
+                self._inline_busy = False
+                self._inline_done.append((start, time.monotonic(), failed))
+                # The loop must look now only if callers queued meanwhile, a swap waits for
+                # the engine to be idle, or it is closing (its workers wait for this run to
+                # end); otherwise the records wait for its next batch (or pile up to 64), and
+                # statistics() counts them already.
+                wake = bool(
+                    len(self._queue)
+                    or self._idle_waiters
+                    or self._closing
+                    or len(self._inline_done) >= 64
+                )
+            if wake:
+                try:
+                    assert self._loop is not None
+                    self._loop.call_soon_threadsafe(self._after_inline)
+                except RuntimeError:  # the loop has ended: statistics() still counts the run
+                    pass
+
+    def _after_inline(self) -> None:
+        """Record the inline runs' statistics and let the workers look at the queue again."""
+        with self._claim:
+            self._record_inline()
+        self._signal.set()
+        self._check_idle()
+
+    def _record_inline(self) -> None:
+        # With self._claim held, on the loop thread: the recorder is the loop's.
+        rec = self._rec
+        done, self._inline_done = self._inline_done, []
+        for start, end, failed in done:
+            rec.submitted += 1
+            if failed:
+                rec.failed += 1
+            else:
+                rec.completed += 1
+            self._record_batch(1, start, end)
+            rec.record_items(start, end, [start])
+
     def _invoke_live(
         self, batch: list[Request], installed: Installed, info: BatchInfo | None
     ) -> Sequence[Any]:
@@ -834,13 +955,30 @@ class Engine:
 
     def statistics(self) -> Statistics:
         """Return a snapshot of the counters; safe from any thread."""
-        return self._rec.snapshot(
-            name=self.settings.name,
-            model_version=self._slot.current.version,
-            queue_depth=len(self._queue),
-            waiting_for_room=self._queue.waiting_for_room,
-            in_flight_batches=self._in_flight,
-            dispatch_held=self._slot.held,
+        with self._claim:
+            stats = self._rec.snapshot(
+                name=self.settings.name,
+                model_version=self._slot.current.version,
+                queue_depth=len(self._queue),
+                waiting_for_room=self._queue.waiting_for_room,
+                in_flight_batches=self._in_flight + self._inline_busy,
+                dispatch_held=self._slot.held,
+            )
+            done, busy = list(self._inline_done), self._inline_busy
+        if not done and not busy:
+            return stats
+        # Inline runs the loop has yet to record: counted here, so a caller's own call shows.
+        failed = sum(1 for _, _, f in done if f)
+        sizes = dict(stats.batch_sizes)
+        if done:
+            sizes[1] = sizes.get(1, 0) + len(done)
+        return dataclasses.replace(
+            stats,
+            submitted=stats.submitted + len(done) + busy,
+            completed=stats.completed + len(done) - failed,
+            failed=stats.failed + failed,
+            batches=stats.batches + len(done),
+            batch_sizes=MappingProxyType(sizes),
         )
 
 

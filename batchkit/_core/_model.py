@@ -553,17 +553,22 @@ class BatchedModel(Generic[T, R]):
         self, item: T, *, priority: float = 0, timeout: float | None = None
     ) -> Versioned[R]:
         """Like ``call_sync()``, and return the output with the version that produced it."""
-        value, req = self._call_sync(item, priority, timeout)
-        return req.versioned(value)
+        return Versioned(*self._call_sync(item, priority, timeout))
 
-    def _call_sync(
-        self, item: T, priority: float, timeout: float | None
-    ) -> tuple[Any, ThreadRequest]:
+    def _call_sync(self, item: T, priority: float, timeout: float | None) -> tuple[Any, str]:
+        """Return the output for ``item`` and the version that produced it."""
         _check_priority(priority)
         engine = self._engine_for_thread()
+        if timeout is None:
+            # An idle engine lets a lone caller run its item itself: no thread hand-over.
+            done = engine.run_inline(item)
+            if done is not None:
+                return done
         (req,) = self._thread_requests(engine, [item], priority, timeout, None, True)
         engine.submit_threadsafe([req])
-        return engine.wait_threadsafe(req), req
+        value = engine.wait_threadsafe(req)
+        assert req.version is not None  # set with every output
+        return value, req.version
 
     def call_many_sync(
         self,
@@ -798,10 +803,9 @@ class _BackgroundHost:
     def stop(self, drain: bool) -> bool:
         """Close the engine; return whether its thread was joined (not from inside the model)."""
         if self._thread.is_alive():
-            try:
-                self.engine.run_in_loop(self.engine.begin_close, drain)
-            except (ClosedError, RuntimeError):  # its loop has just ended
-                pass
+            # Not run_in_loop: a loop already tearing down (closed from inside the model, say)
+            # would never answer it. The join below waits for the close to finish.
+            self.engine.begin_close_soon(drain)
         # close() from inside the model (or the engine's own thread) must not wait for itself.
         inside = getattr(self.engine.in_model, "active", False)
         if inside or self._thread is threading.current_thread():
