@@ -753,6 +753,25 @@ class GatedSyncModel:
         await anyio.to_thread.run_sync(self.first_started.wait, 10)
 
 
+async def start_first_batch(
+    tg: anyio.abc.TaskGroup, model: BatchedModel[Any, Any], fake: GatedSyncModel, results: Any
+) -> None:
+    """Submit 0 and 1 as one batch and return once the model thread holds it at the gate."""
+    tg.start_soon(call_many_into, model, [0, 1], results)
+    await fake.wait_started()
+
+
+async def behind_a_failing_batch(fake: GatedSyncModel, **settings: Any) -> dict[Any, Any]:
+    """Run [0, 1] (which fails), queue 2 and 3 behind it, and return every outcome."""
+    results: dict[Any, Any] = {}
+    model = BatchedModel(fake, max_batch_size=2, **settings)
+    async with model, anyio.create_task_group() as tg:
+        await start_first_batch(tg, model, fake, results)
+        await spawn_calls(tg, model, [2, 3], results)
+        fake.gate.set()
+    return results
+
+
 class TestStagedBatches:
     """A sync model on asyncio: a full batch queued while one runs is handed to the model
     thread at once, so it starts the moment the running batch ends. On trio it stays queued
@@ -763,8 +782,7 @@ class TestStagedBatches:
         results: dict[Any, Any] = {}
         model = BatchedModel(fake, max_batch_size=2)
         async with model, anyio.create_task_group() as tg:
-            tg.start_soon(call_many_into, model, [0, 1], results)  # one batch
-            await fake.wait_started()
+            await start_first_batch(tg, model, fake, results)
             await spawn_calls(tg, model, [2], results)
             with anyio.CancelScope() as scope:
                 tg.start_soon(lambda: _cancel_when_blocked(scope))
@@ -783,26 +801,14 @@ class TestStagedBatches:
 
     async def test_a_staged_batch_runs_after_the_batch_before_it_fails(self) -> None:
         fake = GatedSyncModel(poison=(1,))
-        results: dict[Any, Any] = {}
-        model = BatchedModel(fake, max_batch_size=2)
-        async with model, anyio.create_task_group() as tg:
-            tg.start_soon(call_many_into, model, [0, 1], results)  # one batch
-            await fake.wait_started()
-            await spawn_calls(tg, model, [2, 3], results)
-            fake.gate.set()
+        results = await behind_a_failing_batch(fake)
         assert isinstance(results.pop(0), ModelError)
         assert isinstance(results.pop(1), ModelError)
         assert results == {2: 20, 3: 30}
 
     async def test_isolation_retries_a_failed_batch_with_a_staged_one_behind_it(self) -> None:
         fake = GatedSyncModel(poison=(1,))
-        results: dict[Any, Any] = {}
-        model = BatchedModel(fake, max_batch_size=2, isolate_failures=True)
-        async with model, anyio.create_task_group() as tg:
-            tg.start_soon(call_many_into, model, [0, 1], results)  # one batch
-            await fake.wait_started()
-            await spawn_calls(tg, model, [2, 3], results)
-            fake.gate.set()
+        results = await behind_a_failing_batch(fake, isolate_failures=True)
         assert isinstance(results.pop(1), ModelError)
         assert results == {0: 0, 2: 20, 3: 30}
         assert sorted(map(tuple, fake.batches)) == [(0,), (0, 1), (1,), (2, 3)]
@@ -812,8 +818,7 @@ class TestStagedBatches:
         results: dict[Any, Any] = {}
         model = BatchedModel(fake, max_batch_size=2)
         async with model, anyio.create_task_group() as tg:
-            tg.start_soon(call_many_into, model, [0, 1], results)  # one batch
-            await fake.wait_started()
+            await start_first_batch(tg, model, fake, results)
             await spawn_calls(tg, model, [2, 3], results)
             model.close()  # on the engine's own loop: fails what has not begun
             await settle()
