@@ -3,6 +3,7 @@ errors, lifecycle. Every async test runs on asyncio and trio."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 from typing import Any
@@ -798,6 +799,55 @@ class TestStagedBatches:
         assert fake.batches == staged
         stats = model.statistics()
         assert (stats.completed, stats.cancelled, stats.in_flight_batches) == (4, 1, 0)
+
+    async def test_callers_arriving_behind_a_running_batch_join_the_next_one(
+        self, anyio_backend: str
+    ) -> None:
+        fake = GatedSyncModel()
+        results: dict[Any, Any] = {}
+        model = BatchedModel(fake, max_batch_size=4)
+        async with model, anyio.create_task_group() as tg:
+            await start_first_batch(tg, model, fake, results)
+            await spawn_calls(tg, model, [2, 3], results)
+            stats = model.statistics()
+            # asyncio: 2 was staged alone and 3 joined it; trio: both wait in the queue.
+            staged = (2, 0) if anyio_backend == "asyncio" else (1, 2)
+            assert (stats.in_flight_batches, stats.queue_depth) == staged
+            fake.gate.set()
+        assert results == {0: 0, 1: 10, 2: 20, 3: 30}
+        assert fake.batches == [[0, 1], [2, 3]]
+
+    @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # staging is asyncio's
+    async def test_a_caller_cancelled_as_its_staged_batch_starts_is_not_run(self) -> None:
+        first_running, gate, second_running = (threading.Event() for _ in range(3))
+        batches: list[list[int]] = []
+
+        def model_fn(items: list[int]) -> list[int]:
+            batches.append(list(items))
+            if len(batches) == 1:
+                first_running.set()
+                gate.wait(10)
+            else:
+                second_running.set()
+            return items
+
+        model = BatchedModel(model_fn, max_batch_size=4)
+        async with model:
+            first = asyncio.ensure_future(model.call(0))
+            await anyio.to_thread.run_sync(first_running.wait, 10)
+            leaving = asyncio.ensure_future(model.call(1))
+            staying = asyncio.ensure_future(model.call(2))
+            await settle()  # 1 and 2 are staged behind 0
+            leaving.cancel()  # its future is cancelled now; its task withdraws it later
+            gate.set()
+            # Hold the loop (no task runs) until the model thread has started the next batch.
+            assert second_running.wait(10)
+            assert (await first, await staying) == (0, 2)
+            with pytest.raises(asyncio.CancelledError):
+                await leaving
+            stats = model.statistics()
+        assert batches == [[0], [2]]
+        assert (stats.completed, stats.cancelled) == (2, 1)
 
     async def test_a_staged_batch_runs_after_the_batch_before_it_fails(self) -> None:
         fake = GatedSyncModel(poison=(1,))

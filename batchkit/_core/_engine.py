@@ -114,6 +114,9 @@ def _clock_of(loop: asyncio.AbstractEventLoop | None) -> Callable[[], float]:
     return loop.time
 
 
+# The output slot of a staged caller who left before the model thread took the batch up.
+_SKIPPED: Any = object()
+
 # Builds a request without running ``__init__``: ``submit_plain`` sets every slot itself.
 _new_request = object.__new__
 
@@ -157,10 +160,14 @@ class Engine:
         # once every worker is parked, that is when no batch runs.
         self._parked = 0
         self._idle_waiters: list[concurrent.futures.Future[None]] = []
-        # Workers whose batch runs in a model thread, waiting for a full batch to stage.
-        self._full_waiters: list[asyncio.Future[None]] = []
-        # Batches handed to a model thread while the batch before them still runs there.
+        # Workers whose batch runs in a model thread, waiting for a batch to stage.
+        self._stage_waiters: list[asyncio.Future[None]] = []
+        # Batches handed to a model thread while the batch before them still runs there, and
+        # the one of them that callers arriving meanwhile still join (until the thread takes
+        # it up or it is full; `_claim` guards that hand-off).
         self._staged: list[list[Request]] = []
+        self._open: list[Request] | None = None
+        self._fill_ok = False
         # A sync caller may run its item itself while the engine is idle (`run_inline`). The
         # lock makes "idle? then claim" atomic against the loop's "inline run? else take a
         # batch"; the inline runs' statistics wait in `_inline_done` for the loop to record.
@@ -189,6 +196,9 @@ class Engine:
         self._inline_ok = (
             self._loop is not None and settings.timeout is None and settings.max_wait <= 0
         )
+        # A staged batch may keep filling only under greedy dispatch without a cost budget;
+        # otherwise only a full batch is staged.
+        self._fill_ok = settings.max_wait <= 0 and settings.max_batch_cost is None
         self._clock = _clock_of(self._loop)
         self._token = anyio.lowlevel.current_token()
         self.thread_id = threading.get_ident()
@@ -235,6 +245,8 @@ class Engine:
         if not drain:
             # A staged batch has not begun: its callers are failed like queued ones, and the
             # model thread skips them.
+            with self._claim:
+                self._open = None
             staged = [req for batch in self._staged for req in batch]
             for req in [*staged, *self._queue.remove_all()]:
                 self._fail(req, ClosedError(f"model {self.settings.name!r} was closed"))
@@ -339,8 +351,10 @@ class Engine:
         self._rec.submitted += 1
         if self._signal.waiting:
             self._signal.set()
-        if self._full_waiters:
+        if self._stage_waiters:
             self._wake_stagers()
+        if self._open is not None:
+            self._fill_open()
         return req
 
     def _cost(self, item: Any) -> float:
@@ -371,12 +385,32 @@ class Engine:
                 self._tg.start_soon(self._expire_at_deadline, req)
         if self._signal.waiting:
             self._signal.set()
-        if self._full_waiters:
+        if self._stage_waiters:
             self._wake_stagers()
+        if self._open is not None:
+            self._fill_open()
+
+    def _stageable(self) -> bool:
+        queue = self._queue
+        return queue.has_full_batch() or (self._fill_ok and len(queue) > 0)
+
+    def _fill_open(self) -> None:
+        """Move queued items into the staged batch still open, up to a full batch."""
+        batch = self._open
+        limit = self.settings.max_batch_size
+        with self._claim:
+            if batch is None or self._open is not batch:  # the model thread took it up
+                return
+            taken, expired = self._queue.take(self._clock(), limit - len(batch))
+            batch.extend(taken)
+            if len(batch) >= limit:
+                self._open = None
+        for req in expired:
+            self.expire(req)
 
     def _wake_stagers(self) -> None:
-        if self._queue.has_full_batch():
-            waiters, self._full_waiters = self._full_waiters, []
+        if self._stageable():
+            waiters, self._stage_waiters = self._stage_waiters, []
             for waiter in waiters:
                 _wake(waiter)
 
@@ -614,11 +648,14 @@ class Engine:
             self.expire(req)
         return batch
 
-    def _start(self, batch: list[Request], installed: Installed | None = None) -> _Running:
+    def _start(
+        self, batch: list[Request], installed: Installed | None = None, *, staged: bool = False
+    ) -> _Running:
         """Start the model on ``batch``: in the engine's thread pool, or as a coroutine.
 
         The batch runs on ``installed``, by default the one in the slot now. The caller counted
-        it in ``_in_flight``; ``_complete`` uncounts it.
+        it in ``_in_flight``; ``_complete`` uncounts it. A ``staged`` batch (in a model thread)
+        closes ``_open`` when the thread takes it up.
         """
         if installed is None:
             installed = self._slot.current
@@ -628,15 +665,14 @@ class Engine:
         job: Awaitable[Sequence[Any]] | None = None
         if self._own_threads and not installed.is_async:
             assert self._loop is not None
+            run = self._invoke_staged if staged else self._invoke_live
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(
                     self.settings.max_concurrency,
                     thread_name_prefix=f"batchkit-{self.settings.name}-model",
                 )
             try:
-                job = self._loop.run_in_executor(
-                    self._executor, self._invoke_live, batch, installed, info
-                )
+                job = self._loop.run_in_executor(self._executor, run, batch, installed, info)
             except RuntimeError:  # the pool refuses work (interpreter shutdown): use anyio's
                 self._own_threads = False
         if job is None:
@@ -686,6 +722,9 @@ class Engine:
             self._abandoned = True
             self._fail_all(batch)
             if ahead is not None:
+                with self._claim:
+                    if self._open is ahead[0]:
+                        self._open = None
                 self._staged.remove(ahead[0])
                 self._fail_all(ahead[0])
             raise
@@ -706,21 +745,30 @@ class Engine:
         return batch, job, max(start, at), installed
 
     async def _stage_next(self, job: asyncio.Future[Sequence[Any]]) -> _Running | None:
-        """While ``job`` runs in a model thread, start the next batch once a full one is queued.
+        """While ``job`` runs in a model thread, hand it the next batch as soon as there is one.
 
         The thread takes the staged batch up the moment ``job`` ends, with no round trip through
-        the loop in between; its callers that leave meanwhile are skipped (``_invoke_live``).
-        Return the staged batch, or None if ``job`` ended first.
+        the loop in between. Under greedy dispatch without a cost budget, a staged batch that is
+        not full stays open: callers who arrive before the thread takes it up join it, so it
+        holds what greedy dispatch would have taken when ``job`` ended (in arrival order, not
+        priority order). Otherwise only a full batch is staged. Callers who leave a staged batch
+        are skipped (``_invoke_live``). Return the staged batch, or None if ``job`` ended first.
         """
         assert self._loop is not None
         while not job.done():
-            if self._queue.has_full_batch():
-                ahead = self._start_ready()
-                if ahead is not None:
-                    self._staged.append(ahead[0])
-                    return ahead
+            if self._stageable() and not self._slot.held:
+                batch = self._take(self._clock())
+                if batch:
+                    self._staged.append(batch)
+                    installed = self._slot.current
+                    if self._fill_ok and installed.with_info is None:
+                        with self._claim:  # before the thread can see the batch
+                            self._open = (
+                                batch if len(batch) < self.settings.max_batch_size else None
+                            )
+                    return self._start(batch, installed, staged=True)
             waiter = self._loop.create_future()
-            self._full_waiters.append(waiter)
+            self._stage_waiters.append(waiter)
 
             def wake(_: object, waiter: asyncio.Future[None] = waiter) -> None:
                 _wake(waiter)
@@ -730,8 +778,8 @@ class Engine:
                 await waiter
             finally:
                 job.remove_done_callback(wake)
-                if waiter in self._full_waiters:
-                    self._full_waiters.remove(waiter)
+                if waiter in self._stage_waiters:
+                    self._stage_waiters.remove(waiter)
         return None
 
     def _deliver(
@@ -745,6 +793,10 @@ class Engine:
         failed = settled = 0
         for req, out in zip(batch, outputs, strict=True):
             if req.finished:
+                settled += 1
+                continue
+            if out is _SKIPPED:  # cancelled by its caller; the loop has yet to hear of it
+                self.cancel(req)
                 settled += 1
                 continue
             req.finished = True
@@ -923,20 +975,30 @@ class Engine:
             self._record_batch(1, start, end)
             rec.record_items(start, end, [start])
 
+    def _invoke_staged(
+        self, batch: list[Request], installed: Installed, info: BatchInfo | None
+    ) -> Sequence[Any]:
+        """Close the staged ``batch`` to callers arriving from now on, and run it; in a thread."""
+        with self._claim:
+            if self._open is batch:
+                self._open = None
+        return self._invoke_live(batch, installed, info)
+
     def _invoke_live(
         self, batch: list[Request], installed: Installed, info: BatchInfo | None
     ) -> Sequence[Any]:
         """Run the sync model on the items of ``batch`` whose callers still wait; in a thread.
 
         A staged batch waits for the one before it: callers that left meanwhile (cancelled,
-        expired) are not run. Their slots in the result hold None; they are settled already.
+        expired) are not run. Their slots in the result hold ``_SKIPPED``; ``_deliver`` settles
+        them as cancelled if the loop has not heard of their cancellation yet.
         """
-        keep = [not req.finished for req in batch]
+        keep = [not req.abandoned() for req in batch]
         if all(keep):
             return self._invoke_sync([req.item for req in batch], installed, info)
         live = [req.item for req, k in zip(batch, keep, strict=True) if k]
         outputs = iter(self._invoke_sync(live, installed, info) if live else ())
-        return [next(outputs) if k else None for k in keep]
+        return [next(outputs) if k else _SKIPPED for k in keep]
 
     def _invoke_sync(
         self, items: list[Any], installed: Installed, info: BatchInfo | None

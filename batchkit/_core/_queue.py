@@ -277,14 +277,15 @@ class BatchQueue(Generic[E]):
                 return now
         return oldest.enqueued_at + self.max_wait
 
-    def take(self, now: float) -> tuple[list[E], list[E]]:
+    def take(self, now: float, limit: int | None = None) -> tuple[list[E], list[E]]:
         """Remove and return ``(batch, expired)``: the next batch, and entries found expired.
 
-        The batch follows priority then arrival order and respects the size and cost limits.
+        The batch follows priority then arrival order and respects the size and cost limits;
+        ``limit`` lowers the size limit (to top up a batch that already holds some entries).
         """
         expired = self.expire(now) if self._deadlines else []
         batch: list[E] = []
-        limit = self.max_batch_size
+        limit = self.max_batch_size if limit is None else min(limit, self.max_batch_size)
         budget = self.max_batch_cost
         cost = 0.0
         levels = self._levels

@@ -47,6 +47,14 @@ class Request(QueueEntry):
         """Wake the caller with ``value``."""
         raise NotImplementedError
 
+    def abandoned(self) -> bool:
+        """Return whether the request is settled or its caller stopped waiting; any thread.
+
+        The caller's side marks its future cancelled at once, before the engine's loop hears
+        of it: a model thread starting a staged batch checks this to skip such callers.
+        """
+        return self.finished
+
     def versioned(self, value: Any) -> Versioned[Any]:
         """Pair ``value``, this request's output, with the version that produced it."""
         assert self.version is not None  # set with every output
@@ -88,6 +96,9 @@ class FutureRequest(Request):
     def deliver(self, value: Any) -> None:
         if not self.future.done():
             self.future.set_result(value)
+
+    def abandoned(self) -> bool:
+        return self.finished or self.future.cancelled()
 
     def deliver_error(self, exc: BaseException) -> None:
         if not self.future.done():
@@ -142,6 +153,9 @@ class ThreadRequest(Request):
             self.future.set_result(value)
         except concurrent.futures.InvalidStateError:
             pass  # the waiting side gave up (cancelled) first
+
+    def abandoned(self) -> bool:
+        return self.finished or self.future.cancelled()
 
     def deliver_error(self, exc: BaseException) -> None:
         try:
