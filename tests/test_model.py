@@ -4,6 +4,7 @@ errors, lifecycle. Every async test runs on asyncio and trio."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import math
 import threading
 from typing import Any
@@ -136,6 +137,29 @@ class TestDispatch:
         model = BatchedModel(model_fn, collate=tuple, split=lambda out: out["out"])
         async with model:
             assert await model.call_many([1, 2, 3]) == [2, 4, 6]
+
+
+_CALLER: contextvars.ContextVar[int] = contextvars.ContextVar("caller")
+
+
+class TestCallerContext:
+    async def test_each_caller_resumes_in_its_own_context(self) -> None:
+        # Callers of one batch are resumed together; each must still see its own context.
+        fake = GatedModel()
+        seen: dict[int, int] = {}
+
+        async def caller(n: int) -> None:
+            _CALLER.set(n)
+            assert await model.call(n) == 10 * n
+            seen[n] = _CALLER.get()
+
+        model = BatchedModel(fake, max_batch_size=16)
+        async with model, anyio.create_task_group() as tg:
+            for n in range(8):
+                tg.start_soon(caller, n)
+            await settle()
+            fake.open()
+        assert seen == {n: n for n in range(8)}
 
 
 class TestOrder:

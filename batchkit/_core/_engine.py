@@ -14,7 +14,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType, TracebackType
 from typing import Any
@@ -35,7 +35,14 @@ from ._errors import (
 )
 from ._info import BatchInfo, batch_info
 from ._queue import BatchQueue
-from ._requests import EventRequest, FutureRequest, Request, ThreadRequest
+from ._requests import (
+    EventRequest,
+    FutureRequest,
+    PlainRequest,
+    Request,
+    ThreadRequest,
+    wake_all,
+)
 from ._slot import Installed, ModelSlot
 from ._stats import Recorder, Statistics
 
@@ -114,8 +121,14 @@ def _clock_of(loop: asyncio.AbstractEventLoop | None) -> Callable[[], float]:
     return loop.time
 
 
-# The output slot of a staged caller who left before the model thread took the batch up.
-_SKIPPED: Any = object()
+class _Skipped(list[Any]):
+    """Outputs of a staged batch some of whose callers left before it began: their slots
+    hold None, and ``_complete`` settles those callers as cancelled (``kept`` is False)."""
+
+    def __init__(self, outputs: Iterable[Any], kept: list[bool]) -> None:
+        super().__init__(outputs)
+        self.kept = kept
+
 
 # Builds a request without running ``__init__``: ``submit_plain`` sets every slot itself.
 _new_request = object.__new__
@@ -328,7 +341,7 @@ class Engine:
         self._submit(req, wait)
         return req
 
-    def submit_plain(self, item: Any, priority: int) -> FutureRequest | None:
+    def submit_plain(self, item: Any, priority: int) -> PlainRequest | None:
         """Queue ``item`` without deadline for a caller on the engine's asyncio loop, or return
         None when the engine is not plain (a default timeout, a size function, a bounded queue, a
         wait window, not asyncio) or is closing: the caller then takes ``submit``.
@@ -338,15 +351,15 @@ class Engine:
         """
         if not self._plain:
             return None
-        req = _new_request(FutureRequest)
-        req.future = asyncio.Future(loop=self._loop)
+        req = _new_request(PlainRequest)
+        req._loop = self._loop  # type: ignore[assignment]  # not None: plain means asyncio
         req.item = item
         req.priority = priority
         req.seq = next(self._seq)
         req.enqueued_at = self._clock()
-        req.deadline = req.timer = req.version = None
-        req.cost = 1.0
         req.finished = False
+        req.outcome = 0
+        req.callback = None
         self._queue.enqueue(req)
         self._rec.submitted += 1
         if self._signal.waiting:
@@ -729,6 +742,10 @@ class Engine:
                 self._fail_all(ahead[0])
             raise
         self._in_flight -= 1
+        if outputs.__class__ is _Skipped:
+            for req, kept in zip(batch, outputs.kept, strict=True):
+                if not kept:
+                    self.cancel(req)
         end = self._clock()
         self._record_batch(n, start, end)
         if ahead is not None:
@@ -791,15 +808,21 @@ class Engine:
         version: str,
     ) -> None:
         failed = settled = 0
+        wake: list[PlainRequest] = []
         for req, out in zip(batch, outputs, strict=True):
             if req.finished:
                 settled += 1
                 continue
-            if out is _SKIPPED:  # cancelled by its caller; the loop has yet to hear of it
-                self.cancel(req)
-                settled += 1
-                continue
             req.finished = True
+            if req.__class__ is PlainRequest:  # the common case, inlined
+                if isinstance(out, Exception):
+                    failed += 1
+                    req.deliver_error(out)
+                elif not req.outcome:
+                    req.outcome, req.value = 1, out
+                    if req.callback is not None:
+                        wake.append(req)
+                continue
             req.version = version
             if req.timer is not None:
                 req.timer.cancel()
@@ -813,6 +836,8 @@ class Engine:
                     pass  # its task was cancelled and has yet to withdraw it
             else:
                 req.deliver(out)
+        if wake:
+            self._loop.call_soon(wake_all, wake)  # type: ignore[union-attr]
         rec = self._rec
         rec.completed += len(batch) - failed - settled
         rec.failed += failed
@@ -990,15 +1015,15 @@ class Engine:
         """Run the sync model on the items of ``batch`` whose callers still wait; in a thread.
 
         A staged batch waits for the one before it: callers that left meanwhile (cancelled,
-        expired) are not run. Their slots in the result hold ``_SKIPPED``; ``_deliver`` settles
-        them as cancelled if the loop has not heard of their cancellation yet.
+        expired) are not run; ``_complete`` settles them as cancelled if the loop has not heard
+        of their cancellation yet (see ``_Skipped``).
         """
         keep = [not req.abandoned() for req in batch]
         if all(keep):
             return self._invoke_sync([req.item for req in batch], installed, info)
         live = [req.item for req, k in zip(batch, keep, strict=True) if k]
         outputs = iter(self._invoke_sync(live, installed, info) if live else ())
-        return [next(outputs) if k else _SKIPPED for k in keep]
+        return _Skipped((next(outputs) if k else None for k in keep), keep)
 
     def _invoke_sync(
         self, items: list[Any], installed: Installed, info: BatchInfo | None

@@ -337,7 +337,7 @@ class BatchedModel(Generic[T, R]):
             plain = engine.submit_plain(item, priority)  # None unless the defaults apply
             if plain is not None:
                 try:
-                    return await plain.future  # type: ignore[no-any-return]
+                    return await plain  # type: ignore[no-any-return]
                 finally:
                     if not plain.finished:
                         engine.cancel(plain)

@@ -147,7 +147,8 @@ class BatchQueue(Generic[E]):
         if self.max_wait > 0:
             self._arrive(entry)
         self._queued += 1
-        self._queued_cost += entry.cost
+        if self.max_batch_cost is not None:  # the only reader of the queued cost
+            self._queued_cost += entry.cost
 
     def _arrive(self, entry: E) -> None:
         arrivals = self._arrivals
@@ -165,7 +166,8 @@ class BatchQueue(Generic[E]):
         state = entry.state
         if state == QUEUED:
             self._queued -= 1
-            self._queued_cost -= entry.cost
+            if self.max_batch_cost is not None:
+                self._queued_cost -= entry.cost
             if self._queued == 0:
                 self._queued_cost = 0.0  # keep float drift from accumulating
         elif state == WAITING:
@@ -293,7 +295,14 @@ class BatchQueue(Generic[E]):
         while heap and len(batch) < limit:
             priority = heap[0]
             level = levels[priority]
-            while level and len(batch) < limit:
+            if budget is None:  # the common case: count only
+                popleft, append = level.popleft, batch.append
+                while level and len(batch) < limit:
+                    entry = popleft()
+                    if entry.state == QUEUED:
+                        entry.state = TAKEN
+                        append(entry)
+            while level and len(batch) < limit:  # with a budget
                 entry = level[0]
                 if entry.state != QUEUED:
                     level.popleft()

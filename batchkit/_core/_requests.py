@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
+from collections.abc import Callable, Generator
 from typing import Any
 
 import anyio
@@ -19,7 +21,7 @@ import anyio
 from ._queue import NEW, QueueEntry
 from ._slot import Versioned
 
-__all__ = ("EventRequest", "FutureRequest", "Request", "ThreadRequest")
+__all__ = ("EventRequest", "FutureRequest", "PlainRequest", "Request", "ThreadRequest", "wake_all")
 
 
 class Request(QueueEntry):
@@ -103,6 +105,131 @@ class FutureRequest(Request):
     def deliver_error(self, exc: BaseException) -> None:
         if not self.future.done():
             self.future.set_exception(exc)
+
+
+# PlainRequest outcome states.
+_PENDING, _RESULT, _ERROR, _CANCELLED = 0, 1, 2, 3
+
+
+class PlainRequest(Request):
+    """A call with default settings on an asyncio engine; the request is its own awaitable.
+
+    It speaks asyncio's future protocol (the ``_asyncio_future_blocking`` marker that
+    ``asyncio.isfuture`` documents, ``add_done_callback``, ``result``, ``cancel``), so the
+    caller's task awaits it directly: one object per call instead of a request and a future.
+    The engine settles a whole batch of them and resumes their tasks from one loop callback
+    (``wake_all``), where asyncio futures would cost a loop callback per caller. Touched only on
+    the engine's loop thread, except ``abandoned()``.
+    """
+
+    __slots__ = (
+        "_asyncio_future_blocking",
+        "_loop",
+        "callback",
+        "context",
+        "error",
+        "outcome",
+        "value",
+    )
+
+    _loop: asyncio.AbstractEventLoop  # the name asyncio reads when there is no get_loop()
+    outcome: int  # _PENDING, _RESULT, _ERROR or _CANCELLED
+    value: Any
+    error: BaseException
+    callback: Callable[..., Any] | None
+    context: contextvars.Context
+    _asyncio_future_blocking: bool
+
+    # Never set for such calls: class constants instead of per-call slots (read-only here).
+    deadline = None
+    cost = 1.0
+    timer = None
+    version = None
+
+    def add_done_callback(self, fn: Any, *, context: Any = None) -> None:
+        # Only the caller's task awaits a request: one callback at most.
+        if self.outcome:
+            self._loop.call_soon(fn, self, context=context)
+        else:
+            self.callback, self.context = fn, context
+
+    def remove_done_callback(self, fn: Any) -> int:
+        if self.callback is not None and self.callback == fn:
+            self.callback = None
+            return 1
+        return 0
+
+    def done(self) -> bool:
+        return self.outcome != _PENDING
+
+    def cancelled(self) -> bool:
+        return self.outcome == _CANCELLED
+
+    def cancel(self, msg: Any = None) -> bool:
+        """Cancel the wait (the caller's task is being cancelled); the engine withdraws it."""
+        if self.outcome:
+            return False
+        self.outcome = _CANCELLED
+        self.error = asyncio.CancelledError(msg)
+        self._schedule()
+        return True
+
+    def result(self) -> Any:
+        if self.outcome == _RESULT:
+            return self.value
+        if self.outcome == _PENDING:
+            raise asyncio.InvalidStateError("the result is not set yet")
+        raise self.error
+
+    def exception(self) -> BaseException | None:
+        if self.outcome == _PENDING:
+            raise asyncio.InvalidStateError("the result is not set yet")
+        if self.outcome == _CANCELLED:
+            raise self.error
+        return self.error if self.outcome == _ERROR else None
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        if not self.outcome:
+            self._asyncio_future_blocking = True
+            yield self  # the task adds its wake-up callback, and resumes us through it
+        if self.outcome == _RESULT:
+            return self.value
+        raise self.error
+
+    __iter__ = __await__
+
+    def _schedule(self) -> None:
+        callback = self.callback
+        if callback is not None:
+            self.callback = None
+            self._loop.call_soon(callback, self, context=self.context)
+
+    def deliver(self, value: Any) -> None:
+        if not self.outcome:
+            self.outcome, self.value = _RESULT, value
+            self._schedule()
+
+    def deliver_error(self, exc: BaseException) -> None:
+        if not self.outcome:
+            self.outcome, self.error = _ERROR, exc
+            self._schedule()
+
+    def abandoned(self) -> bool:
+        return self.finished or self.outcome == _CANCELLED
+
+
+def wake_all(requests: list[PlainRequest]) -> None:
+    """Resume the tasks awaiting ``requests`` (settled already), all from one loop callback."""
+    remaining = iter(requests)
+    try:
+        for req in remaining:
+            callback = req.callback
+            if callback is not None:  # settled: no other path calls it again
+                req.context.run(callback, req)
+    except BaseException:
+        for req in remaining:  # the others still wake, each from its own callback
+            req._schedule()
+        raise
 
 
 class EventRequest(Request):
