@@ -362,6 +362,7 @@ class Engine:
         req.callback = None
         self._queue.enqueue(req)
         self._rec.submitted += 1
+        # `_wake_for_items`, inlined:
         if self._signal.waiting:
             self._signal.set()
         if self._stage_waiters:
@@ -396,6 +397,13 @@ class Engine:
             elif isinstance(req, ThreadRequest):
                 assert self._tg is not None
                 self._tg.start_soon(self._expire_at_deadline, req)
+        self._wake_for_items()
+
+    def _wake_for_items(self) -> None:
+        """Tell whoever waits for queued items: idle workers, stagers, the open staged batch.
+
+        ``submit_plain`` inlines these lines (the per-item path of default calls).
+        """
         if self._signal.waiting:
             self._signal.set()
         if self._stage_waiters:
