@@ -346,8 +346,8 @@ class Engine:
         None when the engine is not plain (a default timeout, a size function, a bounded queue, a
         wait window, not asyncio) or is closing: the caller then takes ``submit``.
 
-        The per-item path of calls with default settings: everything ``submit`` does in that
-        case, in one frame.
+        The per-item path of calls with default settings: what ``submit`` does in that case,
+        without its checks, and with a request that is its own awaitable (``PlainRequest``).
         """
         if not self._plain:
             return None
