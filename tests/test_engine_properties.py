@@ -174,3 +174,79 @@ def test_no_task_is_left_behind_on_asyncio(scenario: Scenario) -> None:
         return len(asyncio.all_tasks()) - 1
 
     assert asyncio.run(main()) == 0
+
+
+class SyncRecorder(Recorder):
+    """The scripted model as a sync function, for callers in threads."""
+
+    def __call__(self, items: list[int]) -> list[Any]:  # type: ignore[override]
+        poisoned = any(self.specs[i].kind == "poison" for i in items)
+        self.batches.append((0.0, list(items), poisoned))  # list.append: atomic
+        if poisoned:
+            raise RuntimeError("poison")
+        return [self.item_errors.get(i, i * 2) for i in items]
+
+
+CALLER_THREADS = 4
+
+thread_scenarios = st.builds(
+    Scenario,
+    max_batch_size=st.integers(1, 6),
+    max_concurrency=st.integers(1, 2),
+    isolate_failures=st.booleans(),
+    max_queue_size=st.one_of(st.none(), st.none(), st.integers(1, 8)),
+    calls=st.lists(
+        st.builds(
+            CallSpec,
+            kind=st.sampled_from(KINDS),
+            priority=st.integers(0, 2),
+            # With a timeout, a sync call goes through the engine's loop; without, callers'
+            # threads may run the batches themselves.
+            timeout=st.sampled_from([None, None, 5.0]),
+            cancel_after=st.none(),
+        ),
+        min_size=1,
+        max_size=24,
+    ).map(tuple),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenario=thread_scenarios)
+def test_sync_callers_in_threads_get_the_outcomes_they_should(scenario: Scenario) -> None:
+    before = threading.active_count()
+    recorder = SyncRecorder(scenario.calls)
+    outcomes: dict[int, Any] = {}
+    model = BatchedModel(
+        recorder,
+        max_batch_size=scenario.max_batch_size,
+        max_concurrency=scenario.max_concurrency,
+        isolate_failures=scenario.isolate_failures,
+        max_queue_size=scenario.max_queue_size,
+    )
+
+    def caller_thread(first: int) -> None:
+        for i in range(first, len(scenario.calls), CALLER_THREADS):
+            spec = scenario.calls[i]
+            try:
+                outcomes[i] = model.call_sync(i, priority=spec.priority, timeout=spec.timeout)
+            except Exception as exc:
+                outcomes[i] = exc
+
+    with model:
+        threads = [threading.Thread(target=caller_thread, args=(n,)) for n in range(CALLER_THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+            assert not thread.is_alive()
+        stats = model.statistics()
+    assert stats.submitted == len(scenario.calls)
+    assert stats.submitted == stats.completed + stats.failed
+    assert stats.queue_depth == 0 and stats.in_flight_batches == 0
+    assert stats.batches == len(recorder.batches)
+    assert sum(n * count for n, count in stats.batch_sizes.items()) == sum(
+        len(items) for _, items, _ in recorder.batches
+    )
+    check(scenario, recorder, outcomes)
+    assert threading.active_count() <= before + 1

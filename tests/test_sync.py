@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -230,7 +231,7 @@ class TestLoneSyncCaller:
             stats = model.statistics()
         assert (stats.submitted, stats.completed, stats.failed) == (3, 1, 2)
 
-    def test_callers_arriving_meanwhile_queue_and_are_batched_after_it(self) -> None:
+    def test_callers_arriving_meanwhile_wait_and_are_batched_after_it(self) -> None:
         fake = RecordingModel(gated=True)
         with BatchedModel(fake, max_batch_size=8) as model, ThreadPoolExecutor(3) as pool:
             first = pool.submit(model.call_sync, 1)  # runs inline, held at the gate
@@ -243,7 +244,8 @@ class TestLoneSyncCaller:
             assert [f.result(10) for f in (first, *rest)] == [2, 4, 6]
         assert fake.batches == [[1], [2, 3]]
         assert fake.threads[0] != fake.threads[1]
-        assert fake.threads[1].startswith("batchkit-")  # the engine's model thread
+        # The second batch ran in one of its callers' threads, not in the engine's.
+        assert fake.threads[1].startswith("ThreadPoolExecutor")
 
     def test_a_call_with_a_timeout_goes_through_the_engine(self) -> None:
         fake = RecordingModel()
@@ -260,6 +262,158 @@ class TestLoneSyncCaller:
         assert fake.most_at_once == 1
         assert sorted(i for batch in fake.batches for i in batch) == list(range(400))
         assert (stats.submitted, stats.completed, stats.pending) == (400, 400, 0)
+
+
+def gated_inline_run(
+    pool: ThreadPoolExecutor, model: BatchedModel[Any, Any], fake: RecordingModel
+) -> Any:
+    """Start a sync call that runs inline, held in the model until ``fake.gate`` opens."""
+    first = pool.submit(model.call_sync, 0)
+    assert fake.started.wait(10)
+    return first
+
+
+def wait_beside(
+    pool: ThreadPoolExecutor, model: BatchedModel[Any, Any], calls: list[tuple[Any, float]]
+) -> list[Any]:
+    """Make sync calls ``(item, priority)`` one after another, each waiting beside the running
+    batch before the next starts (so their arrival order is the list's)."""
+    futures = []
+    depth = model.statistics().queue_depth
+    for item, priority in calls:
+        futures.append(pool.submit(lambda i=item, p=priority: model.call_sync(i, priority=p)))
+        depth += 1
+        wait_for(lambda d=depth: model.statistics().queue_depth == d)
+    return futures
+
+
+class TestSyncCallersBatchTogether:
+    """Sync callers arriving while a caller's thread runs a batch wait beside it; the batches
+    that follow run in their own threads, in priority order, without the engine's loop."""
+
+    def test_batches_follow_in_priority_then_arrival_order_up_to_max_batch_size(self) -> None:
+        fake = RecordingModel(gated=True)
+        with BatchedModel(fake, max_batch_size=2) as model, ThreadPoolExecutor(6) as pool:
+            first = gated_inline_run(pool, model, fake)
+            rest = wait_beside(pool, model, [(1, 5), (2, 0), (3, 5), (4, 1), (5, 0)])
+            stats = model.statistics()
+            assert (stats.queue_depth, stats.in_flight_batches, stats.pending) == (5, 1, 6)
+            fake.gate.set()
+            assert [f.result(10) for f in (first, *rest)] == [0, 2, 4, 6, 8, 10]
+            stats = model.statistics()
+        assert fake.batches == [[0], [2, 5], [4, 1], [3]]
+        assert not any(name.startswith("batchkit-") for name in fake.threads)
+        assert (stats.submitted, stats.completed, stats.pending) == (6, 6, 0)
+        assert (stats.batches, dict(stats.batch_sizes)) == (4, {1: 2, 2: 2})
+        assert stats.queue_depth == stats.in_flight_batches == 0
+
+    def test_a_failing_batch_fails_each_of_its_callers_with_its_own_error(self) -> None:
+        gate, started = threading.Event(), threading.Event()
+
+        def model_fn(items: list[Any]) -> list[Any]:
+            started.set()
+            gate.wait(10)
+            if "boom" in items:
+                raise ValueError("boom")
+            return [KeyError(i) if i == "bad" else i for i in items]
+
+        with BatchedModel(model_fn, version="7") as model, ThreadPoolExecutor(4) as pool:
+            first = pool.submit(model.call_sync, "first")
+            assert started.wait(10)
+            failing = wait_beside(pool, model, [("boom", 0), ("x", 0)])
+            gate.set()
+            assert first.result(10) == "first"
+            errors = [f.exception(10) for f in failing]
+            for error in errors:
+                assert isinstance(error, ModelError)
+                assert isinstance(error.__cause__, ValueError)
+                assert (error.batch_size, error.version) == (2, "7")
+            assert errors[0] is not errors[1]
+            gate.clear()
+            started.clear()
+            first = pool.submit(model.call_sync, "ok")
+            assert started.wait(10)
+            mixed = wait_beside(pool, model, [("bad", 0), ("good", 0)])
+            gate.set()
+            assert isinstance(mixed[0].exception(10), KeyError)  # only that caller
+            assert [first.result(10), mixed[1].result(10)] == ["ok", "good"]
+            stats = model.statistics()
+        assert (stats.submitted, stats.completed, stats.failed) == (6, 3, 3)
+
+    def test_items_queued_on_the_loop_meanwhile_take_the_waiting_callers_along(self) -> None:
+        fake = RecordingModel(gated=True)
+        with BatchedModel(fake, max_batch_size=8) as model, ThreadPoolExecutor(4) as pool:
+            first = gated_inline_run(pool, model, fake)
+            (beside,) = wait_beside(pool, model, [(1, 1)])
+            # A call with a timeout goes through the engine's loop, and queues there.
+            queued = pool.submit(lambda: model.call_sync(2, priority=0, timeout=10))
+            wait_for(lambda: model.statistics().queue_depth == 2)
+            fake.gate.set()
+            assert [f.result(10) for f in (first, beside, queued)] == [0, 2, 4]
+        # The loop ran them as one batch, in priority order, in its model thread.
+        assert fake.batches == [[0], [2, 1]]
+        assert fake.threads[1].startswith("batchkit-")
+
+    def test_a_batch_after_a_swap_runs_on_the_new_version(self) -> None:
+        fake = RecordingModel(gated=True)
+
+        def tripled(items: list[int]) -> list[int]:
+            return [3 * i for i in items]
+
+        with BatchedModel(fake, version="1") as model, ThreadPoolExecutor(3) as pool:
+            first = pool.submit(model.call_sync_versioned, 1)
+            assert fake.started.wait(10)
+            beside = pool.submit(model.call_sync_versioned, 2)
+            wait_for(lambda: model.statistics().queue_depth == 1)
+            model.swap_sync(tripled, version="2")
+            fake.gate.set()
+            done = [first.result(10), beside.result(10)]
+        assert [(v.value, v.version) for v in done] == [(2, "1"), (6, "2")]
+
+    @pytest.mark.parametrize("drain", [False, True])
+    def test_close_fails_the_waiting_callers_unless_draining(self, drain: bool) -> None:
+        fake = RecordingModel(gated=True)
+        model = BatchedModel(fake, max_batch_size=8)
+        with ThreadPoolExecutor(4) as pool:
+            first = gated_inline_run(pool, model, fake)
+            rest = wait_beside(pool, model, [(1, 0), (2, 0)])
+            closing = pool.submit(model.close, drain=drain)
+            if not drain:
+                for f in rest:
+                    assert isinstance(f.exception(10), ClosedError)
+            assert not closing.done()  # waits for the running batch
+            fake.gate.set()
+            closing.result(10)
+            assert first.result(10) == 0
+            if drain:
+                assert [f.result(10) for f in rest] == [2, 4]
+        stats = model.statistics()
+        assert stats.submitted == 3
+        assert (stats.completed, stats.failed) == ((3, 0) if drain else (1, 2))
+
+    def test_a_caller_interrupted_while_waiting_is_withdrawn(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            pytest.skip("only the main thread receives SIGINT")
+        fake = RecordingModel(gated=True)
+        main = threading.get_ident()
+        with BatchedModel(fake) as model, ThreadPoolExecutor(3) as pool:
+            first = gated_inline_run(pool, model, fake)
+            (other,) = wait_beside(pool, model, [(1, 0)])
+
+            def interrupt_main_once_it_waits() -> None:
+                wait_for(lambda: model.statistics().queue_depth == 2)
+                signal.pthread_kill(main, signal.SIGINT)
+
+            interrupter = pool.submit(interrupt_main_once_it_waits)
+            with pytest.raises(KeyboardInterrupt):
+                model.call_sync(2)
+            interrupter.result(10)
+            assert model.statistics().queue_depth == 1
+            fake.gate.set()
+            assert [first.result(10), other.result(10)] == [0, 2]
+            stats = model.statistics()
+        assert fake.batches == [[0], [1]]  # the withdrawn item never ran
+        assert (stats.submitted, stats.completed, stats.cancelled) == (3, 2, 1)
 
 
 class TestInsideARunningLoop:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import math
+import operator
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -34,12 +36,13 @@ from ._errors import (
     QueueFull,
 )
 from ._info import BatchInfo, batch_info
-from ._queue import BatchQueue
+from ._queue import NEW, BatchQueue
 from ._requests import (
     EventRequest,
     FutureRequest,
     PlainRequest,
     Request,
+    SyncRequest,
     ThreadRequest,
     wake_all,
 )
@@ -54,6 +57,13 @@ _DEAD_LOOP_GRACE = 5.0
 # A started batch: its requests, the model's pending result, when it started, and the model
 # installation it runs on (the whole batch runs on that one).
 _Running = tuple[list[Request], Awaitable[Sequence[Any]], float, Installed]
+
+# A batch run in a caller's thread, for the loop to record: start, end, its items' submit
+# times, how many failed, how many callers left while it ran.
+_InlineRecord = tuple[float, float, list[float], int, int]
+
+# The order of waiting sync callers: priority, then arrival.
+_arrival = operator.attrgetter("priority", "seq")
 
 
 class _Signal:
@@ -181,13 +191,18 @@ class Engine:
         self._staged: list[list[Request]] = []
         self._open: list[Request] | None = None
         self._fill_ok = False
-        # A sync caller may run its item itself while the engine is idle (`run_inline`). The
-        # lock makes "idle? then claim" atomic against the loop's "inline run? else take a
-        # batch"; the inline runs' statistics wait in `_inline_done` for the loop to record.
+        # A sync caller may run its item itself while the engine is idle (`run_inline`), and
+        # sync callers arriving meanwhile wait beside it (`_side`) for the batches it hands on.
+        # The lock makes "idle? then claim" atomic against the loop's "inline run? else take a
+        # batch"; the inline batches' statistics wait in `_inline_done` for the loop to record.
         self._claim = threading.Lock()
         self._inline_ok = False
-        self._inline_busy = False
-        self._inline_done: list[tuple[float, float, bool]] = []
+        self._side_ok = False
+        self._inline_busy = False  # callers' threads run the batches; the loop takes none
+        self._inline_running = 0  # items in the batch a caller's thread runs now
+        self._side: list[SyncRequest] = []
+        self._inline_done: list[_InlineRecord] = []
+        self._inline_cancelled = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -208,6 +223,16 @@ class Engine:
         )
         self._inline_ok = (
             self._loop is not None and settings.timeout is None and settings.max_wait <= 0
+        )
+        # Sync callers batch among themselves in their threads only where a batch is simply
+        # the first max_batch_size callers in order: no cost budget, no bounded queue, no
+        # failure isolation, one batch at a time.
+        self._side_ok = (
+            self._inline_ok
+            and settings.max_batch_cost is None
+            and settings.max_queue_size is None
+            and not settings.isolate_failures
+            and settings.max_concurrency == 1
         )
         # A staged batch may keep filling only under greedy dispatch without a cost budget;
         # otherwise only a full batch is staged.
@@ -257,11 +282,13 @@ class Engine:
             self._closing_event.set()
         if not drain:
             # A staged batch has not begun: its callers are failed like queued ones, and the
-            # model thread skips them.
+            # model thread skips them. So are sync callers waiting beside an inline batch.
             with self._claim:
                 self._open = None
+                side, self._side = self._side, []
             staged = [req for batch in self._staged for req in batch]
-            for req in [*staged, *self._queue.remove_all()]:
+            self._rec.submitted += len(side)
+            for req in [*staged, *side, *self._queue.remove_all()]:
                 self._fail(req, ClosedError(f"model {self.settings.name!r} was closed"))
         self._signal.set()
 
@@ -716,7 +743,6 @@ class Engine:
         model in a worker thread computes while the loop hands out results.
         """
         batch, job, start, installed = running
-        n = len(batch)
         # Only a model in the engine's threads computes while the loop works.
         threaded = prefetch and not installed.is_async
         ahead = None
@@ -725,6 +751,7 @@ class Engine:
                 ahead = await self._stage_next(job)  # type: ignore[arg-type]
             outputs = await job
         except Exception as exc:
+            n = len(batch)  # now: callers may join a staged batch until its thread takes it up
             end = self._clock()
             self._record_batch(n, start, end)
             # Output errors (wrong count, no length) are the model's bug, not a poison item's.
@@ -750,6 +777,7 @@ class Engine:
                 self._fail_all(ahead[0])
             raise
         self._in_flight -= 1
+        n = len(batch)
         if outputs.__class__ is _Skipped:
             for req, kept in zip(batch, outputs.kept, strict=True):
                 if not kept:
@@ -926,67 +954,224 @@ class Engine:
 
     # -- sync callers running their own item ----------------------------------------------------
 
-    def run_inline(self, item: Any) -> tuple[Any, str] | None:
-        """Run ``item`` alone, now, in the calling (non-loop) thread if the engine is idle.
+    def run_inline(self, item: Any, priority: float) -> tuple[Any, str] | None:
+        """Run ``item`` in the calling (non-loop) thread, batched with other sync callers.
 
-        Idle means no batch runs or is staged, nothing is queued, the slot is not held and the
-        engine is not closing; the engine must be on asyncio, with no default timeout and no
-        wait window, and the model sync (without ``BatchInfo``). A lone sync caller then skips
-        the two thread hand-overs a queued item costs. While the item runs, the loop starts no
-        batch: callers arriving meanwhile queue, as behind a running batch.
+        If the engine is idle (no batch runs or is staged, nothing is queued, the slot is not
+        held, not closing), the caller runs its item itself at once: a lone sync caller skips
+        the two thread hand-overs a queued item costs. Sync callers arriving while such a batch
+        runs wait beside it; when it ends, its thread hands the next batch of them (priority,
+        then arrival order) to one of them to run, and so on, with no trip through the loop.
+        While callers' threads run batches, the loop starts none: its own items wait for the
+        running batch to end, and then every waiting item is handed to the loop's queue.
 
-        Return ``(output, version)``, raise the item's error (as a batch of one would), or
-        return None when the engine is not idle: the caller then queues its item as usual.
+        The engine must be on asyncio, with no default timeout and no wait window, and the
+        model sync (without ``BatchInfo``); waiting beside a batch also needs no cost budget,
+        no bounded queue, no failure isolation and ``max_concurrency`` 1.
+
+        Return ``(output, version)``, raise the item's error (as a batch would), or return
+        None when the engine cannot take the item this way: the caller then queues it as usual.
         """
         if not self._inline_ok:
             return None
         with self._claim:
             queue = self._queue
-            if (
-                self._inline_busy
-                or self._in_flight
+            if self._inline_busy:
+                if not self._side_ok or self._closing:
+                    return None
+                me = SyncRequest(item, priority, next(self._seq), time.monotonic())
+                self._side.append(me)
+            elif (
+                self._in_flight
                 or self._closing
                 or self._slot.held
                 or len(queue)
                 or queue.waiting_for_room
             ):
                 return None
-            installed = self._slot.current
-            if installed.is_async or installed.with_info is not None:
-                return None
-            self._inline_busy = True
+            else:
+                installed = self._slot.current
+                if installed.is_async or installed.with_info is not None:
+                    return None
+                self._inline_busy = True
+                self._inline_running = 1
+                me = None
+        if me is None:
+            return self._run_alone(item, installed)
+        try:
+            me.wait()
+        except BaseException:  # interrupted (KeyboardInterrupt in the main thread, say)
+            self._give_up(me)
+            raise
+        if me.lead is not None:
+            self._lead(me)
+        value = me.outcome()
+        assert me.version is not None  # set with every output
+        return value, me.version
+
+    def _run_alone(self, item: Any, installed: Installed) -> tuple[Any, str]:
+        """Run ``item`` as a batch of its own in the calling thread, then hand on."""
         # Not the loop's clock, which belongs to the loop's thread; durations only.
         start = time.monotonic()
-        failed = True
         try:
-            try:
-                value = self._invoke_sync([item], installed, None)[0]
-            except Exception as exc:
+            value = self._invoke_sync([item], installed, None)[0]
+        except BaseException as exc:
+            self._end_inline(start, [start], 1, 0)
+            if isinstance(exc, Exception):
                 raise self._batch_error(exc, 1, installed.version) from exc
-            if isinstance(value, Exception):
-                raise value
-            failed = False
-            return value, installed.version
-        finally:
-            with self._claim:
-                self._inline_busy = False
-                self._inline_done.append((start, time.monotonic(), failed))
-                # The loop must look now only if callers queued meanwhile, a swap waits for
-                # the engine to be idle, or it is closing (its workers wait for this run to
-                # end); otherwise the records wait for its next batch (or pile up to 64), and
-                # statistics() counts them already.
-                wake = bool(
-                    len(self._queue)
-                    or self._idle_waiters
-                    or self._closing
-                    or len(self._inline_done) >= 64
+            raise
+        failed = isinstance(value, Exception)
+        self._end_inline(start, [start], failed, 0)
+        if failed:
+            raise value
+        return value, installed.version
+
+    def _lead(self, me: SyncRequest) -> None:
+        """Run the batch handed to ``me``'s thread, hand on what follows, settle its callers."""
+        assert me.lead is not None
+        batch, installed = me.lead
+        me.lead = None
+        n = len(batch)
+        start = time.monotonic()
+        error: BaseException | None = None
+        outputs: Sequence[Any] = [None] * n
+        try:
+            outputs = self._invoke_sync([req.item for req in batch], installed, None)
+        except BaseException as exc:  # settle every caller first; re-raised below if not ours
+            error = exc
+        # Callers who left while it ran (interrupted) count as cancelled, as on the loop.
+        left = sum(req.gave_up for req in batch)
+        if error is not None:
+            failed = n - left
+        else:
+            failed = sum(
+                isinstance(out, Exception) and not req.gave_up
+                for req, out in zip(batch, outputs, strict=True)
+            )
+        self._end_inline(start, [req.enqueued_at for req in batch], failed, left)
+        version = installed.version
+        for req, out in zip(batch, outputs, strict=True):
+            req.finished = True
+            req.version = version
+            if error is None:
+                req.deliver_error(out) if isinstance(out, Exception) else req.deliver(out)
+            elif isinstance(error, Exception):
+                req.deliver_error(self._batch_error(error, n, version))
+            else:
+                failure = ModelError(
+                    f"model {self.settings.name!r} was interrupted: {type(error).__name__}",
+                    batch_size=n,
                 )
-            if wake:
-                try:
-                    assert self._loop is not None
-                    self._loop.call_soon_threadsafe(self._after_inline)
-                except RuntimeError:  # the loop has ended: statistics() still counts the run
-                    pass
+                failure.version = version
+                req.deliver_error(failure)
+        if error is not None and not isinstance(error, Exception):
+            raise error
+
+    def _end_inline(self, start: float, enqueued: list[float], failed: int, left: int) -> None:
+        """Record the batch a caller's thread ran, and hand on what follows it."""
+        end = time.monotonic()
+        with self._claim:
+            self._inline_done.append((start, end, enqueued, failed, left))
+            follow, tell = self._hand_on()
+        if follow is not None:
+            follow.wake_to_lead()
+        elif tell is not None:
+            self._tell_loop(tell)
+
+    def _hand_on(self) -> tuple[SyncRequest | None, Callable[[], None] | None]:
+        """Pick what follows an inline batch; with ``_claim`` held, in a caller's thread.
+
+        Return the waiting caller whose thread runs the next batch (its ``lead`` set), if any;
+        else what the loop must run, if anything: ``_adopt`` when it must take the waiting
+        callers over (its queue has items, the slot is held, or the model can no longer run
+        inline; ``_inline_busy`` stays set until it has), ``_after_inline``
+        when it must look now (callers queued there, a swap waits for the engine to be idle,
+        or it is closing and its workers wait for the inline batches to end). Otherwise the
+        records wait for the loop's next batch (or pile up to 64); statistics() counts them.
+        """
+        self._inline_running = 0
+        side = self._side
+        if not side:
+            self._inline_busy = False
+            wake = (
+                len(self._queue)
+                or self._idle_waiters
+                or self._closing
+                or len(self._inline_done) >= 64
+            )
+            return None, self._after_inline if wake else None
+        installed = self._slot.current
+        if (
+            len(self._queue)
+            or self._slot.held
+            or installed.is_async
+            or installed.with_info is not None
+        ):
+            return None, self._adopt
+        side.sort(key=_arrival)
+        limit = self.settings.max_batch_size
+        batch, self._side = side[:limit], side[limit:]
+        follow = batch[0]
+        follow.lead = (batch, installed)
+        self._inline_running = len(batch)
+        return follow, None
+
+    def _tell_loop(self, tell: Callable[[], None]) -> None:
+        """Have the loop run ``tell`` (from ``_hand_on``); from a caller's thread."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(tell)
+        except RuntimeError:  # the loop has ended: statistics() still counts the runs
+            if tell == self._adopt:
+                with self._claim:
+                    side, self._side = self._side, []
+                    self._inline_busy = False
+                for req in side:
+                    req.finished = True
+                    req.deliver_error(ClosedError(f"model {self.settings.name!r} is closed"))
+
+    def _give_up(self, me: SyncRequest) -> None:
+        """Withdraw ``me``, whose caller stopped waiting; hand on a batch it was to run."""
+        follow = tell = None
+        with self._claim:
+            me.gave_up = True
+            if me.lead is not None:  # woken to run a batch: the next caller in it runs it
+                batch, installed = me.lead
+                me.lead = None
+                me.finished = True
+                self._inline_cancelled += 1
+                rest = [req for req in batch if req is not me]
+                if rest:
+                    follow = rest[0]
+                    follow.lead = (rest, installed)
+                    self._inline_running = len(rest)
+                else:
+                    follow, tell = self._hand_on()
+            elif me in self._side:
+                self._side.remove(me)
+                me.finished = True
+                self._inline_cancelled += 1
+            elif me.state != NEW and not me.finished:  # handed to the loop's queue
+                tell = functools.partial(self.cancel, me)
+            # else its batch runs: it is counted as cancelled when that ends
+        if follow is not None:
+            follow.wake_to_lead()
+        elif tell is not None:
+            self._tell_loop(tell)
+
+    def _adopt(self) -> None:
+        """Take the sync callers waiting beside the inline batches into the queue; on the loop
+        thread. (Closing without drain has failed them already; with drain, they run.)"""
+        with self._claim:
+            side, self._side = self._side, []
+            self._inline_busy = False
+            self._record_inline()
+        for req in side:  # the queue orders them
+            self._queue.push(req)
+        self._rec.submitted += len(side)
+        self._signal.set()
+        self._wake_for_items()
+        self._check_idle()
 
     def _after_inline(self) -> None:
         """Record the inline runs' statistics and let the workers look at the queue again."""
@@ -999,14 +1184,17 @@ class Engine:
         # With self._claim held, on the loop thread: the recorder is the loop's.
         rec = self._rec
         done, self._inline_done = self._inline_done, []
-        for start, end, failed in done:
-            rec.submitted += 1
-            if failed:
-                rec.failed += 1
-            else:
-                rec.completed += 1
-            self._record_batch(1, start, end)
-            rec.record_items(start, end, [start])
+        for start, end, enqueued, failed, left in done:
+            n = len(enqueued)
+            rec.submitted += n
+            rec.failed += failed
+            rec.cancelled += left
+            rec.completed += n - failed - left
+            self._record_batch(n, start, end)
+            rec.record_items(start, end, enqueued)
+        rec.submitted += self._inline_cancelled
+        rec.cancelled += self._inline_cancelled
+        self._inline_cancelled = 0
 
     def _invoke_staged(
         self, batch: list[Request], installed: Installed, info: BatchInfo | None
@@ -1051,29 +1239,34 @@ class Engine:
     def statistics(self) -> Statistics:
         """Return a snapshot of the counters; safe from any thread."""
         with self._claim:
+            running, waiting = self._inline_running, len(self._side)
             stats = self._rec.snapshot(
                 name=self.settings.name,
                 model_version=self._slot.current.version,
-                queue_depth=len(self._queue),
+                queue_depth=len(self._queue) + waiting,
                 waiting_for_room=self._queue.waiting_for_room,
-                in_flight_batches=self._in_flight + self._inline_busy,
+                in_flight_batches=self._in_flight + bool(running),
                 dispatch_held=self._slot.held,
             )
-            done, busy = list(self._inline_done), self._inline_busy
-        if not done and not busy:
+            done, left = list(self._inline_done), self._inline_cancelled
+        if not done and not running and not waiting and not left:
             return stats
-        # Inline runs the loop has yet to record: counted here, so a caller's own call shows.
-        failed = sum(1 for _, _, f in done if f)
+        # What callers' threads did that the loop has yet to record: counted here, so a
+        # caller's own call shows at once.
         sizes = dict(stats.batch_sizes)
-        if done:
-            sizes[1] = sizes.get(1, 0) + len(done)
+        for _, _, enqueued, _, _ in done:
+            sizes[len(enqueued)] = sizes.get(len(enqueued), 0) + 1
+        items = sum(len(record[2]) for record in done)
+        failed = sum(record[3] for record in done)
+        left_mid_batch = sum(record[4] for record in done)
         return dataclasses.replace(
             stats,
-            submitted=stats.submitted + len(done) + busy,
-            completed=stats.completed + len(done) - failed,
+            submitted=stats.submitted + items + left + running + waiting,
+            completed=stats.completed + items - failed - left_mid_batch,
             failed=stats.failed + failed,
+            cancelled=stats.cancelled + left + left_mid_batch,
             batches=stats.batches + len(done),
-            batch_sizes=MappingProxyType(sizes),
+            batch_sizes=MappingProxyType(dict(sorted(sizes.items()))),
         )
 
 

@@ -562,7 +562,7 @@ class BatchedModel(Generic[T, R]):
         engine = self._engine_for_thread()
         if timeout is None:
             # An idle engine lets a lone caller run its item itself: no thread hand-over.
-            done = engine.run_inline(item)
+            done = engine.run_inline(item, priority)
             if done is not None:
                 return done
         (req,) = self._thread_requests(engine, [item], priority, timeout, None, True)

@@ -1,8 +1,10 @@
 """Requests: one submitted item plus the way its caller is woken with the outcome.
 
-Three kinds, one per way of waiting: an asyncio future (callers on an asyncio engine loop), an
-anyio event (callers on any other engine loop, such as trio), and a thread-safe future (sync
-callers in other threads, and async callers on another loop than the engine's).
+One kind per way of waiting: an asyncio future (callers on an asyncio engine loop), the request
+itself as an awaitable (calls with default settings there), an anyio event (callers on any other
+engine loop, such as trio), a thread-safe future (sync callers in other threads, and async
+callers on another loop than the engine's), and a lock (sync callers batching among themselves
+in their own threads: ``SyncRequest``).
 
 Each request gets its outcome exactly once: ``finished`` is set by whoever settles it first (the
 runner, the deadline, the caller's cancellation or close) and later attempts are ignored.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import threading
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -21,7 +24,15 @@ import anyio
 from ._queue import NEW, QueueEntry
 from ._slot import Versioned
 
-__all__ = ("EventRequest", "FutureRequest", "PlainRequest", "Request", "ThreadRequest", "wake_all")
+__all__ = (
+    "EventRequest",
+    "FutureRequest",
+    "PlainRequest",
+    "Request",
+    "SyncRequest",
+    "ThreadRequest",
+    "wake_all",
+)
 
 
 class Request(QueueEntry):
@@ -289,3 +300,54 @@ class ThreadRequest(Request):
             self.future.set_exception(exc)
         except concurrent.futures.InvalidStateError:
             pass
+
+
+class SyncRequest(Request):
+    """A sync caller's item, the caller blocked in its own thread on a lock.
+
+    While a caller's thread runs a batch itself (``Engine.run_inline``), sync callers arriving
+    meanwhile wait beside it; when the batch ends, that thread hands the next batch of them to
+    one of them to run (``lead``), so batches pass from thread to thread without the engine's
+    loop. Handed over to the loop, it is settled there like any other request.
+
+    The lock is held from the start: ``deliver``, ``deliver_error`` and ``wake_to_lead`` release
+    it, ``wait`` takes it.
+    """
+
+    __slots__ = ("_lock", "error", "gave_up", "lead", "value")
+
+    def __init__(self, item: Any, priority: float, seq: int, enqueued_at: float) -> None:
+        super().__init__(item, priority, seq, enqueued_at, None, 1.0)
+        self._lock = threading.Lock()
+        self._lock.acquire()
+        self.value: Any = None
+        self.error: BaseException | None = None
+        # The batch this caller's thread is to run, and on which installation (set by the
+        # thread that hands it over, under the engine's claim lock).
+        self.lead: tuple[list[SyncRequest], Any] | None = None
+        self.gave_up = False  # the caller stopped waiting (interrupted)
+
+    def deliver(self, value: Any) -> None:
+        self.value = value
+        self._lock.release()
+
+    def deliver_error(self, exc: BaseException) -> None:
+        self.error = exc
+        self._lock.release()
+
+    def wake_to_lead(self) -> None:
+        """Wake the caller to run the batch in ``lead``."""
+        self._lock.release()
+
+    def wait(self) -> None:
+        """Block until woken with an outcome or a batch to run."""
+        self._lock.acquire()
+
+    def abandoned(self) -> bool:
+        return self.finished or self.gave_up
+
+    def outcome(self) -> Any:
+        """Return the value, or raise the error, delivered to this request."""
+        if self.error is not None:
+            raise self.error
+        return self.value
