@@ -268,6 +268,8 @@ class Engine:
         try:
             await self._tg.__aexit__(None, None, None)
         finally:
+            with self._claim:  # the last inline batches ended; the loop may not have heard
+                self._record_inline()
             self._own_threads = False
             if self._executor is not None:
                 # Normally every batch has ended and this returns at once; after the host was
