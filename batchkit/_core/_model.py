@@ -59,8 +59,8 @@ class BatchedModel(Generic[T, R]):
 
     ``fn`` takes a list of items (or, with ``collate``, whatever ``collate`` builds from that
     list) and returns one output per item, in order (after ``split``, when given). It may be a
-    plain function, which runs in a worker thread (or in the thread of a lone ``call_sync`` on
-    an idle engine), never on the loop, or an async function, which runs on the engine's event
+    plain function, which runs in a worker thread (or in the thread of a ``call_sync`` caller,
+    which may run its batch itself), never on the loop, or an async function, which runs on the engine's event
     loop. An output that is an exception instance is raised to that item's
     caller only.
 
@@ -561,7 +561,7 @@ class BatchedModel(Generic[T, R]):
         _check_priority(priority)
         engine = self._engine_for_thread()
         if timeout is None:
-            # An idle engine lets a lone caller run its item itself: no thread hand-over.
+            # Sync callers may run their batches themselves: no thread hand-over.
             done = engine.run_inline(item, priority)
             if done is not None:
                 return done
