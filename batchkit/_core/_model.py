@@ -60,8 +60,8 @@ class BatchedModel(Generic[T, R]):
     ``fn`` takes a list of items (or, with ``collate``, whatever ``collate`` builds from that
     list) and returns one output per item, in order (after ``split``, when given). It may be a
     plain function, which runs in a worker thread (or in the thread of a ``call_sync`` caller,
-    which may run its batch itself), never on the loop, or an async function, which runs on the engine's event
-    loop. An output that is an exception instance is raised to that item's
+    which may run its batch itself), never on the loop, or an async function, which runs on
+    the engine's event loop. An output that is an exception instance is raised to that item's
     caller only.
 
     Settings (all validated here; a bad value raises ``ConfigurationError``):
