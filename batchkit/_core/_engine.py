@@ -248,6 +248,7 @@ class Engine:
         self._own_threads = self._loop is not None
         self._workers = self.settings.max_concurrency
         self._stopped = anyio.Event()
+        self._rec.queue = self._queue  # it counts the items submitted to it
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         for _ in range(self._workers):
@@ -270,6 +271,8 @@ class Engine:
         finally:
             with self._claim:  # the last inline batches ended; the loop may not have heard
                 self._record_inline()
+                self._rec.submitted += self._queue.entered
+                self._rec.queue = None
             self._own_threads = False
             if self._executor is not None:
                 # Normally every batch has ended and this returns at once; after the host was
@@ -389,8 +392,7 @@ class Engine:
         req.finished = False
         req.outcome = 0
         req.callback = None
-        self._queue.enqueue(req)
-        self._rec.submitted += 1
+        self._queue.enqueue(req)  # counted submitted by the queue
         # `_wake_for_items`, inlined:
         if self._signal.waiting:
             self._signal.set()
@@ -418,7 +420,6 @@ class Engine:
             self._rec.rejected += 1
             exc.retry_after = self._retry_after()
             raise
-        self._rec.submitted += 1
         deadline = req.deadline
         if deadline is not None:
             if self._loop is not None:
@@ -1168,9 +1169,8 @@ class Engine:
             side, self._side = self._side, []
             self._inline_busy = False
             self._record_inline()
-        for req in side:  # the queue orders them
+        for req in side:  # the queue orders them (and counts them submitted)
             self._queue.push(req)
-        self._rec.submitted += len(side)
         self._signal.set()
         self._wake_for_items()
         self._check_idle()

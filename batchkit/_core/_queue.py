@@ -88,6 +88,10 @@ class BatchQueue(Generic[E]):
         self._queued_cost = 0.0
         self._waiting_count = 0
         self._removed = 0  # removals since the last compaction
+        self._taken = 0  # entries handed out in batches, ever
+        self._dropped = 0  # queued or waiting entries removed, ever
+        if max_wait <= 0 and max_batch_cost is None:
+            self.enqueue = self._enqueue_plain  # type: ignore[method-assign]
         # Adaptive wait: a score in [0, 1] of how often recent waits gathered more entries.
         self._wait_score = 1.0
         self._batches_since_wait = 0
@@ -100,6 +104,11 @@ class BatchQueue(Generic[E]):
     def __len__(self) -> int:
         """Return the number of queued entries (not counting those waiting for room)."""
         return self._queued
+
+    @property
+    def entered(self) -> int:
+        """Return how many entries were ever queued or parked waiting for room."""
+        return self._queued + self._waiting_count + self._taken + self._dropped
 
     @property
     def waiting_for_room(self) -> int:
@@ -150,6 +159,16 @@ class BatchQueue(Generic[E]):
         if self.max_batch_cost is not None:  # the only reader of the queued cost
             self._queued_cost += entry.cost
 
+    def _enqueue_plain(self, entry: E) -> None:
+        # `enqueue` without a wait window or cost budget (the defaults): set in __init__.
+        entry.state = QUEUED
+        level = self._levels.get(entry.priority)
+        if level is None:
+            level = self._levels[entry.priority] = deque()
+            heapq.heappush(self._levels_heap, entry.priority)
+        level.append(entry)
+        self._queued += 1
+
     def _arrive(self, entry: E) -> None:
         arrivals = self._arrivals
         arrivals.append(entry)
@@ -176,6 +195,7 @@ class BatchQueue(Generic[E]):
             return False
         entry.state = REMOVED
         self._removed += 1
+        self._dropped += 1
         if self._removed > 64 and self._removed > self._queued + self._waiting_count:
             self._compact()
         self._admit_waiting()
@@ -230,6 +250,7 @@ class BatchQueue(Generic[E]):
         entries.extend(e for e in self._waiting if e.state == WAITING)
         for entry in entries:
             entry.state = REMOVED
+        self._dropped += len(entries)
         self._levels.clear()
         self._levels_heap.clear()
         self._arrivals.clear()
@@ -318,6 +339,7 @@ class BatchQueue(Generic[E]):
                 heapq.heappop(heap)
                 del levels[priority]
         self._queued -= len(batch)
+        self._taken += len(batch)
         self._queued_cost = self._queued_cost - cost if self._queued else 0.0
         if self.adaptive_wait and batch:
             self._score_window(len(batch))

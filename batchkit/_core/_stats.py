@@ -183,13 +183,16 @@ class Recorder:
         "item_samples",
         "last_swap_pause_seconds",
         "last_swap_seconds",
+        "queue",
         "rejected",
         "submitted",
         "swaps",
     )
 
     def __init__(self) -> None:
+        # Items submitted outside a queue; those of the running engine's queue are its count.
         self.submitted = self.completed = self.failed = 0
+        self.queue: Any = None  # the running engine's BatchQueue, while it runs
         self.expired = self.cancelled = self.rejected = self.batches = 0
         self.batch_sizes: Counter[int] = Counter()
         self.compute: deque[float] = deque(maxlen=SAMPLE_WINDOW)
@@ -253,7 +256,7 @@ class Recorder:
         return Statistics(
             name=name,
             model_version=model_version,
-            submitted=self.submitted,
+            submitted=self.submitted + (0 if self.queue is None else self.queue.entered),
             completed=self.completed,
             failed=self.failed,
             expired=self.expired,
