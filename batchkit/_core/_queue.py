@@ -78,8 +78,9 @@ class BatchQueue(Generic[E]):
         self.max_wait = max_wait
         self.max_batch_cost = max_batch_cost
         self.adaptive_wait = adaptive_wait
-        # priority -> FIFO of entries; `_levels_heap` holds each priority present exactly once.
-        self._levels: dict[float, deque[E]] = {}
+        # priority -> FIFO of entries (a list: a batch is cut off its front in one slice);
+        # `_levels_heap` holds each priority present exactly once.
+        self._levels: dict[float, list[E]] = {}
         self._levels_heap: list[float] = []
         self._arrivals: deque[E] = deque()  # only kept when max_wait > 0
         self._deadlines: list[tuple[float, int, E]] = []
@@ -150,7 +151,7 @@ class BatchQueue(Generic[E]):
         entry.state = QUEUED
         level = self._levels.get(entry.priority)
         if level is None:
-            level = self._levels[entry.priority] = deque()
+            level = self._levels[entry.priority] = []
             heapq.heappush(self._levels_heap, entry.priority)
         level.append(entry)
         if self.max_wait > 0:
@@ -164,7 +165,7 @@ class BatchQueue(Generic[E]):
         entry.state = QUEUED
         level = self._levels.get(entry.priority)
         if level is None:
-            level = self._levels[entry.priority] = deque()
+            level = self._levels[entry.priority] = []
             heapq.heappush(self._levels_heap, entry.priority)
         level.append(entry)
         self._queued += 1
@@ -205,7 +206,7 @@ class BatchQueue(Generic[E]):
         # Removed entries are skipped lazily; when they outnumber the live ones (many callers
         # gave up behind a starving priority level or in a full queue), drop them for good.
         for priority, level in list(self._levels.items()):
-            live = deque(e for e in level if e.state == QUEUED)
+            live = [e for e in level if e.state == QUEUED]
             if live:
                 self._levels[priority] = live
             else:
@@ -316,25 +317,30 @@ class BatchQueue(Generic[E]):
         while heap and len(batch) < limit:
             priority = heap[0]
             level = levels[priority]
-            if budget is None:  # the common case: count only
-                popleft, append = level.popleft, batch.append
-                while level and len(batch) < limit:
-                    entry = popleft()
+            if budget is None:  # the common case: count only, a slice off the front
+                front = level[: limit - len(batch)]
+                del level[: len(front)]
+                skipped = False
+                for entry in front:
                     if entry.state == QUEUED:
                         entry.state = TAKEN
-                        append(entry)
-            while level and len(batch) < limit:  # with a budget
-                entry = level[0]
-                if entry.state != QUEUED:
-                    level.popleft()
-                    continue
-                if budget is not None and batch and cost + entry.cost > budget:
-                    limit = len(batch)  # the next entry does not fit: the batch is complete
-                    break
-                level.popleft()
-                entry.state = TAKEN
-                batch.append(entry)
-                cost += entry.cost
+                    else:  # removed meanwhile
+                        skipped = True
+                batch += [e for e in front if e.state == TAKEN] if skipped else front
+            else:
+                used = 0  # entries of `level` taken or skipped
+                for entry in level:
+                    if entry.state != QUEUED:
+                        used += 1
+                        continue
+                    if batch and (len(batch) >= limit or cost + entry.cost > budget):
+                        limit = len(batch)  # the next entry does not fit: the batch is complete
+                        break
+                    used += 1
+                    entry.state = TAKEN
+                    batch.append(entry)
+                    cost += entry.cost
+                del level[:used]
             if not level:
                 heapq.heappop(heap)
                 del levels[priority]
