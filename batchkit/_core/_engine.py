@@ -847,21 +847,22 @@ class Engine:
         version: str,
     ) -> None:
         failed = settled = 0
-        wake: list[PlainRequest] = []
+        mixed = False
         for req, out in zip(batch, outputs, strict=True):
-            if req.finished:
-                settled += 1
-                continue
-            req.finished = True
-            if req.__class__ is PlainRequest:  # the common case, inlined
+            if req.__class__ is PlainRequest and not req.finished:  # the common case, inlined
+                req.finished = True
                 if isinstance(out, Exception):
                     failed += 1
                     req.deliver_error(out)
                 elif not req.outcome:
-                    req.outcome, req.value = 1, out
-                    if req.callback is not None:
-                        wake.append(req)
+                    req.outcome = 1
+                    req.value = out
                 continue
+            mixed = True
+            if req.finished:
+                settled += 1
+                continue
+            req.finished = True
             req.version = version
             if req.timer is not None:
                 req.timer.cancel()
@@ -875,8 +876,11 @@ class Engine:
                     pass  # its task was cancelled and has yet to withdraw it
             else:
                 req.deliver(out)
-        if wake:
-            self._loop.call_soon(wake_all, wake)  # type: ignore[union-attr]
+        if self._loop is not None:
+            # Resume the callers given a value above (those not are skipped: see wake_all).
+            plain = [r for r in batch if r.__class__ is PlainRequest] if mixed else batch
+            if plain:
+                self._loop.call_soon(wake_all, plain)
         rec = self._rec
         rec.completed += len(batch) - failed - settled
         rec.failed += failed

@@ -229,8 +229,13 @@ class PlainRequest(Request):
         return self.finished or self.outcome == _CANCELLED
 
 
-def wake_all(requests: list[PlainRequest]) -> None:
-    """Resume the tasks awaiting ``requests`` (settled already), all from one loop callback."""
+def wake_all(requests: list[Any]) -> None:
+    """Resume the tasks awaiting ``requests`` (``PlainRequest``), all from one loop callback.
+
+    Only those given a value since their task awaited them still hold its callback: every
+    other way of settling one (an error, the caller's cancellation) schedules the callback
+    itself and clears it.
+    """
     remaining = iter(requests)
     try:
         for req in remaining:
