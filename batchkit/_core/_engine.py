@@ -171,6 +171,8 @@ class Engine:
         self._seq = itertools.count()
         self._in_flight = 0
         self._closing = False
+        self.plain = False  # see __aenter__
+        self._plain_request: type[PlainRequest] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self.thread_id = -1
@@ -214,13 +216,20 @@ class Engine:
         self._signal = _AsyncioSignal(self._loop) if self._loop else _Signal()
         settings = self.settings
         # Calls with default settings on asyncio take `submit_plain`, a path of one frame.
-        self._plain = (
+        self.plain = (
             self._loop is not None
             and settings.timeout is None
             and settings.size_fn is None
             and settings.max_queue_size is None
             and settings.max_wait <= 0
         )
+        if self._loop is not None:
+            # The engine's own kind of request: its loop and engine are class attributes.
+            self._plain_request = type(
+                "PlainRequest",
+                (PlainRequest,),
+                {"__slots__": (), "_loop": self._loop, "_engine": self},
+            )
         self._inline_ok = (
             self._loop is not None and settings.timeout is None and settings.max_wait <= 0
         )
@@ -281,7 +290,7 @@ class Engine:
 
     def begin_close(self, drain: bool) -> None:
         """Stop accepting items; fail the queued ones unless ``drain``. Call on the loop thread."""
-        self._plain = False
+        self.plain = False
         if not self._closing:
             self._closing = True
             self._closing_event.set()
@@ -373,18 +382,16 @@ class Engine:
         self._submit(req, wait)
         return req
 
-    def submit_plain(self, item: Any, priority: int) -> PlainRequest | None:
-        """Queue ``item`` without deadline for a caller on the engine's asyncio loop, or return
-        None when the engine is not plain (a default timeout, a size function, a bounded queue, a
-        wait window, not asyncio) or is closing: the caller then takes ``submit``.
+    def submit_plain(self, item: Any, priority: int) -> PlainRequest:
+        """Queue ``item`` without deadline for a caller on the engine's asyncio loop; only while
+        ``plain`` (no default timeout, size function, bounded queue or wait window, asyncio, not
+        closing), else the caller takes ``submit``.
 
         The per-item path of calls with default settings: what ``submit`` does in that case,
-        without its checks, and with a request that is its own awaitable (``PlainRequest``).
+        without its checks, and with a request that is its own awaitable (``PlainRequest``,
+        of the engine's own subclass, which knows the engine and its loop).
         """
-        if not self._plain:
-            return None
-        req = _new_request(PlainRequest)
-        req._loop = self._loop  # type: ignore[assignment]  # not None: plain means asyncio
+        req = _new_request(self._plain_request)  # type: ignore[arg-type]  # set while plain
         req.item = item
         req.priority = priority
         req.seq = next(self._seq)
@@ -848,8 +855,9 @@ class Engine:
     ) -> None:
         failed = settled = 0
         mixed = False
+        plain_request = self._plain_request
         for req, out in zip(batch, outputs, strict=True):
-            if req.__class__ is PlainRequest and not req.finished:  # the common case, inlined
+            if req.__class__ is plain_request and not req.finished:  # the common case, inlined
                 req.finished = True
                 if isinstance(out, Exception):
                     failed += 1
@@ -878,7 +886,7 @@ class Engine:
                 req.deliver(out)
         if self._loop is not None:
             # Resume the callers given a value above (those not are skipped: see wake_all).
-            plain = [r for r in batch if r.__class__ is PlainRequest] if mixed else batch
+            plain = [r for r in batch if r.__class__ is plain_request] if mixed else batch
             if plain:
                 self._loop.call_soon(wake_all, plain)
         rec = self._rec

@@ -334,14 +334,9 @@ class BatchedModel(Generic[T, R]):
         # loop, so the caller may submit directly.
         if engine is None or engine.thread_id != get_ident():
             return (await self._call_elsewhere(item, priority, timeout, deadline, True))[0]  # type: ignore[no-any-return]
-        if timeout is None and deadline is None and priority.__class__ is int:
-            plain = engine.submit_plain(item, priority)  # None unless the defaults apply
-            if plain is not None:
-                try:
-                    return await plain  # type: ignore[no-any-return]
-                finally:
-                    if not plain.finished:
-                        engine.cancel(plain)
+        if timeout is None and deadline is None and priority.__class__ is int and engine.plain:
+            # Cancelling the wait withdraws the item (PlainRequest.cancel).
+            return await engine.submit_plain(item, priority)  # type: ignore[no-any-return]
         req = self._submit_here(engine, item, priority, timeout, deadline, True)
         if req.__class__ is FutureRequest:  # the hottest path in batchkit: inlined
             try:

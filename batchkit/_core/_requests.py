@@ -135,7 +135,6 @@ class PlainRequest(Request):
 
     __slots__ = (
         "_asyncio_future_blocking",
-        "_loop",
         "callback",
         "context",
         "error",
@@ -143,7 +142,10 @@ class PlainRequest(Request):
         "value",
     )
 
-    _loop: asyncio.AbstractEventLoop  # the name asyncio reads when there is no get_loop()
+    # Class attributes of each engine's own subclass: the loop (the name asyncio reads when
+    # there is no get_loop()) and the engine (``Engine``), which a cancelled wait withdraws from.
+    _loop: asyncio.AbstractEventLoop
+    _engine: Any
     outcome: int  # _PENDING, _RESULT, _ERROR or _CANCELLED
     value: Any
     error: BaseException
@@ -177,12 +179,14 @@ class PlainRequest(Request):
         return self.outcome == _CANCELLED
 
     def cancel(self, msg: Any = None) -> bool:
-        """Cancel the wait (the caller's task is being cancelled); the engine withdraws it."""
+        """Cancel the wait (the caller's task is being cancelled) and withdraw the item: queued,
+        it is never run; if its batch runs, only this caller misses the output."""
         if self.outcome:
             return False
         self.outcome = _CANCELLED
         self.error = asyncio.CancelledError(msg)
         self._schedule()
+        self._engine.cancel(self)
         return True
 
     def result(self) -> Any:
