@@ -192,6 +192,7 @@ class Engine:
         # it up or it is full; `_claim` guards that hand-off).
         self._staged: list[list[Request]] = []
         self._open: list[Request] | None = None
+        self._staging = False  # there may be stage waiters or an open staged batch
         self._fill_ok = False
         # A sync caller may run its item itself while the engine is idle (`run_inline`), and
         # sync callers arriving meanwhile wait beside it (`_side`) for the batches it hands on.
@@ -403,10 +404,8 @@ class Engine:
         # `_wake_for_items`, inlined:
         if self._signal.waiting:
             self._signal.set()
-        if self._stage_waiters:
-            self._wake_stagers()
-        if self._open is not None:
-            self._fill_open()
+        if self._staging:
+            self._feed_staging()
         return req
 
     def _cost(self, item: Any) -> float:
@@ -443,10 +442,17 @@ class Engine:
         """
         if self._signal.waiting:
             self._signal.set()
+        if self._staging:
+            self._feed_staging()
+
+    def _feed_staging(self) -> None:
+        """Wake the workers waiting to stage a batch, and top up the open staged batch."""
         if self._stage_waiters:
             self._wake_stagers()
         if self._open is not None:
             self._fill_open()
+        if not self._stage_waiters and self._open is None:  # until a worker stages again
+            self._staging = False
 
     def _stageable(self) -> bool:
         queue = self._queue
@@ -829,9 +835,11 @@ class Engine:
                             self._open = (
                                 batch if len(batch) < self.settings.max_batch_size else None
                             )
+                        self._staging = True  # submitting callers top it up
                     return self._start(batch, installed, staged=True)
             waiter = self._loop.create_future()
             self._stage_waiters.append(waiter)
+            self._staging = True  # submitting callers wake it
 
             def wake(_: object, waiter: asyncio.Future[None] = waiter) -> None:
                 _wake(waiter)
@@ -859,10 +867,11 @@ class Engine:
         for req, out in zip(batch, outputs, strict=True):
             if req.__class__ is plain_request and not req.finished:  # the common case, inlined
                 req.finished = True
+                # Not finished, so not cancelled either (its cancel() withdraws it).
                 if isinstance(out, Exception):
                     failed += 1
                     req.deliver_error(out)
-                elif not req.outcome:
+                else:
                     req.outcome = 1
                     req.value = out
                 continue
