@@ -36,7 +36,7 @@ from ._errors import (
     QueueFull,
 )
 from ._info import BatchInfo, batch_info
-from ._queue import NEW, BatchQueue
+from ._queue import NEW, QUEUED, BatchQueue
 from ._requests import (
     EventRequest,
     FutureRequest,
@@ -168,6 +168,8 @@ class Engine:
             adaptive_wait=settings.adaptive_wait,
         )
         self._rec = recorder
+        # The queue's priority levels, for the one step of `submit_plain` that inlines it.
+        self._levels = self._queue._levels
         self._seq = itertools.count()
         self._in_flight = 0
         self._closing = False
@@ -400,7 +402,15 @@ class Engine:
         req.finished = False
         req.outcome = 0
         req.callback = None
-        self._queue.enqueue(req)  # counted submitted by the queue
+        # `self._queue.enqueue(req)` (which counts it submitted), inlined for a priority
+        # that has queued items already: the queue's `_enqueue_plain` without its frame.
+        level = self._levels.get(priority)
+        if level is None:
+            self._queue.enqueue(req)
+        else:
+            req.state = QUEUED
+            level.append(req)
+            self._queue._queued += 1
         # `_wake_for_items`, inlined:
         if self._signal.waiting:
             self._signal.set()

@@ -162,6 +162,7 @@ class BatchQueue(Generic[E]):
 
     def _enqueue_plain(self, entry: E) -> None:
         # `enqueue` without a wait window or cost budget (the defaults): set in __init__.
+        # Engine.submit_plain inlines its common case (the priority's level exists already).
         entry.state = QUEUED
         level = self._levels.get(entry.priority)
         if level is None:
