@@ -195,7 +195,6 @@ class Engine:
         self._staged: list[list[Request]] = []
         self._open: list[Request] | None = None
         self._staging = False  # there may be stage waiters or an open staged batch
-        self._fill_soon = False  # a top-up of the open staged batch is scheduled
         self._fill_ok = False
         # A sync caller may run its item itself while the engine is idle (`run_inline`), and
         # sync callers arriving meanwhile wait beside it (`_side`) for the batches it hands on.
@@ -457,15 +456,12 @@ class Engine:
             self._feed_staging()
 
     def _feed_staging(self) -> None:
-        """Wake the workers waiting to stage a batch, and have the open staged batch topped up
-        once the callers submitting now are done (one top-up for all of them)."""
+        """Wake the workers waiting to stage a batch, and top up the open staged batch."""
         if self._stage_waiters:
             self._wake_stagers()
         if self._open is not None:
-            if not self._fill_soon:
-                self._fill_soon = True
-                self._loop.call_soon(self._fill_open)  # type: ignore[union-attr]
-        elif not self._stage_waiters:  # nothing to feed until a worker stages again
+            self._fill_open()
+        if not self._stage_waiters and self._open is None:  # until a worker stages again
             self._staging = False
 
     def _stageable(self) -> bool:
@@ -474,7 +470,6 @@ class Engine:
 
     def _fill_open(self) -> None:
         """Move queued items into the staged batch still open, up to a full batch."""
-        self._fill_soon = False
         batch = self._open
         limit = self.settings.max_batch_size
         with self._claim:
