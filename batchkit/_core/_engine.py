@@ -403,7 +403,7 @@ class Engine:
         req.outcome = 0
         req.callback = None
         # `self._queue.enqueue(req)` (which counts it submitted), inlined for a priority
-        # that has queued items already: the queue's `_enqueue_plain` without its frame.
+        # that has queued items already: the queue's `_append` without its frame.
         level = self._levels.get(priority)
         if level is None:
             self._queue.enqueue(req)

@@ -92,7 +92,7 @@ class BatchQueue(Generic[E]):
         self._taken = 0  # entries handed out in batches, ever
         self._dropped = 0  # queued or waiting entries removed, ever
         if max_wait <= 0 and max_batch_cost is None:
-            self.enqueue = self._enqueue_plain  # type: ignore[method-assign]
+            self.enqueue = self._append  # type: ignore[method-assign]
         # Adaptive wait: a score in [0, 1] of how often recent waits gathered more entries.
         self._wait_score = 1.0
         self._batches_since_wait = 0
@@ -148,20 +148,15 @@ class BatchQueue(Generic[E]):
         ``push`` calls it once there is room. Called directly, it is the per-item path of calls
         with default settings: valid for an entry without deadline in an unbounded queue.
         """
-        entry.state = QUEUED
-        level = self._levels.get(entry.priority)
-        if level is None:
-            level = self._levels[entry.priority] = []
-            heapq.heappush(self._levels_heap, entry.priority)
-        level.append(entry)
+        self._append(entry)
         if self.max_wait > 0:
             self._arrive(entry)
-        self._queued += 1
         if self.max_batch_cost is not None:  # the only reader of the queued cost
             self._queued_cost += entry.cost
 
-    def _enqueue_plain(self, entry: E) -> None:
-        # `enqueue` without a wait window or cost budget (the defaults): set in __init__.
+    def _append(self, entry: E) -> None:
+        # Queue `entry` at the end of its priority's level. Without a wait window or a cost
+        # budget (the defaults) it is all `enqueue` does, and __init__ makes it `enqueue`.
         # Engine.submit_plain inlines its common case (the priority's level exists already).
         entry.state = QUEUED
         level = self._levels.get(entry.priority)
