@@ -76,15 +76,20 @@ class Recorder:
 CANCELLED = object()
 
 
-async def run_scenario(scenario: Scenario) -> tuple[Recorder, dict[int, Any]]:
-    recorder = Recorder(scenario.calls)
-    model = BatchedModel(
-        recorder,
+def model_for(scenario: Scenario, fn: Any) -> BatchedModel[int, Any]:
+    """The model under test: ``fn`` with the scenario's settings."""
+    return BatchedModel(
+        fn,
         max_batch_size=scenario.max_batch_size,
         max_concurrency=scenario.max_concurrency,
         isolate_failures=scenario.isolate_failures,
         max_queue_size=scenario.max_queue_size,
     )
+
+
+async def run_scenario(scenario: Scenario) -> tuple[Recorder, dict[int, Any]]:
+    recorder = Recorder(scenario.calls)
+    model = model_for(scenario, recorder)
     outcomes: dict[int, Any] = {}
 
     async def caller(i: int, spec: CallSpec) -> None:
@@ -217,13 +222,7 @@ def test_sync_callers_in_threads_get_the_outcomes_they_should(scenario: Scenario
     before = threading.active_count()
     recorder = SyncRecorder(scenario.calls)
     outcomes: dict[int, Any] = {}
-    model = BatchedModel(
-        recorder,
-        max_batch_size=scenario.max_batch_size,
-        max_concurrency=scenario.max_concurrency,
-        isolate_failures=scenario.isolate_failures,
-        max_queue_size=scenario.max_queue_size,
-    )
+    model = model_for(scenario, recorder)
 
     def caller_thread(first: int) -> None:
         for i in range(first, len(scenario.calls), CALLER_THREADS):
