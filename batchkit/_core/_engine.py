@@ -173,7 +173,9 @@ class Engine:
         self._seq = itertools.count()
         self._in_flight = 0
         self._closing = False
-        self.plain = False  # see __aenter__
+        # The engine loop's thread while calls with default settings may take `submit_plain`
+        # (see __aenter__), else -1: a caller compares it with its own thread's id.
+        self.plain_thread = -1
         self._plain_request: type[PlainRequest] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
@@ -219,7 +221,7 @@ class Engine:
         self._signal = _AsyncioSignal(self._loop) if self._loop else _Signal()
         settings = self.settings
         # Calls with default settings on asyncio take `submit_plain`, a path of one frame.
-        self.plain = (
+        plain = (
             self._loop is not None
             and settings.timeout is None
             and settings.size_fn is None
@@ -252,6 +254,7 @@ class Engine:
         self._clock = _clock_of(self._loop)
         self._token = anyio.lowlevel.current_token()
         self.thread_id = threading.get_ident()
+        self.plain_thread = self.thread_id if plain else -1
         self._closing_event = anyio.Event()
         self._limiter = anyio.CapacityLimiter(self.settings.max_concurrency)
         # A sync model on asyncio runs in the engine's own threads: handing a batch over is one
@@ -293,7 +296,7 @@ class Engine:
 
     def begin_close(self, drain: bool) -> None:
         """Stop accepting items; fail the queued ones unless ``drain``. Call on the loop thread."""
-        self.plain = False
+        self.plain_thread = -1
         if not self._closing:
             self._closing = True
             self._closing_event.set()
@@ -387,8 +390,8 @@ class Engine:
 
     def submit_plain(self, item: Any, priority: int) -> PlainRequest:
         """Queue ``item`` without deadline for a caller on the engine's asyncio loop; only while
-        ``plain`` (no default timeout, size function, bounded queue or wait window, asyncio, not
-        closing), else the caller takes ``submit``.
+        ``plain_thread`` is that loop's thread (no default timeout, size function, bounded queue
+        or wait window, asyncio, not closing), else the caller takes ``submit``.
 
         The per-item path of calls with default settings: what ``submit`` does in that case,
         without its checks, and with a request that is its own awaitable (``PlainRequest``,

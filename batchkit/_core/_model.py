@@ -331,12 +331,18 @@ class BatchedModel(Generic[T, R]):
         """
         engine = self._engine
         # A thread runs one event loop at a time: a coroutine on the engine's thread runs in its
-        # loop, so the caller may submit directly.
+        # loop, so the caller may submit directly. With default settings: the plain path (its
+        # cancelled wait withdraws the item, see PlainRequest.cancel).
+        if (
+            timeout is None
+            and deadline is None
+            and priority.__class__ is int
+            and engine is not None
+            and engine.plain_thread == get_ident()
+        ):
+            return await engine.submit_plain(item, priority)  # type: ignore[no-any-return]
         if engine is None or engine.thread_id != get_ident():
             return (await self._call_elsewhere(item, priority, timeout, deadline, True))[0]  # type: ignore[no-any-return]
-        if timeout is None and deadline is None and priority.__class__ is int and engine.plain:
-            # Cancelling the wait withdraws the item (PlainRequest.cancel).
-            return await engine.submit_plain(item, priority)  # type: ignore[no-any-return]
         req = self._submit_here(engine, item, priority, timeout, deadline, True)
         if req.__class__ is FutureRequest:  # the hottest path in batchkit: inlined
             try:
