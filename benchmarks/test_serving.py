@@ -30,7 +30,12 @@ pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCY = 32
-REQUESTS_PER_ROUND = {"trivial": 3000, "trivial_unbatched": 3000, "mlp": 2000, "mlp_unbatched": 1000}
+REQUESTS_PER_ROUND = {
+    "trivial": 3000,
+    "trivial_unbatched": 3000,
+    "mlp": 2000,
+    "mlp_unbatched": 1000,
+}
 ROUNDS = 5  # the unbatched MLP swings from round to round: a median of 5 holds better
 TARGET_RPS = 3000.0
 TARGET_P99_MS = 20.0
