@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +255,26 @@ class TestInPlace:
         assert all(before == after for before, after in probe.seen)
         assert model.statistics().last_swap_pause_seconds > 0
 
+    def test_sync_callers_waiting_beside_a_batch_run_after_the_swap(self) -> None:
+        # A sync call runs its batch in its own thread; two more wait beside it. The in-place
+        # swap holds dispatch: they go to the engine's queue and run once the copy is done.
+        module = tagged(1.0)
+        probe = module.probe
+        probe.gate = threading.Event()
+        with served(module) as model, ThreadPoolExecutor(4) as pool:
+            first = pool.submit(model.call_sync_versioned, X)
+            assert probe.entered.wait(10)
+            beside = [pool.submit(model.call_sync_versioned, X) for _ in range(2)]
+            poll_until(lambda: model.statistics().queue_depth == 2)
+            swapping = pool.submit(model.swap_sync, weights(2.0), version="2", in_place=True)
+            poll_until(lambda: model.statistics().dispatch_held)
+            probe.gate.set()
+            swapping.result(10)
+            assert first.result(10) == Versioned(1.0, "1")
+            assert [f.result(10) for f in beside] == [Versioned(2.0, "2")] * 2
+        assert all(before == after for before, after in probe.seen)
+        assert model.statistics().batch_sizes == {1: 1, 2: 1}
+
     async def test_an_engine_starting_during_an_in_place_copy_waits(self) -> None:
         module = tagged(1.0)
         model = served(module)
@@ -300,6 +321,15 @@ class TestInPlace:
                 await model.swap(bad, version="2", in_place=True)
             assert await answers(model) == Versioned(1.0, "1")
             assert not model.statistics().dispatch_held
+
+
+def poll_until(condition: Any) -> None:
+    """Block, polling, until ``condition()`` holds (a state another thread reaches)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        threading.Event().wait(0.001)
+    raise AssertionError("the condition never held")
 
 
 async def wait_until(condition: Any) -> None:
