@@ -1,10 +1,25 @@
-"""Fakes shared by the tests: models whose behaviour the test scripts."""
+"""Shared by the tests: models whose behaviour the test scripts, and a bounded wait."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import anyio
+
+
+def wait_for(condition: Any, limit: float = 10.0) -> None:
+    """Block until ``condition()`` holds, for state another thread changes (bounded)."""
+    done = threading.Event()
+    deadline = threading.Event()
+    timer = threading.Timer(limit, deadline.set)
+    timer.start()
+    try:
+        while not condition():
+            assert not deadline.is_set(), "condition never held"
+            done.wait(0.001)
+    finally:
+        timer.cancel()
 
 
 class GatedModel:

@@ -13,23 +13,11 @@ import pytest
 
 from batchkit import BatchedModel, ClosedError, DeadlineExceeded, ModelError, QueueFull
 
+from .helpers import wait_for
+
 
 def double_all(items: list[int]) -> list[int]:
     return [2 * i for i in items]
-
-
-def wait_for(condition: Any, limit: float = 10.0) -> None:
-    """Block until ``condition()`` holds, for state another thread changes (bounded)."""
-    done = threading.Event()
-    deadline = threading.Event()
-    timer = threading.Timer(limit, deadline.set)
-    timer.start()
-    try:
-        while not condition():
-            assert not deadline.is_set(), "condition never held"
-            done.wait(0.001)
-    finally:
-        timer.cancel()
 
 
 def held_sync_calls(

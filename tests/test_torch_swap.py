@@ -28,6 +28,8 @@ from batchkit import (
     WeightsNotFound,
 )
 
+from .helpers import wait_for
+
 pytestmark = pytest.mark.anyio
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -265,9 +267,9 @@ class TestInPlace:
             first = pool.submit(model.call_sync_versioned, X)
             assert probe.entered.wait(10)
             beside = [pool.submit(model.call_sync_versioned, X) for _ in range(2)]
-            poll_until(lambda: model.statistics().queue_depth == 2)
+            wait_for(lambda: model.statistics().queue_depth == 2)
             swapping = pool.submit(model.swap_sync, weights(2.0), version="2", in_place=True)
-            poll_until(lambda: model.statistics().dispatch_held)
+            wait_for(lambda: model.statistics().dispatch_held)
             probe.gate.set()
             swapping.result(10)
             assert first.result(10) == Versioned(1.0, "1")
@@ -321,15 +323,6 @@ class TestInPlace:
                 await model.swap(bad, version="2", in_place=True)
             assert await answers(model) == Versioned(1.0, "1")
             assert not model.statistics().dispatch_held
-
-
-def poll_until(condition: Any) -> None:
-    """Block, polling, until ``condition()`` holds (a state another thread reaches)."""
-    for _ in range(10_000):
-        if condition():
-            return
-        threading.Event().wait(0.001)
-    raise AssertionError("the condition never held")
 
 
 async def wait_until(condition: Any) -> None:

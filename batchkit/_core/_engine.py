@@ -1202,12 +1202,9 @@ class Engine:
         with self._claim:
             side, self._side = self._side, []
             self._inline_busy = False
-            self._record_inline()
         for req in side:  # the queue orders them (and counts them submitted)
             self._queue.push(req)
-        self._signal.set()
-        self._wake_for_items()
-        self._check_idle()
+        self._after_inline()  # no batch runs or is staged meanwhile: the workers take them
 
     def _after_inline(self) -> None:
         """Record the inline runs' statistics and let the workers look at the queue again."""
