@@ -36,7 +36,7 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """Run ruff over the project."""
     session.install(*CONSTRAINTS, "ruff")
-    session.run("ruff", "check", "batchkit", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "check", "batchkit", "tests", "benchmarks", "examples", "noxfile.py")
 
 
 @nox.session(python="3.11")

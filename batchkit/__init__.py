@@ -6,35 +6,35 @@ batches, runs the model once per batch, and gives every caller its own answer.
 
 from __future__ import annotations
 
-from ._core._config import Settings as Settings
-from ._core._decorator import AsyncBatched as AsyncBatched
-from ._core._decorator import SyncBatched as SyncBatched
-from ._core._decorator import batched as batched
-from ._core._errors import BatchkitError as BatchkitError
-from ._core._errors import BatchSizeMismatch as BatchSizeMismatch
-from ._core._errors import ClosedError as ClosedError
-from ._core._errors import ConfigurationError as ConfigurationError
-from ._core._errors import DeadlineExceeded as DeadlineExceeded
-from ._core._errors import ForbiddenPath as ForbiddenPath
-from ._core._errors import IncompatibleWeights as IncompatibleWeights
-from ._core._errors import ModelError as ModelError
-from ._core._errors import QueueFull as QueueFull
-from ._core._errors import RemoteError as RemoteError
-from ._core._errors import RemoteInvalidInput as RemoteInvalidInput
-from ._core._errors import RemoteRejected as RemoteRejected
-from ._core._errors import RemoteUnavailable as RemoteUnavailable
-from ._core._errors import SwapError as SwapError
-from ._core._errors import ValidationFailed as ValidationFailed
-from ._core._errors import WarmupFailed as WarmupFailed
-from ._core._errors import WeightsNotFound as WeightsNotFound
-from ._core._errors import WrongLoopError as WrongLoopError
-from ._core._info import BatchInfo as BatchInfo
-from ._core._info import SupportsBatchInfo as SupportsBatchInfo
-from ._core._model import BatchedModel as BatchedModel
-from ._core._slot import Versioned as Versioned
-from ._core._stats import LatencyHistogram as LatencyHistogram
-from ._core._stats import LatencySummary as LatencySummary
-from ._core._stats import Statistics as Statistics
+from ._core import AsyncBatched as AsyncBatched
+from ._core import BatchedModel as BatchedModel
+from ._core import BatchInfo as BatchInfo
+from ._core import BatchkitError as BatchkitError
+from ._core import BatchSizeMismatch as BatchSizeMismatch
+from ._core import ClosedError as ClosedError
+from ._core import ConfigurationError as ConfigurationError
+from ._core import DeadlineExceeded as DeadlineExceeded
+from ._core import ForbiddenPath as ForbiddenPath
+from ._core import IncompatibleWeights as IncompatibleWeights
+from ._core import LatencyHistogram as LatencyHistogram
+from ._core import LatencySummary as LatencySummary
+from ._core import ModelError as ModelError
+from ._core import QueueFull as QueueFull
+from ._core import RemoteError as RemoteError
+from ._core import RemoteInvalidInput as RemoteInvalidInput
+from ._core import RemoteRejected as RemoteRejected
+from ._core import RemoteUnavailable as RemoteUnavailable
+from ._core import Settings as Settings
+from ._core import Statistics as Statistics
+from ._core import SupportsBatchInfo as SupportsBatchInfo
+from ._core import SwapError as SwapError
+from ._core import SyncBatched as SyncBatched
+from ._core import ValidationFailed as ValidationFailed
+from ._core import Versioned as Versioned
+from ._core import WarmupFailed as WarmupFailed
+from ._core import WeightsNotFound as WeightsNotFound
+from ._core import WrongLoopError as WrongLoopError
+from ._core import batched as batched
 from ._version import __version__ as __version__
 
 __all__ = (

@@ -1,31 +1,12 @@
-"""The ``batchkit`` command: ``serve``, ``bench``, ``profile``, ``pipe``.
-
-``main`` only dispatches: each subcommand adds its parser and does its work in its own module.
-"""
+"""``python -m batchkit`` and the ``batchkit`` script: the command lives in ``batchkit._cli``."""
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
+
+from ._cli import main as main
 
 __all__ = ("main",)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` (default: the process arguments), run the subcommand, return its status."""
-    parser = argparse.ArgumentParser(prog="batchkit", description="Dynamic batching for ML.")
-    subparsers = parser.add_subparsers(title="commands", required=True)
-    from . import _bench_cli, _profile_cli, _serve
-    from .pipe import _cli as pipe_cli
-
-    _serve.add_parser(subparsers)
-    _bench_cli.add_parser(subparsers)
-    _profile_cli.add_parser(subparsers)
-    pipe_cli.add_parser(subparsers)
-    args = parser.parse_args(argv)
-    return int(args.command(args))
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,7 +12,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
-from ._core._errors import BatchSizeMismatch, ConfigurationError
+from ._core import BatchSizeMismatch, ConfigurationError
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 

@@ -18,8 +18,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._core._errors import ConfigurationError
-from ._core._model import BatchedModel
+from ._core import BatchedModel, ConfigurationError
 
 __all__ = ("import_target", "models_of")
 

@@ -27,8 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "batchkit.metrics needs prometheus-client: pip install 'batchkit[metrics]'"
     ) from exc
 
-from ._core._model import BatchedModel
-from ._core._stats import DEFAULT_LATENCY_BOUNDS
+from ._core import DEFAULT_LATENCY_BOUNDS, BatchedModel
 
 __all__ = ("BATCH_SIZE_BUCKETS", "LATENCY_BUCKETS", "ModelCollector", "ServerMetrics")
 

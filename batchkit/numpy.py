@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("batchkit.numpy needs numpy: pip install 'batchkit[numpy]'") from exc
 
 from . import _collate
-from ._core._errors import ConfigurationError
+from ._core import ConfigurationError
 
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, NDArray

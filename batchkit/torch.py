@@ -26,7 +26,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("batchkit.torch needs torch: pip install 'batchkit[torch]'") from exc
 
 from . import _collate
-from ._core._errors import ConfigurationError
+from ._core import ConfigurationError
 
 __all__ = ("Padded", "grouped", "pad", "shape_of", "split", "stack")
 

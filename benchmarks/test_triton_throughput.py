@@ -19,7 +19,7 @@ import anyio
 import pytest
 
 from batchkit import BatchedModel
-from tests.triton_server import TritonServer
+from tests.support.triton_server import TritonServer
 
 from ._measure import Findings, batch_size_delta, mean_batch_size, median, rotated
 

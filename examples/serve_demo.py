@@ -16,8 +16,8 @@ import time
 import numpy as np
 import tritonclient.http.aio as aio
 
-from batchkit._demo import demo_models
 from batchkit.asgi import KServeApp, serving
+from batchkit.asgi._demo import demo_models
 
 CONCURRENCY = 32
 REQUESTS = 400

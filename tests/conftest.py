@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .triton_server import TritonServer, find_tritonserver
+from .support.triton_server import TritonServer, find_tritonserver
 
 
 @pytest.fixture(params=["asyncio", "trio"])

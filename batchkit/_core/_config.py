@@ -1,4 +1,10 @@
-"""Settings of a batched model, validated once when the model is built."""
+"""Settings of a batched model, validated once when the model is built.
+
+The one source of the settings: ``BatchOptions`` types the keyword arguments that
+``BatchedModel``, ``@batched`` and their overloads take (every one but the three whose types
+depend on the item and output types: ``size_fn``, ``collate``, ``split``), and ``Settings``
+holds their defaults and validates them. A test checks that the two list the same names.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,30 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 from ._errors import ConfigurationError
 
-__all__ = ("Settings", "check_timeout")
+__all__ = ("BatchOptions", "Settings", "check_timeout")
+
+
+class BatchOptions(TypedDict, total=False):
+    """The keyword settings of ``BatchedModel`` and ``@batched`` whose types do not depend on the
+    item and output types (see ``BatchedModel`` for each one's meaning, ``Settings`` for the
+    defaults). ``name`` None means the function's name; ``version`` names the first version."""
+
+    max_batch_size: int
+    max_wait: float
+    adaptive_wait: bool
+    max_queue_size: int | None
+    max_concurrency: int
+    timeout: float | None
+    max_batch_cost: float | None
+    isolate_failures: bool
+    name: str | None
+    version: str
+    weights_dir: str | os.PathLike[str] | None
+    keep_previous: bool
 
 
 @dataclass(frozen=True)

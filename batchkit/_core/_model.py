@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from threading import get_ident
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypedDict, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast, overload
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 
-from ._config import Settings, check_timeout
+from ._config import BatchOptions, Settings, check_timeout
 from ._engine import Engine
 from ._errors import ClosedError, ConfigurationError, WrongLoopError
 from ._requests import FutureRequest, Request, ThreadRequest
@@ -35,23 +34,6 @@ R = TypeVar("R")
 
 # Async callers on another loop than the engine's, without asyncio, wait in worker threads.
 _BRIDGE_THREADS = 256
-
-
-class _Settings(TypedDict, total=False):
-    """The settings that do not depend on the item and output types (for the overloads)."""
-
-    max_batch_size: int
-    max_wait: float
-    adaptive_wait: bool
-    max_queue_size: int | None
-    max_concurrency: int
-    timeout: float | None
-    max_batch_cost: float | None
-    isolate_failures: bool
-    name: str | None
-    version: str
-    weights_dir: str | os.PathLike[str] | None
-    keep_previous: bool
 
 
 class BatchedModel(Generic[T, R]):
@@ -101,7 +83,7 @@ class BatchedModel(Generic[T, R]):
         size_fn: Callable[[T], float] | None = None,
         collate: None = None,
         split: None = None,
-        **settings: Unpack[_Settings],
+        **settings: Unpack[BatchOptions],
     ) -> None: ...
     @overload
     def __init__(
@@ -111,7 +93,7 @@ class BatchedModel(Generic[T, R]):
         size_fn: Callable[[T], float] | None = None,
         collate: Callable[[list[T]], Any],
         split: Callable[[Any], Sequence[R]],
-        **settings: Unpack[_Settings],
+        **settings: Unpack[BatchOptions],
     ) -> None: ...
     @overload
     def __init__(
@@ -121,7 +103,7 @@ class BatchedModel(Generic[T, R]):
         size_fn: Callable[[T], float] | None = None,
         collate: Callable[[list[T]], Any],
         split: None = None,
-        **settings: Unpack[_Settings],
+        **settings: Unpack[BatchOptions],
     ) -> None: ...
     @overload
     def __init__(
@@ -131,46 +113,34 @@ class BatchedModel(Generic[T, R]):
         size_fn: Callable[[T], float] | None = None,
         collate: None = None,
         split: Callable[[Any], Sequence[R]],
-        **settings: Unpack[_Settings],
+        **settings: Unpack[BatchOptions],
     ) -> None: ...
     def __init__(
         self,
         fn: Callable[..., Any],
         *,
-        max_batch_size: int = 32,
-        max_wait: float = 0.0,
-        adaptive_wait: bool = False,
-        max_queue_size: int | None = None,
-        max_concurrency: int = 1,
-        timeout: float | None = None,
         size_fn: Callable[[T], float] | None = None,
-        max_batch_cost: float | None = None,
         collate: Callable[[list[T]], Any] | None = None,
         split: Callable[[Any], Sequence[R]] | None = None,
-        isolate_failures: bool = False,
-        name: str | None = None,
-        version: str = "1",
-        weights_dir: str | os.PathLike[str] | None = None,
-        keep_previous: bool = True,
+        **options: Unpack[BatchOptions],
     ) -> None:
         if not callable(fn):
             raise ConfigurationError(f"the model must be callable, got {fn!r}")
+        settings = cast("dict[str, Any]", dict(options))
+        unknown = sorted(settings.keys() - BatchOptions.__annotations__.keys())
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}"
+            )
+        version = settings.pop("version", "1")
+        name = settings.pop("name", None)
         _check_version(version)
         self.settings = Settings(
             name=name if name is not None else _name_of(fn),
-            max_batch_size=max_batch_size,
-            max_wait=max_wait,
-            adaptive_wait=adaptive_wait,
-            max_queue_size=max_queue_size,
-            max_concurrency=max_concurrency,
-            timeout=timeout,
             size_fn=size_fn,
-            max_batch_cost=max_batch_cost,
             collate=collate,
             split=split,
-            isolate_failures=isolate_failures,
-            weights_dir=weights_dir,
-            keep_previous=keep_previous,
+            **settings,
         )
         self._slot = ModelSlot(Installed(fn, is_async_callable(fn), version))
         self._recorder = Recorder()
@@ -203,15 +173,15 @@ class BatchedModel(Generic[T, R]):
 
     def _repr_html_(self) -> str:
         """Return the model, its settings and statistics as HTML (Jupyter's rich display)."""
-        from .._display import model_html  # the display layer, imported only when used
+        from .._render import model_html  # the rendering layer, imported only when used
 
-        return model_html(self, self._state())
+        return model_html(self.settings, self.statistics(), self._state())
 
     def __rich__(self) -> Any:
         """Return the model, its settings and statistics as a rich renderable (needs rich)."""
-        from .._display import model_rich
+        from .._render import model_rich
 
-        return model_rich(self, self._state())
+        return model_rich(self.settings, self.statistics(), self._state())
 
     # -- lifecycle -----------------------------------------------------------------------------
 

@@ -155,13 +155,13 @@ class Statistics:
 
     def _repr_html_(self) -> str:
         """Return the snapshot as a compact HTML table (Jupyter's rich display)."""
-        from .._display import statistics_html  # the display layer, imported only when used
+        from .._render import statistics_html  # the rendering layer, imported only when used
 
         return statistics_html(self)
 
     def __rich__(self) -> Any:
         """Return the snapshot as a rich renderable (needs rich)."""
-        from .._display import statistics_rich
+        from .._render import statistics_rich
 
         return statistics_rich(self)
 

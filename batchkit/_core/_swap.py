@@ -3,9 +3,10 @@
 Every method here blocks: ``BatchedModel.swap()`` runs them in a worker thread, ``swap_sync()``
 in the caller's thread. Swaps and rollbacks of one model are serialized by a lock.
 
-Weights (a state dict, a path, an in-place copy) are torch's business: the torch helpers live in
-``batchkit._torch_swap`` and are imported by name only when the model is a ``torch.nn.Module``,
-so the core itself never imports torch.
+Weights (a state dict, a path, an in-place copy) are torch's business. The core declares what
+it needs as the ``WeightOps`` protocol; ``batchkit._torch_weights`` implements it, and is
+imported by name only when the model is a ``torch.nn.Module`` (as anyio loads its backends), so
+the core itself never imports torch and mypy checks every call through the protocol.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio.from_thread
 from anyio.lowlevel import EventLoopToken
@@ -33,11 +33,53 @@ from ._info import info_method
 from ._slot import Installed, ModelSlot
 from ._stats import Recorder
 
-__all__ = ("Swapper", "is_async_callable")
+__all__ = ("Swapper", "WeightOps", "is_async_callable")
 
-_TORCH_HELPERS = "batchkit._torch_swap"
+# The module that implements ``WeightOps`` for torch modules, as its ``WEIGHT_OPS`` attribute.
+_TORCH_WEIGHTS = "batchkit._torch_weights"
 
 T = TypeVar("T")
+
+
+class WeightOps(Protocol):
+    """The weight operations a swap needs from a model library (implemented for torch).
+
+    ``model`` is the library's module type, ``state`` its weights (a name -> tensor mapping),
+    ``device`` its device type; the core holds them without looking inside.
+    """
+
+    def device_of(self, model: Any) -> Any:
+        """Return the device ``model``'s weights live on."""
+        ...
+
+    def load_state(self, source: Any, weights_dir: str | os.PathLike[str] | None) -> Any:
+        """Return the weights ``source`` gives (a mapping, a module, or a path to load, only
+        inside ``weights_dir`` when it is set)."""
+        ...
+
+    def check_fits(self, model: Any, state: Any) -> None:
+        """Raise ``IncompatibleWeights`` unless ``state`` fits ``model``'s tensors exactly."""
+        ...
+
+    def stage(self, state: Any, device: Any) -> Any:
+        """Return ``state`` ready to copy to ``device`` (pinned host memory for CUDA)."""
+        ...
+
+    def build(self, template: Any, state: Any, device: Any) -> Any:
+        """Return a new model shaped like ``template`` holding ``state``, on ``device``."""
+        ...
+
+    def place(self, model: Any, device: Any) -> Any:
+        """Return ``model`` on ``device``, ready for inference (itself, or a copy)."""
+        ...
+
+    def snapshot(self, model: Any) -> Any:
+        """Return a host copy of ``model``'s weights, to copy back in later."""
+        ...
+
+    def copy_into(self, model: Any, state: Any) -> None:
+        """Copy ``state`` into ``model``'s own tensors, and return once the copies are done."""
+        ...
 
 
 class Swapper:
@@ -150,9 +192,9 @@ class Swapper:
     ) -> Installed:
         if callable(new) and not isinstance(new, (str, os.PathLike)):
             model = new
-            helpers = _torch_helpers_for(new)
+            helpers = weight_ops_for(new)
             if helpers is not None:
-                if device is None and _torch_helpers_for(current.model) is not None:
+                if device is None and weight_ops_for(current.model) is not None:
                     device = helpers.device_of(current.model)
                 model = helpers.place(new, device)
         else:
@@ -188,7 +230,7 @@ class Swapper:
             restore = Installed(module, current.is_async, current.version, weights=old_weights)
             self._publish(installed, restore)
 
-    def _stage_in_place(self, helpers: ModuleType, module: Any, new: Any) -> tuple[Any, Any]:
+    def _stage_in_place(self, helpers: WeightOps, module: Any, new: Any) -> tuple[Any, Any]:
         state = helpers.load_state(new, self._settings.weights_dir)
         helpers.check_fits(module, state)
         return helpers.stage(state, helpers.device_of(module)), helpers.snapshot(module)
@@ -271,8 +313,8 @@ class Swapper:
                 except ClosedError:
                     pass
 
-    def _weights_helpers(self, model: Any, what: str) -> ModuleType:
-        helpers = _torch_helpers_for(model)
+    def _weights_helpers(self, model: Any, what: str) -> WeightOps:
+        helpers = weight_ops_for(model)
         if helpers is None:
             raise SwapError(
                 f"{what} needs a torch.nn.Module model; model {self._settings.name!r} serves "
@@ -345,11 +387,16 @@ async def _await(awaitable: Any) -> Any:
     return await awaitable
 
 
-def _torch_helpers_for(model: Any) -> ModuleType | None:
+def weight_ops_for(model: Any) -> WeightOps | None:
+    """Return the weight operations for ``model``: torch's for a ``torch.nn.Module``, else None.
+
+    torch is never imported here: a model can only be a torch module once torch is loaded.
+    """
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(model, torch.nn.Module):
         return None
-    return importlib.import_module(_TORCH_HELPERS)
+    ops: WeightOps = importlib.import_module(_TORCH_WEIGHTS).WEIGHT_OPS
+    return ops
 
 
 def is_async_callable(fn: object) -> bool:

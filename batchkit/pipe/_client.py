@@ -22,19 +22,21 @@ import anyio.abc
 import anyio.from_thread
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from .._core._errors import (
+from .._core import (
     ClosedError,
     ConfigurationError,
     DeadlineExceeded,
+    LatencyHistogram,
+    LatencySummary,
     ModelError,
     QueueFull,
     RemoteError,
     RemoteInvalidInput,
     RemoteRejected,
     RemoteUnavailable,
+    Statistics,
+    Versioned,
 )
-from .._core._slot import Versioned
-from .._core._stats import LatencyHistogram, LatencySummary, Statistics
 from ._errors import PipeProtocolError, ResponseError, ServerExited
 from ._protocol import PROTOCOL_VERSION, RequestError, as_tensor, decode_tensor, encode_tensor
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 __all__ = ("PipeProtocolError", "ResponseError", "ServerExited")
 
-from .._core._errors import BatchkitError
+from .._core import BatchkitError
 
 
 class ServerExited(BatchkitError, RuntimeError):

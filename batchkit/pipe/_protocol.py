@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Literal
 
-from .._core._stats import Statistics
+from .._core import Statistics
 
 __all__ = (
     "DTYPES",

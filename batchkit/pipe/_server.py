@@ -22,8 +22,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from .._core._errors import ConfigurationError, WrongLoopError
-from .._core._model import BatchedModel
+from .._core import BatchedModel, ConfigurationError, WrongLoopError
 from .._target import models_of
 from .._version import __version__
 from ._protocol import (

@@ -1,0 +1,124 @@
+"""``batchkit serve``: run a ``KServeApp`` (or any ASGI app) with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .._core import BatchedModel, ConfigurationError
+from .._target import import_target, models_of
+
+__all__ = ("add_parser", "app_for", "run")
+
+ADMIN_TOKEN_ENV = "BATCHKIT_ADMIN_TOKEN"
+
+
+def add_parser(subparsers: Any) -> None:
+    """Add the ``serve`` subcommand to ``subparsers``."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve models over HTTP (KServe v2 / Triton protocol)",
+        description="Serve batched models over HTTP with the KServe v2 protocol, as Triton "
+        "speaks it. Without TARGET, serve the built-in demo model.",
+    )
+    parser.add_argument(
+        "target",
+        nargs="?",
+        help="MODULE:ATTR naming a BatchedModel, ServedModel, a collection of them, a factory, "
+        "or an ASGI app",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    parser.add_argument(
+        "--max-body-size", type=int, default=64 * 1024 * 1024, help="largest infer body in bytes"
+    )
+    parser.add_argument(
+        "--weights-dir", help="directory the repository load endpoint may read weights from"
+    )
+    parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    parser.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
+    parser.set_defaults(command=run)
+
+
+def app_for(target: str | None, **options: Any) -> Any:
+    """Return the ASGI app serving ``target`` (MODULE:ATTR), or the demo model when None."""
+    from ..asgi import KServeApp, ServedModel
+
+    if target is None:
+        from ..asgi._demo import demo_models
+
+        return KServeApp(demo_models(), **options)
+    obj = import_target(target)
+    if _is_factory(obj):
+        obj = obj()
+    if isinstance(obj, KServeApp):
+        return obj
+    served = _served_of(obj, ServedModel)
+    if served is not None:
+        return KServeApp(served, **options)
+    try:
+        models = models_of(obj)
+    except ConfigurationError:
+        if _is_asgi_app(obj):
+            return obj
+        raise
+    return KServeApp([ServedModel(m, name=n) for n, m in models.items()], **options)
+
+
+def _served_of(obj: Any, served_type: type) -> list[Any] | None:
+    if isinstance(obj, served_type):
+        return [obj]
+    if isinstance(obj, (BatchedModel, str, bytes)):
+        return None
+    values = obj.values() if isinstance(obj, Mapping) else obj
+    if isinstance(values, Iterable) and not isinstance(obj, type):
+        items = list(values)
+        if items and any(isinstance(x, served_type) for x in items):
+            return items
+    return None
+
+
+def _is_factory(obj: Any) -> bool:
+    if not callable(obj) or isinstance(obj, (type, BatchedModel)) or _is_asgi_app(obj):
+        return False
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return all(
+        p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params
+    )
+
+
+def _is_asgi_app(obj: Any) -> bool:
+    if not callable(obj) or isinstance(obj, type):
+        return False
+    try:
+        params = inspect.signature(obj).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) == 3
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until interrupted; return the exit status."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit("batchkit serve needs uvicorn: pip install 'batchkit[server]'") from None
+    options: dict[str, Any] = {
+        "max_body_size": args.max_body_size,
+        "metrics": False if args.no_metrics else None,
+        "admin_token": os.environ.get(ADMIN_TOKEN_ENV) or None,
+        "weights_dir": args.weights_dir,
+    }
+    try:
+        app = app_for(args.target, **options)
+    except ConfigurationError as exc:
+        raise SystemExit(f"batchkit serve: {exc}") from None
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="auto")
+    return 0

@@ -1,1 +1,0 @@
-"""The tritonclient-backed model (imports tritonclient; reached through ``batchkit.triton``)."""
