@@ -12,7 +12,9 @@ from typing import Any
 from .. import _render
 from .._core import BatchedModel, ConfigurationError
 from .._target import _takes_no_arguments, import_target, models_of
-from ..notebook._profile import ProfileResult, Progress, _TextProgress, profile
+from ..notebook._progress import Progress, TextProgress
+from ..notebook._result import ProfileResult
+from ..notebook._sweep import profile
 
 __all__ = ("add_parser", "parse_seconds", "run")
 
@@ -216,7 +218,7 @@ def _progress() -> Progress | None:
     try:
         return _RichProgress()
     except ImportError:
-        return _TextProgress()
+        return TextProgress()
 
 
 class _RichProgress:

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from ._live import LiveView as LiveView
 from ._live import live as live
-from ._profile import ProfilePoint as ProfilePoint
-from ._profile import ProfileResult as ProfileResult
-from ._profile import aprofile as aprofile
-from ._profile import profile as profile
+from ._result import ProfilePoint as ProfilePoint
+from ._result import ProfileResult as ProfileResult
 from ._server import BackgroundServer as BackgroundServer
 from ._server import serve as serve
+from ._sweep import aprofile as aprofile
+from ._sweep import profile as profile
 
 __all__ = (
     "BackgroundServer",

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from ._profile import ProfilePoint, ProfileResult
+    from ._result import ProfilePoint, ProfileResult
 
 __all__ = ("plot_profile",)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib
 import json
 import struct
 import threading
@@ -815,17 +816,20 @@ async def test_metrics_are_labelled_by_served_name_and_version() -> None:
 # -- large requests off the event loop ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", ["_decompress", "parse_request", "encode_response"])
+@pytest.mark.parametrize(
+    ("where", "stage"),
+    [("_http", "decompress"), ("_infer", "parse_request"), ("_infer", "encode_response")],
+)
 async def test_a_large_request_leaves_the_event_loop_free(
-    monkeypatch: pytest.MonkeyPatch, stage: str
+    monkeypatch: pytest.MonkeyPatch, where: str, stage: str
 ) -> None:
     """Each heavy stage of a large request is held in the middle; a health check answers
     meanwhile. Were the stage on the event loop, the health check could only answer after it."""
-    from batchkit.asgi import _app
+    module = importlib.import_module(f"batchkit.asgi.{where}")
 
     entered, release = threading.Event(), threading.Event()
     order: list[str] = []
-    real = getattr(_app, stage)
+    real = getattr(module, stage)
 
     def held(*args: Any) -> Any:
         entered.set()
@@ -834,11 +838,11 @@ async def test_a_large_request_leaves_the_event_loop_free(
         order.append(stage)
         return real(*args)
 
-    monkeypatch.setattr(_app, stage, held)
+    monkeypatch.setattr(module, stage, held)
     app = KServeApp([identity_model("FP32", (-1,))], metrics=False)
     values = np.random.default_rng(0).random(200_000).astype(np.float32).tolist()
     raw = json.dumps({"inputs": [json_input("X", "FP32", values, [1, len(values)])]}).encode()
-    assert len(raw) > _app.OFFLOAD_BYTES
+    assert len(raw) > importlib.import_module("batchkit.asgi._infer").OFFLOAD_BYTES
     replies: list[Any] = []
 
     async def big() -> None:
@@ -859,10 +863,10 @@ async def test_a_large_request_leaves_the_event_loop_free(
 
 
 async def test_small_requests_stay_on_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchkit.asgi import _app
+    from batchkit.asgi import _infer
 
     threads: list[int] = []
-    real_parse, real_encode = _app.parse_request, _app.encode_response
+    real_parse, real_encode = _infer.parse_request, _infer.encode_response
 
     def parse(*args: Any) -> Any:
         threads.append(threading.get_ident())
@@ -872,8 +876,8 @@ async def test_small_requests_stay_on_the_event_loop(monkeypatch: pytest.MonkeyP
         threads.append(threading.get_ident())
         return real_encode(*args)
 
-    monkeypatch.setattr(_app, "parse_request", parse)
-    monkeypatch.setattr(_app, "encode_response", encode)
+    monkeypatch.setattr(_infer, "parse_request", parse)
+    monkeypatch.setattr(_infer, "encode_response", encode)
     app = KServeApp([identity_model("FP32")], metrics=False)
     body = {"inputs": [json_input("X", "FP32", [1, 2, 3], [1, 3])]}
     async with app.lifespan():

@@ -1,4 +1,5 @@
-"""The profiler (``batchkit/notebook/_profile.py``): sweeps, recommendations, exports and plots.
+"""The profiler (``batchkit/notebook/_sweep.py``, ``_result.py``): sweeps, recommendations,
+exports and plots.
 
 The sweeps run on trio's mock clock with an async fake model whose cost is a sleep: time
 advances only when every task waits, so each batch takes exactly its scripted cost and every

@@ -1,0 +1,162 @@
+"""The infer endpoint: parse a request, run its rows through the model, encode the outputs."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import math
+import zlib
+from typing import Any
+
+import anyio.to_thread
+
+from .._core import (
+    ClosedError,
+    DeadlineExceeded,
+    ModelError,
+    QueueFull,
+    RemoteError,
+    RemoteInvalidInput,
+    RemoteRejected,
+    RemoteUnavailable,
+)
+from ._errors import HTTPError
+from ._http import JSON, OCTETS, Receive, Response, Scope, accepted_encoding, headers_of, read_body
+from ._protocol import InferRequest, encode_response, parse_request
+from ._served import ServedModel
+
+__all__ = ("COMPRESS_BYTES", "OFFLOAD_BYTES", "infer", "remote_error")
+
+logger = logging.getLogger("batchkit.asgi")
+
+# Work on a request or response bigger than this (bytes) runs in a worker thread, so that the
+# event loop keeps answering other requests (health checks) meanwhile; smaller work stays on
+# the loop, where it costs less than the hop to a thread.
+OFFLOAD_BYTES = 1 << 20
+# Responses whose outputs take fewer bytes than this are not compressed (when identity is ok).
+COMPRESS_BYTES = 1024
+
+
+async def infer(
+    served: ServedModel, scope: Scope, receive: Receive, max_body_size: int
+) -> Response:
+    """Run one infer request on ``served`` and return its response (``HTTPError`` for errors)."""
+    headers = headers_of(scope)
+    body = await read_body(receive, headers, max_body_size)
+    header_length = headers.get("inference-header-content-length")
+    if len(body) > OFFLOAD_BYTES:
+        request = await anyio.to_thread.run_sync(parse_request, served, body, header_length)
+    else:
+        request = parse_request(served, body, header_length)
+    model = served.model
+    items = served.items(request.arrays, request.rows)
+    try:
+        results = await model.call_many_nowait_versioned(
+            items, priority=request.priority, timeout=request.timeout
+        )
+    except QueueFull as exc:
+        retry = str(max(1, math.ceil(exc.retry_after)))
+        raise HTTPError(
+            f"model {served.name!r} is at capacity; retry after {retry} s",
+            status=503,
+            headers={"retry-after": retry},
+        ) from None
+    except DeadlineExceeded:
+        raise HTTPError(
+            f"model {served.name!r}: the request's deadline passed before its outputs",
+            status=504,
+        ) from None
+    except ClosedError:
+        raise HTTPError(f"model {served.name!r} is shutting down", status=503) from None
+    except RemoteError as exc:  # a model that forwards to another server (TritonModel)
+        raise remote_error(served.name, exc) from None
+    except ModelError as exc:
+        cause = exc.__cause__ if exc.__cause__ is not None else exc
+        logger.error("batchkit: model %r failed", served.name, exc_info=exc)
+        raise HTTPError(
+            f"model {served.name!r} failed on this request ({type(cause).__name__}); "
+            "the server log has the details",
+            status=500,
+        ) from None
+    except Exception as exc:  # the model's own error for one row
+        logger.error("batchkit: model %r failed on a row", served.name, exc_info=exc)
+        raise HTTPError(
+            f"model {served.name!r} failed on a row of this request ({type(exc).__name__}); "
+            "the server log has the details",
+            status=500,
+        ) from None
+    try:
+        arrays = served.outputs_of([r.value for r in results], [o.tensor for o in request.outputs])
+    except (TypeError, ValueError) as exc:
+        logger.error("batchkit: model %r returned a bad output: %s", served.name, exc)
+        raise HTTPError(
+            f"model {served.name!r} returned an output that does not fit its signature: {exc}",
+            status=500,
+        ) from None
+    version = results[0].version
+    versions = [r.version for r in results]
+    mixed = versions if any(v != version for v in versions) else None
+    size = _output_bytes(arrays)
+    encoding = accepted_encoding(headers.get("accept-encoding"), small=size < COMPRESS_BYTES)
+    job = (served.name, version, request, arrays, mixed, encoding)
+    if size > OFFLOAD_BYTES:
+        body, header_size = await anyio.to_thread.run_sync(encode_outputs, *job)
+    else:
+        body, header_size = encode_outputs(*job)
+    response_headers = list(JSON if header_size is None else OCTETS)
+    if header_size is not None:
+        response_headers.append((b"inference-header-content-length", str(header_size).encode()))
+    if encoding is not None:
+        response_headers.append((b"content-encoding", encoding.encode()))
+    return Response(200, response_headers, body, served.name, version)
+
+
+def remote_error(name: str, exc: RemoteError) -> HTTPError:
+    """Answer for a model whose upstream server failed: unavailable and rejected are 503 (the
+    latter with Retry-After), invalid input 400 (the client's fault), anything else 502."""
+    if isinstance(exc, RemoteRejected):
+        retry = str(max(1, math.ceil(exc.retry_after)))
+        return HTTPError(
+            f"model {name!r}: its upstream server refused the request; retry after {retry} s",
+            status=503,
+            headers={"retry-after": retry},
+        )
+    if isinstance(exc, RemoteUnavailable):
+        return HTTPError(f"model {name!r}: its upstream server is unavailable", status=503)
+    if isinstance(exc, RemoteInvalidInput):
+        return HTTPError(
+            f"model {name!r}: the upstream server rejected the input: {exc}", status=400
+        )
+    logger.error("batchkit: the upstream server of model %r failed", name, exc_info=exc)
+    return HTTPError(
+        f"model {name!r}: its upstream server failed on this request; the server log has the "
+        "details",
+        status=502,
+    )
+
+
+def encode_outputs(
+    name: str,
+    version: str,
+    request: InferRequest,
+    arrays: dict[str, Any],
+    versions: list[str] | None,
+    encoding: str | None,
+) -> tuple[bytes, int | None]:
+    body, header_size = encode_response(name, version, request, arrays, versions)
+    if encoding == "gzip":
+        body = gzip.compress(body, 1)
+    elif encoding == "deflate":
+        body = zlib.compress(body, 1)
+    return body, header_size
+
+
+def _output_bytes(arrays: dict[str, Any]) -> int:
+    """Return about how many bytes encoding ``arrays`` writes (JSON numbers: ~8 each)."""
+    total = 0
+    for array in arrays.values():
+        if array.dtype.kind == "O":
+            total += sum(len(b) + 4 for b in array.reshape(-1).tolist())
+        else:
+            total += array.size * max(8, array.itemsize)
+    return total
