@@ -15,6 +15,9 @@ nox.options.sessions = ["lint", "typecheck", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
 CONSTRAINTS = ("-c", "constraints.txt")
+# The lanes to turn off for each extra run of tests/core: none left, then plain, staging and
+# inline (with the sync callers beside it) each alone.
+LANE_PLANS = ("all", "staging,inline,side", "plain,inline,side", "plain,staging")
 
 
 def install(session: nox.Session, *extras: str, torch: bool = False) -> None:
@@ -30,6 +33,12 @@ def tests(session: nox.Session) -> None:
     """Run the whole test suite (typecheck included, as a test)."""
     install(session, "dev", "numpy", "torch", "server", "metrics", "bench", "notebook", torch=True)
     session.run("pytest", *session.posargs)
+    if session.posargs:
+        return
+    # The engine's contract again under the other plans of its fast lanes: every lane off, and
+    # each lane alone (the private switch of batchkit/_core/_plan.py; the run above had all on).
+    for off in LANE_PLANS:
+        session.run("pytest", "tests/core", "-q", env={"BATCHKIT_LANES_OFF": off})
 
 
 @nox.session(python="3.11")

@@ -15,6 +15,20 @@ def anyio_backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(autouse=True)
+def _skip_when_the_lane_is_off(request: pytest.FixtureRequest) -> None:
+    """Skip a test of a fast lane when the private switch turned that lane off.
+
+    ``BATCHKIT_LANES_OFF`` (see ``batchkit/_core/_plan.py``) runs the same suite under other
+    plans: ``nox -s tests`` runs ``tests/core`` with every lane off and with each lane alone.
+    """
+    from batchkit._core import _plan
+
+    for marker in request.node.iter_markers("lane"):
+        if marker.args[0] in _plan.disabled:
+            pytest.skip(f"the {marker.args[0]} lane is off (BATCHKIT_LANES_OFF)")
+
+
+@pytest.fixture(autouse=True)
 def no_engine_threads_left() -> Iterator[None]:
     """Fail a test that leaves a batchkit background thread running."""
     before = {t.ident for t in threading.enumerate()}

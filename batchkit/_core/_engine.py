@@ -36,6 +36,7 @@ from ._errors import (
     QueueFull,
 )
 from ._info import BatchInfo, batch_info
+from ._plan import plan_for
 from ._queue import NEW, QUEUED, BatchQueue
 from ._requests import (
     EventRequest,
@@ -120,6 +121,21 @@ class _AsyncioSignal(_Signal):
         finally:
             if timer is not None:
                 timer.cancel()
+
+
+class _NoLock:
+    """A lock for an engine only its loop's thread touches (no lane hands work to threads)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_LOCK: Any = _NoLock()
 
 
 def _clock_of(loop: asyncio.AbstractEventLoop | None) -> Callable[[], float]:
@@ -220,14 +236,7 @@ class Engine:
             self._loop = None
         self._signal = _AsyncioSignal(self._loop) if self._loop else _Signal()
         settings = self.settings
-        # Calls with default settings on asyncio take `submit_plain`, a path of one frame.
-        plain = (
-            self._loop is not None
-            and settings.timeout is None
-            and settings.size_fn is None
-            and settings.max_queue_size is None
-            and settings.max_wait <= 0
-        )
+        self.plan = plan = plan_for(settings, self._loop)
         if self._loop is not None:
             # The engine's own kind of request: its loop and engine are class attributes.
             self._plain_request = type(
@@ -235,26 +244,17 @@ class Engine:
                 (PlainRequest,),
                 {"__slots__": (), "_loop": self._loop, "_engine": self},
             )
-        self._inline_ok = (
-            self._loop is not None and settings.timeout is None and settings.max_wait <= 0
-        )
-        # Sync callers batch among themselves in their threads only where a batch is simply
-        # the first max_batch_size callers in order: no cost budget, no bounded queue, no
-        # failure isolation, one batch at a time.
-        self._side_ok = (
-            self._inline_ok
-            and settings.max_batch_cost is None
-            and settings.max_queue_size is None
-            and not settings.isolate_failures
-            and settings.max_concurrency == 1
-        )
+        self._inline_ok = plan.inline
+        self._side_ok = plan.side
+        if not plan.locks:  # only the loop's thread touches the batches: the general path
+            self._claim = _NO_LOCK
         # A staged batch may keep filling only under greedy dispatch without a cost budget;
         # otherwise only a full batch is staged.
         self._fill_ok = settings.max_wait <= 0 and settings.max_batch_cost is None
         self._clock = _clock_of(self._loop)
         self._token = anyio.lowlevel.current_token()
         self.thread_id = threading.get_ident()
-        self.plain_thread = self.thread_id if plain else -1
+        self.plain_thread = self.thread_id if plan.plain else -1
         self._closing_event = anyio.Event()
         self._limiter = anyio.CapacityLimiter(self.settings.max_concurrency)
         # A sync model on asyncio runs in the engine's own threads: handing a batch over is one
@@ -262,6 +262,7 @@ class Engine:
         self._executor = None
         self._own_threads = self._loop is not None
         self._workers = self.settings.max_concurrency
+        self._prefetch = self._own_threads and plan.staging
         self._stopped = anyio.Event()
         self._rec.queue = self._queue  # it counts the items submitted to it
         self._tg = anyio.create_task_group()
@@ -288,7 +289,7 @@ class Engine:
                 self._record_inline()
                 self._rec.submitted += self._queue.entered
                 self._rec.queue = None
-            self._own_threads = False
+            self._own_threads = self._prefetch = False
             if self._executor is not None:
                 # Normally every batch has ended and this returns at once; after the host was
                 # cancelled mid-batch, do not block the loop on a model still running.
@@ -680,7 +681,7 @@ class Engine:
                 if batch is None:
                     return
                 running = self._start(batch)
-            running = await self._complete(running, prefetch=self._own_threads)
+            running = await self._complete(running, prefetch=self._prefetch)
 
     async def _next_batch(self) -> list[Request] | None:
         """Wait until the policy releases a batch and take it; None once closed and empty."""
@@ -751,7 +752,7 @@ class Engine:
             try:
                 job = self._loop.run_in_executor(self._executor, run, batch, installed, info)
             except RuntimeError:  # the pool refuses work (interpreter shutdown): use anyio's
-                self._own_threads = False
+                self._own_threads = self._prefetch = False
         if job is None:
             job = self._invoke([req.item for req in batch], installed, info)
         return batch, job, started, installed

@@ -797,6 +797,7 @@ async def behind_a_failing_batch(fake: GatedSyncModel, **settings: Any) -> dict[
     return results
 
 
+@pytest.mark.lane("staging")
 class TestStagedBatches:
     """A sync model on asyncio: a full batch queued while one runs is handed to the model
     thread at once, so it starts the moment the running batch ends. On trio it stays queued

@@ -188,6 +188,7 @@ class RecordingModel:
                 self._running -= 1
 
 
+@pytest.mark.lane("inline")
 class TestLoneSyncCaller:
     """An idle engine lets a sync caller run its item in its own thread: no hand-over."""
 
@@ -275,6 +276,8 @@ def wait_beside(
     return futures
 
 
+@pytest.mark.lane("inline")
+@pytest.mark.lane("side")
 class TestSyncCallersBatchTogether:
     """Sync callers arriving while a caller's thread runs a batch wait beside it; the batches
     that follow run in their own threads, in priority order, without the engine's loop."""
