@@ -57,7 +57,7 @@ _DEAD_LOOP_GRACE = 5.0
 
 # A started batch: its requests, the model's pending result, when it started, and the model
 # installation it runs on (the whole batch runs on that one).
-_Running = tuple[list[Request], Awaitable[Sequence[Any]], float, Installed]
+_Running = tuple["_Batch", Awaitable[Sequence[Any]], float, Installed]
 
 # A batch run in a caller's thread, for the loop to record: start, end, its items' submit
 # times, how many failed, how many callers left while it ran.
@@ -147,13 +147,26 @@ def _clock_of(loop: asyncio.AbstractEventLoop | None) -> Callable[[], float]:
     return loop.time
 
 
-class _Skipped(list[Any]):
-    """Outputs of a staged batch some of whose callers left before it began: their slots
-    hold None, and ``_complete`` settles those callers as cancelled (``kept`` is False)."""
+class _Batch(list[Any]):
+    """A batch of requests, with what happened to it outside the loop's thread.
 
-    def __init__(self, outputs: Iterable[Any], kept: list[bool]) -> None:
-        super().__init__(outputs)
-        self.kept = kept
+    ``ran``: which requests the model ran (None: all); the model skips callers who left before
+    it started (cancelled, expired), and ``_complete`` settles them as cancelled if the loop
+    has not heard of it yet. ``begun``: a model thread took the staged batch up (under
+    ``_claim``); ``closed``: closing failed its callers before that, so the thread runs none.
+    """
+
+    __slots__ = ("after", "begun", "closed", "ended", "ran")
+
+    def __init__(self, requests: Iterable[Any] = ()) -> None:
+        super().__init__(requests)
+        self.ran: list[bool] | None = None
+        self.begun = False
+        self.closed = False
+        # With several model threads, a staged batch waits in its thread for the batch before
+        # it (`after`, that batch's `ended`): else it could start in an idle thread at once.
+        self.after: threading.Event | None = None
+        self.ended: threading.Event | None = None
 
 
 # Builds a request without running ``__init__``: ``submit_plain`` sets every slot itself.
@@ -210,8 +223,9 @@ class Engine:
         # Batches handed to a model thread while the batch before them still runs there, and
         # the one of them that callers arriving meanwhile still join (until the thread takes
         # it up or it is full; `_claim` guards that hand-off).
-        self._staged: list[list[Request]] = []
-        self._open: list[Request] | None = None
+        self._staged: list[_Batch] = []
+        self._open: _Batch | None = None
+        self._open_installed: Installed | None = None  # the installation the open batch runs on
         self._staging = False  # there may be stage waiters or an open staged batch
         self._fill_ok = False
         # A sync caller may run its item itself while the engine is idle (`run_inline`), and
@@ -264,7 +278,7 @@ class Engine:
         self._workers = self.settings.max_concurrency
         self._prefetch = self._own_threads and plan.staging
         self._stopped = anyio.Event()
-        self._rec.queue = self._queue  # it counts the items submitted to it
+        self._rec.count_queue(self._queue)  # it counts the items submitted to it
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         for _ in range(self._workers):
@@ -287,8 +301,7 @@ class Engine:
         finally:
             with self._claim:  # the last inline batches ended; the loop may not have heard
                 self._record_inline()
-                self._rec.submitted += self._queue.entered
-                self._rec.queue = None
+                self._rec.retire_queue()
             self._own_threads = self._prefetch = False
             if self._executor is not None:
                 # Normally every batch has ended and this returns at once; after the host was
@@ -304,11 +317,16 @@ class Engine:
         if not drain:
             # A staged batch has not begun: its callers are failed like queued ones, and the
             # model thread skips them. So are sync callers waiting beside an inline batch.
-            with self._claim:
+            with self._claim:  # statistics() counts `_side` as submitted: move them at once
                 self._open = None
                 side, self._side = self._side, []
-            staged = [req for batch in self._staged for req in batch]
-            self._rec.submitted += len(side)
+                self._rec.submitted += len(side)
+                # A staged batch no model thread has taken up has not begun: fail its callers
+                # (the thread will run none). One taken up runs: its outputs are delivered.
+                closed = [batch for batch in self._staged if not batch.begun]
+                for batch in closed:
+                    batch.closed = True
+            staged = [req for batch in closed for req in batch]
             for req in [*staged, *side, *self._queue.remove_all()]:
                 self._fail(req, ClosedError(f"model {self.settings.name!r} was closed"))
         self._signal.set()
@@ -406,15 +424,17 @@ class Engine:
         req.finished = False
         req.outcome = 0
         req.callback = None
-        # `self._queue.enqueue(req)` (which counts it submitted), inlined for a priority
-        # that has queued items already: the queue's `_append` without its frame.
+        # `self._queue.enqueue(req)`, inlined for a priority that has queued items already:
+        # the queue's `_append` without its frame. `_entered` counts it submitted.
+        queue = self._queue
+        queue._entered += 1
         level = self._levels.get(priority)
         if level is None:
-            self._queue.enqueue(req)
+            queue.enqueue(req)
         else:
             req.state = QUEUED
             level.append(req)
-            self._queue._queued += 1
+            queue._queued += 1
         # `_wake_for_items`, inlined:
         if self._signal.waiting:
             self._signal.set()
@@ -479,6 +499,10 @@ class Engine:
         with self._claim:
             if batch is None or self._open is not batch:  # the model thread took it up
                 return
+            if self._slot.current is not self._open_installed:
+                # A swap or rollback has returned: callers from now on run on the new model.
+                self._open = None
+                return
             taken, expired = self._queue.take(self._clock(), limit - len(batch))
             batch.extend(taken)
             if len(batch) >= limit:
@@ -528,13 +552,27 @@ class Engine:
         return_exceptions: bool,
         versioned: bool = False,
     ) -> list[Any]:
-        """Submit all ``items`` at once and return their results (``Versioned``) in order."""
-        reqs: list[Request] = []
+        """Submit all ``items`` at once and return their results (``Versioned``) in order.
+
+        With ``return_exceptions``, an item the full queue refuses (``QueueFull``, not
+        ``wait``) gets the error in its place, as from any other loop; without it, the error
+        is raised and the items queued so far are withdrawn. So are the items not yet answered
+        when the caller is cancelled or one fails.
+        """
+        reqs: list[Request | QueueFull] = []
         try:
             for item in items:
-                reqs.append(self.submit(item, priority, deadline, wait))
+                try:
+                    reqs.append(self.submit(item, priority, deadline, wait))
+                except QueueFull as exc:
+                    if not return_exceptions:
+                        raise
+                    reqs.append(exc)
             results: list[Any] = []
             for req in reqs:
+                if isinstance(req, QueueFull):
+                    results.append(req)
+                    continue
                 try:
                     value = await self.outcome(req)
                     results.append(req.versioned(value) if versioned else value)
@@ -545,10 +583,12 @@ class Engine:
             return results
         finally:
             for req in reqs:
-                if not req.finished:
+                if isinstance(req, Request) and not req.finished:
                     self.cancel(req)
-                elif isinstance(req, FutureRequest) and req.future.done():
-                    req.future.exception()  # retrieved: asyncio must not log it as lost
+            for req in reqs:  # an error nobody awaited: asyncio must not log it as lost
+                future = req.future if isinstance(req, FutureRequest) else None
+                if future is not None and future.done() and not future.cancelled():
+                    future.exception()
 
     # -- from other threads --------------------------------------------------------------------
 
@@ -683,7 +723,7 @@ class Engine:
                 running = self._start(batch)
             running = await self._complete(running, prefetch=self._prefetch)
 
-    async def _next_batch(self) -> list[Request] | None:
+    async def _next_batch(self) -> _Batch | None:
         """Wait until the policy releases a batch and take it; None once closed and empty."""
         self._parked += 1
         try:
@@ -693,7 +733,7 @@ class Engine:
         finally:
             self._parked -= 1
 
-    async def _wait_for_batch(self) -> list[Request] | None:
+    async def _wait_for_batch(self) -> _Batch | None:
         queue = self._queue
         while True:
             if self._slot.held or self._inline_busy:
@@ -712,49 +752,50 @@ class Engine:
                 if batch:
                     return batch
 
-    def _take(self, now: float) -> list[Request]:
+    def _take(self, now: float) -> _Batch:
         """Take the next batch and count it in flight; none while a caller runs inline."""
         with self._claim:
             if self._inline_busy:
-                return []
+                return _Batch()
             if self._inline_done:
                 self._record_inline()
-            batch, expired = self._queue.take(now)
-            if batch:
+            taken, expired = self._queue.take(now)
+            if taken:
                 self._in_flight += 1
         for req in expired:
             self.expire(req)
-        return batch
+        return _Batch(taken)
 
     def _start(
-        self, batch: list[Request], installed: Installed | None = None, *, staged: bool = False
+        self, batch: _Batch, installed: Installed | None = None, *, staged: bool = False
     ) -> _Running:
         """Start the model on ``batch``: in the engine's thread pool, or as a coroutine.
 
         The batch runs on ``installed``, by default the one in the slot now. The caller counted
         it in ``_in_flight``; ``_complete`` uncounts it. A ``staged`` batch (in a model thread)
-        closes ``_open`` when the thread takes it up.
+        closes ``_open`` when the thread takes it up. The callers who left before the model
+        starts are not run (``_Batch.ran``).
         """
         if installed is None:
             installed = self._slot.current
         started = self._clock()
-        # Only a model that opted in (checked once, at installation) pays for its BatchInfo.
-        info = None if installed.with_info is None else batch_info(batch, started)
         job: Awaitable[Sequence[Any]] | None = None
         if self._own_threads and not installed.is_async:
             assert self._loop is not None
             run = self._invoke_staged if staged else self._invoke_live
+            if self.settings.max_concurrency > 1 and self._prefetch:
+                batch.ended = threading.Event()
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(
                     self.settings.max_concurrency,
                     thread_name_prefix=f"batchkit-{self.settings.name}-model",
                 )
             try:
-                job = self._loop.run_in_executor(self._executor, run, batch, installed, info)
+                job = self._loop.run_in_executor(self._executor, run, batch, installed, started)
             except RuntimeError:  # the pool refuses work (interpreter shutdown): use anyio's
                 self._own_threads = self._prefetch = False
         if job is None:
-            job = self._invoke([req.item for req in batch], installed, info)
+            job = self._invoke(batch, installed, started)
         return batch, job, started, installed
 
     def _start_ready(self) -> _Running | None:
@@ -778,20 +819,22 @@ class Engine:
         ahead = None
         try:
             if threaded:
-                ahead = await self._stage_next(job)  # type: ignore[arg-type]
+                ahead = await self._stage_next(job, batch)  # type: ignore[arg-type]
             outputs = await job
         except Exception as exc:
-            n = len(batch)  # now: callers may join a staged batch until its thread takes it up
+            live = self._ran(batch)  # now: callers may join a staged batch until it is taken up
+            n = len(live)
             end = self._clock()
-            self._record_batch(n, start, end)
+            if n:
+                self._record_batch(n, start, end)
             # Output errors (wrong count, no length) are the model's bug, not a poison item's.
             if self.settings.isolate_failures and n > 1 and not isinstance(exc, ModelError):
                 if ahead is not None:  # a batch runs on one installation: finish that one first
                     ahead = await self._complete(self._begun(ahead, end), prefetch=False)
-                await self._retry_halves(batch, installed)  # uncounts this batch at its end
+                await self._retry_halves(live, installed)  # uncounts this batch at its end
                 return ahead
             self._in_flight -= 1
-            for req in batch:
+            for req in live:
                 self._fail(req, self._batch_error(exc, n, installed.version))
             return None if ahead is None else self._begun(ahead, end)
         except BaseException:
@@ -807,19 +850,28 @@ class Engine:
                 self._fail_all(ahead[0])
             raise
         self._in_flight -= 1
-        n = len(batch)
-        if outputs.__class__ is _Skipped:
-            for req, kept in zip(batch, outputs.kept, strict=True):
-                if not kept:
-                    self.cancel(req)
+        live = self._ran(batch)
+        n = len(live)
         end = self._clock()
-        self._record_batch(n, start, end)
+        if n:
+            self._record_batch(n, start, end)
         if ahead is not None:
             ahead = self._begun(ahead, end)
         elif threaded:
             ahead = self._start_ready()
-        self._deliver(batch, outputs, start, end, installed.version)
+        if live:
+            self._deliver(live, outputs, start, end, installed.version)
         return ahead
+
+    def _ran(self, batch: _Batch) -> list[Request]:
+        """Return the requests of ``batch`` the model ran; settle the others as cancelled."""
+        ran = batch.ran
+        if ran is None:
+            return batch
+        for req, kept in zip(batch, ran, strict=True):
+            if not kept:
+                self.cancel(req)
+        return [req for req, kept in zip(batch, ran, strict=True) if kept]
 
     def _begun(self, staged: _Running, at: float) -> _Running:
         """Return a staged batch as begun at ``at``, when the batch before it ended."""
@@ -827,7 +879,9 @@ class Engine:
         self._staged.remove(batch)
         return batch, job, max(start, at), installed
 
-    async def _stage_next(self, job: asyncio.Future[Sequence[Any]]) -> _Running | None:
+    async def _stage_next(
+        self, job: asyncio.Future[Sequence[Any]], running: _Batch
+    ) -> _Running | None:
         """While ``job`` runs in a model thread, hand it the next batch as soon as there is one.
 
         The thread takes the staged batch up the moment ``job`` ends, with no round trip through
@@ -839,17 +893,20 @@ class Engine:
         """
         assert self._loop is not None
         while not job.done():
+            installed = self._slot.current
+            if installed.is_async:  # swapped for an async model: it runs on the loop, unstaged
+                return None
             if self._stageable() and not self._slot.held:
                 batch = self._take(self._clock())
                 if batch:
                     self._staged.append(batch)
-                    installed = self._slot.current
                     if self._fill_ok and installed.with_info is None:
                         with self._claim:  # before the thread can see the batch
-                            self._open = (
-                                batch if len(batch) < self.settings.max_batch_size else None
-                            )
+                            full = len(batch) >= self.settings.max_batch_size
+                            self._open = None if full else batch
+                            self._open_installed = installed
                         self._staging = True  # submitting callers top it up
+                    batch.after = running.ended
                     return self._start(batch, installed, staged=True)
             waiter = self._loop.create_future()
             self._stage_waiters.append(waiter)
@@ -926,11 +983,11 @@ class Engine:
         try:
             for part in (batch[:half], batch[half:]):
                 # Callers that gave up (cancelled, expired) meanwhile are not run again.
-                part = [req for req in part if not req.finished]
-                if part:
+                live = _Batch(req for req in part if not req.finished)
+                if live:
                     # On the installation that failed: a batch runs on one version.
                     self._in_flight += 1
-                    await self._complete(self._start(part, installed), prefetch=False)
+                    await self._complete(self._start(live, installed), prefetch=False)
         except BaseException:  # cancelled mid-retry: settle the half not yet run
             self._fail_all(batch)
             raise
@@ -974,21 +1031,23 @@ class Engine:
         error.__cause__ = exc
         return error
 
-    async def _invoke(
-        self, items: list[Any], installed: Installed, info: BatchInfo | None
-    ) -> Sequence[Any]:
-        if installed.is_async:
-            collate = self.settings.collate
-            batch = collate(items) if collate is not None else items
-            if info is None:
-                out = await installed.model(batch)
-            else:
-                assert installed.with_info is not None
-                out = await installed.with_info(batch, info)
-            return split_outputs(self.settings, out, len(items))
-        return await anyio.to_thread.run_sync(
-            self._invoke_sync, items, installed, info, limiter=self._limiter
-        )
+    async def _invoke(self, batch: _Batch, installed: Installed, started: float) -> Sequence[Any]:
+        """Run the model on the callers of ``batch`` who still wait; outputs for those."""
+        if not installed.is_async:
+            return await anyio.to_thread.run_sync(
+                self._invoke_live, batch, installed, started, limiter=self._limiter
+            )
+        live = _still_waiting(batch)
+        if not live:
+            return ()
+        items = [req.item for req in live]
+        collate = self.settings.collate
+        model_input = collate(items) if collate is not None else items
+        if installed.with_info is None:
+            out = await installed.model(model_input)
+        else:
+            out = await installed.with_info(model_input, batch_info(live, started))
+        return split_outputs(self.settings, out, len(items))
 
     # -- sync callers running their own item ----------------------------------------------------
 
@@ -1231,29 +1290,42 @@ class Engine:
         self._inline_cancelled = 0
 
     def _invoke_staged(
-        self, batch: list[Request], installed: Installed, info: BatchInfo | None
+        self, batch: _Batch, installed: Installed, started: float
     ) -> Sequence[Any]:
-        """Close the staged ``batch`` to callers arriving from now on, and run it; in a thread."""
+        """Close the staged ``batch`` to callers arriving from now on, and run it; in a thread.
+
+        Closing without drain fails the callers of a staged batch no thread has taken up; one
+        taken up runs, and its outputs are delivered (``_claim`` makes the two exclusive).
+        """
+        if batch.after is not None:
+            batch.after.wait()
         with self._claim:
             if self._open is batch:
                 self._open = None
-        return self._invoke_live(batch, installed, info)
+            if batch.closed:
+                batch.ran = [False] * len(batch)
+                if batch.ended is not None:
+                    batch.ended.set()
+                return ()
+            batch.begun = True
+        return self._invoke_live(batch, installed, started)
 
-    def _invoke_live(
-        self, batch: list[Request], installed: Installed, info: BatchInfo | None
-    ) -> Sequence[Any]:
+    def _invoke_live(self, batch: _Batch, installed: Installed, started: float) -> Sequence[Any]:
         """Run the sync model on the items of ``batch`` whose callers still wait; in a thread.
 
         A staged batch waits for the one before it: callers that left meanwhile (cancelled,
         expired) are not run; ``_complete`` settles them as cancelled if the loop has not heard
-        of their cancellation yet (see ``_Skipped``).
+        of their cancellation yet. Return the outputs of the callers run.
         """
-        keep = [not req.abandoned() for req in batch]
-        if all(keep):
-            return self._invoke_sync([req.item for req in batch], installed, info)
-        live = [req.item for req, k in zip(batch, keep, strict=True) if k]
-        outputs = iter(self._invoke_sync(live, installed, info) if live else ())
-        return _Skipped((next(outputs) if k else None for k in keep), keep)
+        try:
+            live = _still_waiting(batch)
+            if not live:
+                return ()
+            info = None if installed.with_info is None else batch_info(live, started)
+            return self._invoke_sync([req.item for req in live], installed, info)
+        finally:
+            if batch.ended is not None:
+                batch.ended.set()
 
     def _invoke_sync(
         self, items: list[Any], installed: Installed, info: BatchInfo | None
@@ -1302,6 +1374,16 @@ class Engine:
             batches=stats.batches + len(done),
             batch_sizes=MappingProxyType(dict(sorted(sizes.items()))),
         )
+
+
+def _still_waiting(batch: _Batch) -> list[Request]:
+    """Return the requests of ``batch`` whose callers still wait, marking the rest in
+    ``batch.ran`` for the loop to settle; called as the model starts, in any thread."""
+    keep = [not req.abandoned() for req in batch]
+    if all(keep):
+        return batch
+    batch.ran = keep
+    return [req for req, kept in zip(batch, keep, strict=True) if kept]
 
 
 def run_sync_batch(settings: Settings, fn: Callable[[Any], Any], items: list[Any]) -> Sequence[Any]:

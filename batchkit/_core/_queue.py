@@ -89,8 +89,9 @@ class BatchQueue(Generic[E]):
         self._queued_cost = 0.0
         self._waiting_count = 0
         self._removed = 0  # removals since the last compaction
-        self._taken = 0  # entries handed out in batches, ever
-        self._dropped = 0  # queued or waiting entries removed, ever
+        # Entries ever pushed or enqueued: one counter, so a reader in another thread never
+        # sees it between two updates (a sum of the counters below could be torn).
+        self._entered = 0
         if max_wait <= 0 and max_batch_cost is None:
             self.enqueue = self._append  # type: ignore[method-assign]
         # Adaptive wait: a score in [0, 1] of how often recent waits gathered more entries.
@@ -108,8 +109,8 @@ class BatchQueue(Generic[E]):
 
     @property
     def entered(self) -> int:
-        """Return how many entries were ever queued or parked waiting for room."""
-        return self._queued + self._waiting_count + self._taken + self._dropped
+        """Return how many entries were ever queued or parked waiting for room (any thread)."""
+        return self._entered
 
     @property
     def waiting_for_room(self) -> int:
@@ -139,6 +140,7 @@ class BatchQueue(Generic[E]):
             self._waiting_count += 1
         else:
             self.enqueue(entry)
+        self._entered += 1
         if entry.deadline is not None:
             heapq.heappush(self._deadlines, (entry.deadline, entry.seq, entry))
 
@@ -146,7 +148,8 @@ class BatchQueue(Generic[E]):
         """Queue ``entry`` at once, past the size bound, without indexing its deadline.
 
         ``push`` calls it once there is room. Called directly, it is the per-item path of calls
-        with default settings: valid for an entry without deadline in an unbounded queue.
+        with default settings: valid for an entry without deadline in an unbounded queue; the
+        caller then counts it in ``_entered`` (``push`` does that for the entries it takes).
         """
         self._append(entry)
         if self.max_wait > 0:
@@ -192,7 +195,6 @@ class BatchQueue(Generic[E]):
             return False
         entry.state = REMOVED
         self._removed += 1
-        self._dropped += 1
         if self._removed > 64 and self._removed > self._queued + self._waiting_count:
             self._compact()
         self._admit_waiting()
@@ -247,7 +249,6 @@ class BatchQueue(Generic[E]):
         entries.extend(e for e in self._waiting if e.state == WAITING)
         for entry in entries:
             entry.state = REMOVED
-        self._dropped += len(entries)
         self._levels.clear()
         self._levels_heap.clear()
         self._arrivals.clear()
@@ -341,7 +342,6 @@ class BatchQueue(Generic[E]):
                 heapq.heappop(heap)
                 del levels[priority]
         self._queued -= len(batch)
-        self._taken += len(batch)
         self._queued_cost = self._queued_cost - cost if self._queued else 0.0
         if self.adaptive_wait and batch:
             self._score_window(len(batch))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from bisect import bisect_left
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
@@ -170,6 +171,7 @@ class Recorder:
     """Mutable counters owned by one engine; only the engine's loop thread writes them."""
 
     __slots__ = (
+        "_lock",
         "batch_sizes",
         "batches",
         "cancelled",
@@ -193,6 +195,8 @@ class Recorder:
         # Items submitted outside a queue; those of the running engine's queue are its count.
         self.submitted = self.completed = self.failed = 0
         self.queue: Any = None  # the running engine's BatchQueue, while it runs
+        # Makes folding the queue's count into `submitted` atomic for snapshots in other threads.
+        self._lock = threading.Lock()
         self.expired = self.cancelled = self.rejected = self.batches = 0
         self.batch_sizes: Counter[int] = Counter()
         self.compute: deque[float] = deque(maxlen=SAMPLE_WINDOW)
@@ -205,6 +209,24 @@ class Recorder:
         self.last_swap_seconds = self.last_swap_pause_seconds = 0.0
         # queue_wait, compute, end_to_end: counted only once turned on (a cost per item).
         self.histograms: dict[str, _Histogram] | None = None
+
+    def count_queue(self, queue: Any) -> None:
+        """Count the items submitted to ``queue`` (a running engine's) until ``retire_queue``."""
+        with self._lock:
+            self.queue = queue
+
+    def retire_queue(self) -> None:
+        """Fold the running queue's count into ``submitted``: its engine has stopped."""
+        with self._lock:
+            if self.queue is not None:
+                self.submitted += self.queue.entered
+                self.queue = None
+
+    def submitted_now(self) -> int:
+        """Return the items submitted so far (safe from any thread)."""
+        with self._lock:
+            queue = self.queue
+            return self.submitted + (0 if queue is None else queue.entered)
 
     def record_histograms(self, bounds: tuple[float, ...]) -> None:
         """Start counting latencies into histograms with ``bounds`` (once; same bounds after)."""
@@ -256,7 +278,7 @@ class Recorder:
         return Statistics(
             name=name,
             model_version=model_version,
-            submitted=self.submitted + (0 if self.queue is None else self.queue.entered),
+            submitted=self.submitted_now(),
             completed=self.completed,
             failed=self.failed,
             expired=self.expired,

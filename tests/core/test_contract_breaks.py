@@ -1,0 +1,635 @@
+"""Contract breaks found under long randomized load, each pinned by a small, deterministic test
+through the public API (outcomes and ``statistics()`` only). Asyncio and trio.
+
+Most of them live where a sync model runs in the engine's own threads on asyncio: there the
+next batch is staged (handed to the model thread) while the one before it runs, and a staged
+batch is the window most of these tests hold open with gates. Where a test needs the engine's
+loop to be busy at one precise moment, it blocks that loop for a bounded time on a
+``threading.Event`` (as ``test_model.py`` does for staged batches) instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import pytest
+
+from batchkit import BatchedModel, ClosedError, ModelError, QueueFull, Versioned
+
+from ..support.helpers import GatedModel
+
+pytestmark = pytest.mark.anyio
+
+# Bound on every wait for another thread: the tests never get near it unless they fail.
+LIMIT = 10.0
+
+
+async def settle() -> None:
+    """Let every other task of this loop run until all are blocked (no sleeping)."""
+    await anyio.wait_all_tasks_blocked()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait, yielding to the loop, until ``condition()`` holds (state other threads change)."""
+    with anyio.fail_after(LIMIT):
+        while not condition():
+            await anyio.lowlevel.checkpoint()
+
+
+async def wait_event(event: threading.Event) -> None:
+    """Wait for a ``threading.Event`` without blocking this loop."""
+    assert await anyio.to_thread.run_sync(event.wait, LIMIT), "the event never came"
+
+
+def hold_loop_until(event: threading.Event) -> None:
+    """Block the calling loop's thread (bounded) until another thread sets ``event``."""
+    assert event.wait(LIMIT), "the event never came"
+
+
+class Outcomes(dict[Any, Any]):
+    """Each caller's outcome, by item: its value (``Versioned`` for versioned calls) or error."""
+
+    def spawn(
+        self,
+        tg: anyio.abc.TaskGroup,
+        call: Callable[..., Any],
+        item: Any,
+        **kwargs: Any,
+    ) -> None:
+        async def one() -> None:
+            try:
+                self[item] = await call(item, **kwargs)
+            except Exception as exc:
+                self[item] = exc
+
+        tg.start_soon(one)
+
+
+class HeldSyncModel:
+    """A sync model (run in a worker thread) that records each batch with its version and
+    holds the batches whose first item is in ``hold`` until ``release(item)``."""
+
+    def __init__(self, version: str, batches: list[tuple[str, list[Any]]], hold: set[Any]) -> None:
+        self.version = version
+        self.batches = batches
+        self.hold = hold
+        self.started: dict[Any, threading.Event] = {}
+        self.gates: dict[Any, threading.Event] = {}
+        for item in hold:
+            self.started[item] = threading.Event()
+            self.gates[item] = threading.Event()
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        self.batches.append((self.version, list(items)))
+        first = items[0]
+        if first in self.hold:
+            self.started[first].set()
+            self.gates[first].wait(LIMIT)
+        return [(self.version, item) for item in items]
+
+    def release(self, item: Any) -> None:
+        self.gates[item].set()
+
+
+# -- 1. swapping between a sync and an async model while batches run ---------------------------
+
+
+class TestSwapBetweenSyncAndAsync:
+    async def test_sync_to_async_swap_while_a_batch_runs_keeps_the_engine_alive(self) -> None:
+        """A batch staged right after a swap to an async model must not break the engine: no
+        exception escapes ``async with``, and every caller gets its output, from the new model."""
+        batches: list[tuple[str, list[Any]]] = []
+        old = HeldSyncModel("1", batches, hold={1})
+
+        async def new(items: list[Any]) -> list[Any]:
+            batches.append(("2", list(items)))
+            await anyio.lowlevel.checkpoint()
+            return [("2", item) for item in items]
+
+        results = Outcomes()
+        with anyio.fail_after(LIMIT):
+            async with BatchedModel(old, version="1") as model:
+                async with anyio.create_task_group() as tg:
+                    results.spawn(tg, model.call_versioned, 1)
+                    await wait_event(old.started[1])
+                    await model.swap(new, version="2")
+                    for item in (2, 3):  # arriving while the old model's batch runs
+                        results.spawn(tg, model.call_versioned, item)
+                        await settle()
+                    old.release(1)
+        assert results == {
+            1: Versioned(("1", 1), "1"),
+            2: Versioned(("2", 2), "2"),
+            3: Versioned(("2", 3), "2"),
+        }
+        stats = model.statistics()
+        assert (stats.submitted, stats.completed, stats.pending) == (3, 3, 0)
+
+    async def test_sync_to_async_swap_on_the_background_engine_answers_every_caller(
+        self,
+    ) -> None:
+        """The same on the background engine: its thread must survive, and callers without a
+        timeout must be answered (they would wait forever for a dead engine)."""
+        batches: list[tuple[str, list[Any]]] = []
+        old = HeldSyncModel("1", batches, hold={1})
+
+        async def new(items: list[Any]) -> list[Any]:
+            batches.append(("2", list(items)))
+            await anyio.lowlevel.checkpoint()
+            return [("2", item) for item in items]
+
+        model = BatchedModel(old, version="1")
+        results = Outcomes()
+        try:
+            with anyio.move_on_after(5) as scope:
+                async with anyio.create_task_group() as tg:
+                    results.spawn(tg, model.call_versioned, 1)
+                    await wait_event(old.started[1])
+                    await model.swap(new, version="2")
+                    for n in (2, 3):
+                        results.spawn(tg, model.call_versioned, n)
+                        await until(lambda: model.statistics().submitted == n)  # noqa: B023 (awaited here)
+                    old.release(1)
+            assert not scope.cancelled_caught, f"callers still waiting: {results}"
+            assert results == {
+                1: Versioned(("1", 1), "1"),
+                2: Versioned(("2", 2), "2"),
+                3: Versioned(("2", 3), "2"),
+            }
+        finally:
+            await model.aclose()
+
+    async def test_async_to_sync_swap_keeps_max_concurrency(self) -> None:
+        """With ``max_concurrency=2``, an async batch still running from before a swap to a
+        sync model and two sync batches after it must never run at the same time."""
+        lock = threading.Lock()
+        running = [0]
+        peak = [0]
+        third = threading.Event()
+
+        def enter() -> None:
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+                if running[0] >= 3:
+                    third.set()
+
+        def leave() -> None:
+            with lock:
+                running[0] -= 1
+
+        old_gate = anyio.Event()
+        old_started = anyio.Event()
+
+        async def old(items: list[Any]) -> list[Any]:
+            enter()
+            try:
+                old_started.set()
+                await old_gate.wait()
+                return [("1", item) for item in items]
+            finally:
+                leave()
+
+        new_started = threading.Event()
+        new_gate = threading.Event()
+
+        def new(items: list[Any]) -> list[Any]:
+            enter()
+            try:
+                new_started.set()
+                new_gate.wait(LIMIT)
+                return [("2", item) for item in items]
+            finally:
+                leave()
+
+        results = Outcomes()
+        with anyio.fail_after(LIMIT):
+            async with BatchedModel(old, version="1", max_concurrency=2) as model:
+                async with anyio.create_task_group() as tg:
+                    results.spawn(tg, model.call_versioned, 1)
+                    await old_started.wait()  # batch [1] holds one slot, on the old model
+                    await model.swap(new, version="2")
+                    results.spawn(tg, model.call_versioned, 2)
+                    await wait_event(new_started)  # batch [2] holds the other slot
+                    results.spawn(tg, model.call_versioned, 3)
+                    await settle()
+                    # Both slots are taken: batch [3] must not start. (This bounded wait only
+                    # runs out when it rightly does not.)
+                    started_a_third = await anyio.to_thread.run_sync(third.wait, 0.3)
+                    old_gate.set()
+                    new_gate.set()
+        assert not started_a_third, "three batches ran at once with max_concurrency=2"
+        assert peak[0] <= 2
+        assert results == {
+            1: Versioned(("1", 1), "1"),
+            2: Versioned(("2", 2), "2"),
+            3: Versioned(("2", 3), "2"),
+        }
+
+
+# -- 2. cancelling call_many withdraws every item ----------------------------------------------
+
+
+class TestCancelledCallMany:
+    async def test_cancelling_call_many_withdraws_every_queued_item(self) -> None:
+        gated = GatedModel()
+        async with BatchedModel(gated, max_batch_size=8) as model:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(model.call, 0)
+                await gated.started.wait()
+                with anyio.CancelScope() as scope:
+                    tg.start_soon(lambda: _cancel_when_blocked(scope))
+                    await model.call_many([1, 2, 3])  # queued behind the running batch
+                assert scope.cancelled_caught
+                gated.open()
+        assert gated.seen == [0], "the model computed items of a cancelled call_many"
+        stats = model.statistics()
+        assert (stats.submitted, stats.completed, stats.cancelled) == (4, 1, 3)
+        assert stats.batch_sizes == {1: 1}
+
+    async def test_cancelling_call_many_from_another_loop_withdraws_every_item(self) -> None:
+        """The same with the engine on its background thread and the caller on this loop."""
+        gate = threading.Event()
+        started = threading.Event()
+        seen: list[Any] = []
+
+        def fn(items: list[Any]) -> list[Any]:
+            seen.extend(items)
+            started.set()
+            gate.wait(LIMIT)
+            return [item * 10 for item in items]
+
+        model = BatchedModel(fn, max_batch_size=8)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(model.call, 0)
+                await wait_event(started)
+                with anyio.CancelScope() as scope:
+                    tg.start_soon(_cancel_once, scope, model, 4)
+                    await model.call_many([1, 2, 3])
+                assert scope.cancelled_caught
+                gate.set()
+        finally:
+            await model.aclose()
+        assert seen == [0]
+        stats = model.statistics()
+        assert (stats.submitted, stats.completed, stats.cancelled) == (4, 1, 3)
+
+
+async def _cancel_when_blocked(scope: anyio.CancelScope) -> None:
+    await settle()
+    scope.cancel()
+
+
+async def _cancel_once(scope: anyio.CancelScope, model: BatchedModel[Any, Any], n: int) -> None:
+    await until(lambda: model.statistics().submitted == n)
+    scope.cancel()
+
+
+# -- 3. a call made after swap() or rollback() returned runs on the new version ----------------
+
+
+class TestCallsAfterASwapRunOnTheNewVersion:
+    async def test_a_call_after_swap_returned_runs_on_the_new_version(self) -> None:
+        batches: list[tuple[str, list[Any]]] = []
+        old = HeldSyncModel("1", batches, hold={1})
+        new = HeldSyncModel("2", batches, hold=set())
+        results = Outcomes()
+        async with BatchedModel(old, version="1") as model:
+            async with anyio.create_task_group() as tg:
+                results.spawn(tg, model.call_versioned, 1)
+                await wait_event(old.started[1])
+                results.spawn(tg, model.call_versioned, 2)  # queued behind [1], before the swap
+                await settle()
+                await model.swap(new, version="2")
+                assert model.version == "2"
+                results.spawn(tg, model.call_versioned, 3)  # made after swap() returned
+                await settle()
+                old.release(1)
+        assert results[1] == Versioned(("1", 1), "1")
+        assert results[3] == Versioned(("2", 3), "2"), f"batches run: {batches}"
+
+    async def test_a_call_after_rollback_returned_runs_on_the_restored_version(self) -> None:
+        batches: list[tuple[str, list[Any]]] = []
+        first = HeldSyncModel("1", batches, hold=set())
+        second = HeldSyncModel("2", batches, hold={1})
+        results = Outcomes()
+        async with BatchedModel(first, version="1") as model:
+            await model.swap(second, version="2")
+            async with anyio.create_task_group() as tg:
+                results.spawn(tg, model.call_versioned, 1)
+                await wait_event(second.started[1])
+                results.spawn(tg, model.call_versioned, 2)
+                await settle()
+                assert await model.rollback() == "1"
+                results.spawn(tg, model.call_versioned, 3)  # made after rollback() returned
+                await settle()
+                second.release(1)
+        assert results[1] == Versioned(("2", 1), "2")
+        assert results[3] == Versioned(("1", 3), "1"), f"batches run: {batches}"
+
+    async def test_a_sync_call_after_swap_sync_returned_runs_on_the_new_version(self) -> None:
+        """The same with the background engine, every call from a thread."""
+        batches: list[tuple[str, list[Any]]] = []
+        old = HeldSyncModel("1", batches, hold={1})
+        new = HeldSyncModel("2", batches, hold=set())
+        model = BatchedModel(old, version="1")
+        results: dict[Any, Any] = {}
+
+        def call(item: Any) -> None:
+            # With a timeout the item goes through the engine's queue (no inline run).
+            results[item] = model.call_sync_versioned(item, timeout=LIMIT)
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, call, 1)
+                await wait_event(old.started[1])
+                tg.start_soon(anyio.to_thread.run_sync, call, 2)
+                await until(lambda: model.statistics().submitted == 2)
+                await anyio.to_thread.run_sync(lambda: model.swap_sync(new, version="2"))
+                tg.start_soon(anyio.to_thread.run_sync, call, 3)
+                await until(lambda: model.statistics().submitted == 3)
+                old.release(1)
+        finally:
+            await model.aclose()
+        assert results[3] == Versioned(("2", 3), "2"), f"batches run: {batches}"
+
+
+# -- 4. closing without drain delivers what is already computed --------------------------------
+
+
+class TestCloseWithoutDrainDeliversRunningBatches:
+    @pytest.mark.parametrize("how", ["close", "exit"])
+    @pytest.mark.parametrize("stage", ["running", "finished"])
+    async def test_a_batch_the_model_runs_or_ran_is_delivered(self, how: str, stage: str) -> None:
+        """Close (or leave ``async with``) while the model runs the batch of item 2, or has
+        just finished it: item 2 must get its output, not ``ClosedError``."""
+        batches: list[tuple[str, list[Any]]] = []
+        hold = {1, 2} if stage == "running" else {1}
+        fake = HeldSyncModel("1", batches, hold=hold)
+        finished = threading.Event()
+
+        def model_fn(items: list[Any]) -> list[Any]:
+            try:
+                return fake(items)
+            finally:
+                if items[0] == 2:
+                    finished.set()
+
+        results = Outcomes()
+        model = BatchedModel(model_fn)
+        with anyio.fail_after(LIMIT):
+            async with anyio.create_task_group() as tg:
+                async with model:
+                    results.spawn(tg, model.call, 1)
+                    await wait_event(fake.started[1])
+                    results.spawn(tg, model.call, 2)  # queued behind [1]
+                    await settle()
+                    # Where [2] was staged (handed to the model thread while [1] runs: a sync
+                    # model on asyncio), the model thread starts it without the loop: hold this
+                    # loop (the engine's) until the model runs [2], or ran it. Where it waits in
+                    # the queue, the loop starts it: wait without blocking.
+                    staged = model.statistics().in_flight_batches == 2
+                    fake.release(1)
+                    event = fake.started[2] if stage == "running" else finished
+                    if staged:
+                        hold_loop_until(event)
+                    else:
+                        await wait_event(event)
+                    assert batches == [("1", [1]), ("1", [2])]
+                    if how == "close":
+                        model.close(drain=False)
+                    if stage == "running":
+                        fake.release(2)
+        assert results[1] == ("1", 1)
+        assert results[2] == ("1", 2), f"a batch the model ran was failed: {results[2]!r}"
+        stats = model.statistics()
+        assert (stats.completed, stats.failed, stats.pending) == (2, 0, 0)
+
+
+# -- 5. a caller on another loop cancelled while queued is never computed ---------------------
+
+
+class TestCancelledFromAnotherLoop:
+    async def test_an_async_model_never_computes_a_withdrawn_item(self) -> None:
+        """The engine runs on its background thread; the caller is this test's loop. The
+        caller of item 2 is cancelled while 2 is queued, just as the batch before it ends."""
+        gate = threading.Event()
+        blocking = threading.Event()
+        release = threading.Event()
+        seen: list[Any] = []
+
+        async def fn(items: list[Any]) -> list[Any]:
+            seen.extend(items)
+            if items == [1]:
+                await anyio.to_thread.run_sync(gate.wait, LIMIT)
+                # Keep the engine's loop busy while the caller withdraws 2: it hears of that
+                # only once this batch has ended.
+                blocking.set()
+                release.wait(LIMIT)
+            return [item * 10 for item in items]
+
+        model = BatchedModel(fn)
+        results = Outcomes()
+        try:
+            async with anyio.create_task_group() as tg:
+                results.spawn(tg, model.call, 1)
+                await until(lambda: model.statistics().in_flight_batches == 1)
+                with anyio.CancelScope() as scope:
+                    withdrawn = anyio.Event()
+
+                    async def leave_when_queued() -> None:
+                        await until(lambda: model.statistics().queue_depth == 1)
+                        gate.set()
+                        await wait_event(blocking)
+                        scope.cancel()
+                        withdrawn.set()
+
+                    tg.start_soon(leave_when_queued)
+                    await model.call(2)
+                assert scope.cancelled_caught
+                await withdrawn.wait()
+                release.set()
+        finally:
+            await model.aclose()
+        assert results == {1: 10}
+        assert seen == [1], "the model computed an item whose caller had left"
+        stats = model.statistics()
+        assert (stats.submitted, stats.completed, stats.cancelled) == (2, 1, 1)
+
+
+# -- 6. batch sizes count only the items the model was called with -----------------------------
+
+
+class TestBatchSizesCountWhatTheModelRan:
+    async def test_callers_who_left_before_the_model_was_called_are_not_counted(self) -> None:
+        seen: list[list[Any]] = []
+        started = threading.Event()
+        gate = threading.Event()
+
+        def fn(items: list[Any]) -> list[Any]:
+            seen.append(list(items))
+            if items == [1]:
+                started.set()
+                gate.wait(LIMIT)
+                return [item * 10 for item in items]
+            raise RuntimeError("boom")
+
+        results = Outcomes()
+        async with BatchedModel(fn, max_batch_size=8) as model:
+            async with anyio.create_task_group() as tg:
+                results.spawn(tg, model.call, 1)
+                await wait_event(started)
+                for item in (2, 3, 4):  # queued behind [1]
+                    results.spawn(tg, model.call, item)
+                    await settle()
+                with anyio.CancelScope() as scope:
+                    tg.start_soon(lambda: _cancel_when_blocked(scope))
+                    await model.call(5)  # leaves before its batch starts
+                assert scope.cancelled_caught
+                await until(lambda: model.statistics().cancelled == 1)
+                gate.set()
+        assert seen == [[1], [2, 3, 4]]
+        errors = [results[item] for item in (2, 3, 4)]
+        assert all(isinstance(e, ModelError) for e in errors), errors
+        sizes = [e.batch_size for e in errors]
+        assert sizes == [3, 3, 3], f"ModelError.batch_size {sizes[0]} for a model call of 3"
+        stats = model.statistics()
+        assert dict(stats.batch_sizes) == {1: 1, 3: 1}, f"batch_sizes {dict(stats.batch_sizes)}"
+        assert (stats.completed, stats.failed, stats.cancelled) == (1, 3, 1)
+
+
+# -- 7. monotonic counters stay monotonic while the model closes -------------------------------
+
+
+class TestStatisticsWhileClosing:
+    async def test_submitted_never_goes_down_during_close_without_drain(self) -> None:
+        """A thread reads ``statistics()`` in a loop while the model closes without draining
+        many queued items: ``submitted`` must never be counted twice, nor go down."""
+        old_interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)  # switch threads often, so the reader sees every step
+        try:
+            for _ in range(40):  # it shows in most attempts; stop at the first
+                seen = await self._close_under_observation(queued=2000)
+                drops = [(a, b) for a, b in itertools.pairwise(seen) if b < a]
+                assert not drops and max(seen) <= 2001, (
+                    f"submitted went {drops[0][0]} -> {drops[0][1]} (max {max(seen)}, "
+                    "2001 submitted)"
+                    if drops
+                    else f"submitted read as {max(seen)}, 2001 submitted"
+                )
+        finally:
+            sys.setswitchinterval(old_interval)
+
+    async def _close_under_observation(self, queued: int) -> list[int]:
+        gated = GatedModel()
+        model = BatchedModel(gated, max_batch_size=1)
+        seen: list[int] = []
+        stop = threading.Event()
+        reading = threading.Event()
+
+        def read() -> None:
+            while not stop.is_set():
+                seen.append(model.statistics().submitted)
+                reading.set()
+
+        reader = threading.Thread(target=read, daemon=True)
+        async with model:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_ignore_errors, model.call(0))
+                await gated.started.wait()
+                # With a timeout each, so that closing has more to clear: a wider window.
+                items = range(1, queued + 1)
+                tg.start_soon(_ignore_errors, model.call_many(items, timeout=60))
+                await settle()
+                reader.start()
+                await wait_event(reading)
+                model.close(drain=False)
+                await settle()
+                gated.open()
+        stop.set()
+        await anyio.to_thread.run_sync(reader.join, LIMIT)
+        seen.append(model.statistics().submitted)
+        return seen
+
+
+async def _ignore_errors(awaitable: Any) -> None:
+    try:
+        await awaitable
+    except ClosedError:
+        pass
+
+
+# -- 8. call_many_nowait(return_exceptions=True): one behaviour on every loop ------------------
+
+
+class TestCallManyNowaitReturnExceptions:
+    """docs/api.md: ``return_exceptions=True`` puts each failure in its item's place; only
+    without it is ``call_many_nowait`` all or nothing. So ``QueueFull`` takes the refused
+    item's place, whether the caller runs on the engine's loop or not."""
+
+    async def test_on_the_engine_loop_queue_full_takes_the_item_place(self) -> None:
+        gated = GatedModel()
+        outcome: list[Any] = []
+        async with BatchedModel(gated, max_batch_size=1, max_queue_size=2) as model:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(model.call, 0)
+                await gated.started.wait()
+
+                async def many() -> None:
+                    try:
+                        outcome.append(
+                            await model.call_many_nowait([1, 2, 3], return_exceptions=True)
+                        )
+                    except Exception as exc:
+                        outcome.append(exc)
+
+                tg.start_soon(many)
+                await settle()
+                gated.open()
+        assert not isinstance(outcome[0], QueueFull), "QueueFull raised, not in its slot"
+        values = outcome[0]
+        assert values[:2] == [10, 20]
+        assert isinstance(values[2], QueueFull)
+        assert gated.seen == [0, 1, 2]
+
+    async def test_from_another_loop_queue_full_takes_the_item_place(self) -> None:
+        gate = threading.Event()
+        started = threading.Event()
+
+        def fn(items: list[Any]) -> list[Any]:
+            started.set()
+            gate.wait(LIMIT)
+            return [item * 10 for item in items]
+
+        model = BatchedModel(fn, max_batch_size=1, max_queue_size=2)
+        outcome: list[Any] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(model.call, 0)
+                await wait_event(started)
+
+                async def many() -> None:
+                    try:
+                        outcome.append(
+                            await model.call_many_nowait([1, 2, 3], return_exceptions=True)
+                        )
+                    except Exception as exc:
+                        outcome.append(exc)
+
+                tg.start_soon(many)
+                await until(lambda: model.statistics().rejected == 1)
+                gate.set()
+        finally:
+            await model.aclose()
+        assert not isinstance(outcome[0], QueueFull), "QueueFull raised, not in its slot"
+        values = outcome[0]
+        assert values[:2] == [10, 20]
+        assert isinstance(values[2], QueueFull)
