@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import functools
 import itertools
 import math
@@ -18,7 +17,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from types import MappingProxyType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import anyio
@@ -31,11 +30,11 @@ from ._errors import (
     BatchSizeMismatch,
     ClosedError,
     ConfigurationError,
-    DeadlineExceeded,
     ModelError,
     QueueFull,
 )
 from ._info import BatchInfo, batch_info
+from ._ledger import Ledger
 from ._plan import plan_for
 from ._queue import NEW, QUEUED, BatchQueue
 from ._requests import (
@@ -45,7 +44,6 @@ from ._requests import (
     Request,
     SyncRequest,
     ThreadRequest,
-    wake_all,
 )
 from ._slot import Installed, ModelSlot
 from ._stats import Recorder, Statistics
@@ -58,10 +56,6 @@ _DEAD_LOOP_GRACE = 5.0
 # A started batch: its requests, the model's pending result, when it started, and the model
 # installation it runs on (the whole batch runs on that one).
 _Running = tuple["_Batch", Awaitable[Sequence[Any]], float, Installed]
-
-# A batch run in a caller's thread, for the loop to record: start, end, its items' submit
-# times, how many failed, how many callers left while it ran.
-_InlineRecord = tuple[float, float, list[float], int, int]
 
 # The order of waiting sync callers: priority, then arrival.
 _arrival = operator.attrgetter("priority", "seq")
@@ -197,6 +191,7 @@ class Engine:
             adaptive_wait=settings.adaptive_wait,
         )
         self._rec = recorder
+        self._ledger = Ledger(settings.name, recorder)
         # The queue's priority levels, for the one step of `submit_plain` that inlines it.
         self._levels = self._queue._levels
         self._seq = itertools.count()
@@ -231,15 +226,13 @@ class Engine:
         # A sync caller may run its item itself while the engine is idle (`run_inline`), and
         # sync callers arriving meanwhile wait beside it (`_side`) for the batches it hands on.
         # The lock makes "idle? then claim" atomic against the loop's "inline run? else take a
-        # batch"; the inline batches' statistics wait in `_inline_done` for the loop to record.
+        # batch"; the inline batches' statistics wait in the ledger for the loop to record.
         self._claim = threading.Lock()
         self._inline_ok = False
         self._side_ok = False
         self._inline_busy = False  # callers' threads run the batches; the loop takes none
         self._inline_running = 0  # items in the batch a caller's thread runs now
         self._side: list[SyncRequest] = []
-        self._inline_done: list[_InlineRecord] = []
-        self._inline_cancelled = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -258,6 +251,8 @@ class Engine:
                 (PlainRequest,),
                 {"__slots__": (), "_loop": self._loop, "_engine": self},
             )
+        self._ledger.plain_request = self._plain_request
+        self._ledger.call_soon = None if self._loop is None else self._loop.call_soon
         self._inline_ok = plan.inline
         self._side_ok = plan.side
         if not plan.locks:  # only the loop's thread touches the batches: the general path
@@ -300,7 +295,7 @@ class Engine:
             await self._tg.__aexit__(None, None, None)
         finally:
             with self._claim:  # the last inline batches ended; the loop may not have heard
-                self._record_inline()
+                self._ledger.merge()
                 self._rec.retire_queue()
             self._own_threads = self._prefetch = False
             if self._executor is not None:
@@ -672,35 +667,16 @@ class Engine:
 
     def cancel(self, req: Request) -> None:
         """Settle ``req`` as cancelled: its caller stopped waiting. Queued, it is never run."""
-        if req.finished:
-            return
-        req.finished = True
-        self._queue.remove(req)
-        self._rec.cancelled += 1
-        if req.timer is not None:
-            req.timer.cancel()
+        if self._ledger.cancel(req):
+            self._queue.remove(req)
 
     def expire(self, req: Request) -> None:
         """Fail ``req`` with DeadlineExceeded if it has no outcome yet."""
-        if req.finished:
-            return
-        req.finished = True
-        self._queue.remove(req)
-        self._rec.expired += 1
-        if req.timer is not None:
-            req.timer.cancel()
-        req.deliver_error(
-            DeadlineExceeded(f"the deadline passed before model {self.settings.name!r} answered")
-        )
+        if self._ledger.expire(req):
+            self._queue.remove(req)
 
     def _fail(self, req: Request, exc: BaseException) -> None:
-        if req.finished:
-            return
-        req.finished = True
-        self._rec.failed += 1
-        if req.timer is not None:
-            req.timer.cancel()
-        req.deliver_error(exc)
+        self._ledger.fail(req, exc)
 
     # -- running batches -----------------------------------------------------------------------
 
@@ -757,8 +733,8 @@ class Engine:
         with self._claim:
             if self._inline_busy:
                 return _Batch()
-            if self._inline_done:
-                self._record_inline()
+            if self._ledger.records:
+                self._ledger.merge()
             taken, expired = self._queue.take(now)
             if taken:
                 self._in_flight += 1
@@ -826,7 +802,7 @@ class Engine:
             n = len(live)
             end = self._clock()
             if n:
-                self._record_batch(n, start, end)
+                self._ledger.record_batch(n, start, end)
             # Output errors (wrong count, no length) are the model's bug, not a poison item's.
             if self.settings.isolate_failures and n > 1 and not isinstance(exc, ModelError):
                 if ahead is not None:  # a batch runs on one installation: finish that one first
@@ -854,13 +830,13 @@ class Engine:
         n = len(live)
         end = self._clock()
         if n:
-            self._record_batch(n, start, end)
+            self._ledger.record_batch(n, start, end)
         if ahead is not None:
             ahead = self._begun(ahead, end)
         elif threaded:
             ahead = self._start_ready()
         if live:
-            self._deliver(live, outputs, start, end, installed.version)
+            self._ledger.deliver_batch(live, outputs, start, end, installed.version)
         return ahead
 
     def _ran(self, batch: _Batch) -> list[Request]:
@@ -924,56 +900,6 @@ class Engine:
                     self._stage_waiters.remove(waiter)
         return None
 
-    def _deliver(
-        self,
-        batch: list[Request],
-        outputs: Sequence[Any],
-        start: float,
-        end: float,
-        version: str,
-    ) -> None:
-        failed = settled = 0
-        mixed = False
-        plain_request = self._plain_request
-        for req, out in zip(batch, outputs, strict=True):
-            if req.__class__ is plain_request and not req.finished:  # the common case, inlined
-                req.finished = True
-                # Not finished, so not cancelled either (its cancel() withdraws it).
-                if isinstance(out, Exception):
-                    failed += 1
-                    req.deliver_error(out)
-                else:
-                    req.outcome = 1
-                    req.value = out
-                continue
-            mixed = True
-            if req.finished:
-                settled += 1
-                continue
-            req.finished = True
-            req.version = version
-            if req.timer is not None:
-                req.timer.cancel()
-            if isinstance(out, Exception):
-                failed += 1
-                req.deliver_error(out)
-            elif req.__class__ is FutureRequest:  # the common case, inlined
-                try:
-                    req.future.set_result(out)
-                except asyncio.InvalidStateError:
-                    pass  # its task was cancelled and has yet to withdraw it
-            else:
-                req.deliver(out)
-        if self._loop is not None:
-            # Resume the callers given a value above (those not are skipped: see wake_all).
-            plain = [r for r in batch if r.__class__ is plain_request] if mixed else batch
-            if plain:
-                self._loop.call_soon(wake_all, plain)
-        rec = self._rec
-        rec.completed += len(batch) - failed - settled
-        rec.failed += failed
-        rec.record_items(start, end, [req.enqueued_at for req in batch])
-
     async def _retry_halves(self, batch: list[Request], installed: Installed) -> None:
         """Run the halves of the failed ``batch`` one after the other, then uncount ``batch``.
 
@@ -1009,14 +935,6 @@ class Engine:
         settings = self.settings
         batches_ahead = len(self._queue) / (settings.max_batch_size * settings.max_concurrency)
         return min(60.0, max(0.001, per_batch * max(1.0, batches_ahead)))
-
-    def _record_batch(self, n: int, start: float, end: float) -> None:
-        rec = self._rec
-        rec.batches += 1
-        rec.batch_sizes[n] += 1
-        rec.compute.append(end - start)
-        if rec.histograms is not None:
-            rec.histograms["compute"].observe(end - start)
 
     def _batch_error(self, exc: Exception, n: int, version: str) -> ModelError:
         if isinstance(exc, BatchSizeMismatch):
@@ -1168,7 +1086,7 @@ class Engine:
         """Record the batch a caller's thread ran, and hand on what follows it."""
         end = time.monotonic()
         with self._claim:
-            self._inline_done.append((start, end, enqueued, failed, left))
+            self._ledger.add_record((start, end, enqueued, failed, left))
             follow, tell = self._hand_on()
         if follow is not None:
             follow.wake_to_lead()
@@ -1194,7 +1112,7 @@ class Engine:
                 len(self._queue)
                 or self._idle_waiters
                 or self._closing
-                or len(self._inline_done) >= 64
+                or len(self._ledger.records) >= 64
             )
             return None, self._after_inline if wake else None
         installed = self._slot.current
@@ -1236,7 +1154,7 @@ class Engine:
                 batch, installed = me.lead
                 me.lead = None
                 me.finished = True
-                self._inline_cancelled += 1
+                self._ledger.add_left()
                 rest = [req for req in batch if req is not me]
                 if rest:
                     follow = rest[0]
@@ -1247,7 +1165,7 @@ class Engine:
             elif me in self._side:
                 self._side.remove(me)
                 me.finished = True
-                self._inline_cancelled += 1
+                self._ledger.add_left()
             elif me.state != NEW and not me.finished:  # handed to the loop's queue
                 tell = functools.partial(self.cancel, me)
             # else its batch runs: it is counted as cancelled when that ends
@@ -1269,25 +1187,9 @@ class Engine:
     def _after_inline(self) -> None:
         """Record the inline runs' statistics and let the workers look at the queue again."""
         with self._claim:
-            self._record_inline()
+            self._ledger.merge()
         self._signal.set()
         self._check_idle()
-
-    def _record_inline(self) -> None:
-        # With self._claim held, on the loop thread: the recorder is the loop's.
-        rec = self._rec
-        done, self._inline_done = self._inline_done, []
-        for start, end, enqueued, failed, left in done:
-            n = len(enqueued)
-            rec.submitted += n
-            rec.failed += failed
-            rec.cancelled += left
-            rec.completed += n - failed - left
-            self._record_batch(n, start, end)
-            rec.record_items(start, end, enqueued)
-        rec.submitted += self._inline_cancelled
-        rec.cancelled += self._inline_cancelled
-        self._inline_cancelled = 0
 
     def _invoke_staged(
         self, batch: _Batch, installed: Installed, started: float
@@ -1354,26 +1256,9 @@ class Engine:
                 in_flight_batches=self._in_flight + bool(running),
                 dispatch_held=self._slot.held,
             )
-            done, left = list(self._inline_done), self._inline_cancelled
-        if not done and not running and not waiting and not left:
-            return stats
-        # What callers' threads did that the loop has yet to record: counted here, so a
-        # caller's own call shows at once.
-        sizes = dict(stats.batch_sizes)
-        for _, _, enqueued, _, _ in done:
-            sizes[len(enqueued)] = sizes.get(len(enqueued), 0) + 1
-        items = sum(len(record[2]) for record in done)
-        failed = sum(record[3] for record in done)
-        left_mid_batch = sum(record[4] for record in done)
-        return dataclasses.replace(
-            stats,
-            submitted=stats.submitted + items + left + running + waiting,
-            completed=stats.completed + items - failed - left_mid_batch,
-            failed=stats.failed + failed,
-            cancelled=stats.cancelled + left + left_mid_batch,
-            batches=stats.batches + len(done),
-            batch_sizes=MappingProxyType(dict(sorted(sizes.items()))),
-        )
+            # What callers' threads did that the loop has yet to record: counted here, so a
+            # caller's own call shows at once.
+            return self._ledger.with_records(stats, running, waiting)
 
 
 def _still_waiting(batch: _Batch) -> list[Request]:
