@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import itertools
 import math
-import operator
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -34,9 +32,11 @@ from ._errors import (
     QueueFull,
 )
 from ._info import BatchInfo, batch_info
+from ._lanes._inline import InlineLane
+from ._lanes._staging import StagingLane
 from ._ledger import Ledger
 from ._plan import plan_for
-from ._queue import NEW, QUEUED, BatchQueue
+from ._queue import QUEUED, BatchQueue
 from ._requests import (
     EventRequest,
     FutureRequest,
@@ -57,8 +57,6 @@ _DEAD_LOOP_GRACE = 5.0
 # installation it runs on (the whole batch runs on that one).
 _Running = tuple["_Batch", Awaitable[Sequence[Any]], float, Installed]
 
-# The order of waiting sync callers: priority, then arrival.
-_arrival = operator.attrgetter("priority", "seq")
 
 
 class _Signal:
@@ -146,8 +144,9 @@ class _Batch(list[Any]):
 
     ``ran``: which requests the model ran (None: all); the model skips callers who left before
     it started (cancelled, expired), and ``_complete`` settles them as cancelled if the loop
-    has not heard of it yet. ``begun``: a model thread took the staged batch up (under
-    ``_claim``); ``closed``: closing failed its callers before that, so the thread runs none.
+    has not heard of it yet. ``begun``: a model thread took the staged batch up (under the
+    staging lane's lock); ``closed``: closing failed its callers before that, so the thread
+    runs none.
     """
 
     __slots__ = ("after", "begun", "closed", "ended", "ran")
@@ -213,26 +212,13 @@ class Engine:
         # once every worker is parked, that is when no batch runs.
         self._parked = 0
         self._idle_waiters: list[concurrent.futures.Future[None]] = []
-        # Workers whose batch runs in a model thread, waiting for a batch to stage.
-        self._stage_waiters: list[asyncio.Future[None]] = []
-        # Batches handed to a model thread while the batch before them still runs there, and
-        # the one of them that callers arriving meanwhile still join (until the thread takes
-        # it up or it is full; `_claim` guards that hand-off).
-        self._staged: list[_Batch] = []
-        self._open: _Batch | None = None
-        self._open_installed: Installed | None = None  # the installation the open batch runs on
-        self._staging = False  # there may be stage waiters or an open staged batch
-        self._fill_ok = False
-        # A sync caller may run its item itself while the engine is idle (`run_inline`), and
-        # sync callers arriving meanwhile wait beside it (`_side`) for the batches it hands on.
-        # The lock makes "idle? then claim" atomic against the loop's "inline run? else take a
-        # batch"; the inline batches' statistics wait in the ledger for the loop to record.
-        self._claim = threading.Lock()
-        self._inline_ok = False
-        self._side_ok = False
-        self._inline_busy = False  # callers' threads run the batches; the loop takes none
-        self._inline_running = 0  # items in the batch a caller's thread runs now
-        self._side: list[SyncRequest] = []
+        # The staging lane (batches handed to a sync model's threads ahead), when planned;
+        # `_staging` is set while submits must feed it (checked on every submit).
+        self.staging: StagingLane | None = None
+        self._staging = False
+        # The inline lane (sync callers running batches in their threads), when planned.
+        self.inline: InlineLane | None = None
+        self._inline_lock: Any = _NO_LOCK
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -253,13 +239,12 @@ class Engine:
             )
         self._ledger.plain_request = self._plain_request
         self._ledger.call_soon = None if self._loop is None else self._loop.call_soon
-        self._inline_ok = plan.inline
-        self._side_ok = plan.side
-        if not plan.locks:  # only the loop's thread touches the batches: the general path
-            self._claim = _NO_LOCK
+        self.inline = InlineLane(self, side=plan.side) if plan.inline else None
+        self._inline_lock = _NO_LOCK if self.inline is None else self.inline.lock
         # A staged batch may keep filling only under greedy dispatch without a cost budget;
         # otherwise only a full batch is staged.
-        self._fill_ok = settings.max_wait <= 0 and settings.max_batch_cost is None
+        fill = settings.max_wait <= 0 and settings.max_batch_cost is None
+        self.staging = StagingLane(self, fill=fill) if plan.staging else None
         self._clock = _clock_of(self._loop)
         self._token = anyio.lowlevel.current_token()
         self.thread_id = threading.get_ident()
@@ -294,9 +279,9 @@ class Engine:
         try:
             await self._tg.__aexit__(None, None, None)
         finally:
-            with self._claim:  # the last inline batches ended; the loop may not have heard
+            with self._inline_lock:  # the last inline batches ended; the loop may not know
                 self._ledger.merge()
-                self._rec.retire_queue()
+            self._rec.retire_queue()
             self._own_threads = self._prefetch = False
             if self._executor is not None:
                 # Normally every batch has ended and this returns at once; after the host was
@@ -312,16 +297,14 @@ class Engine:
         if not drain:
             # A staged batch has not begun: its callers are failed like queued ones, and the
             # model thread skips them. So are sync callers waiting beside an inline batch.
-            with self._claim:  # statistics() counts `_side` as submitted: move them at once
-                self._open = None
-                side, self._side = self._side, []
-                self._rec.submitted += len(side)
-                # A staged batch no model thread has taken up has not begun: fail its callers
-                # (the thread will run none). One taken up runs: its outputs are delivered.
-                closed = [batch for batch in self._staged if not batch.begun]
-                for batch in closed:
-                    batch.closed = True
-            staged = [req for batch in closed for req in batch]
+            side: list[SyncRequest] = []
+            if self.inline is not None:
+                with self.inline.lock:  # statistics() counts them as submitted: move at once
+                    side, self.inline.side = self.inline.side, []
+                    self._rec.submitted += len(side)
+            # A staged batch no model thread has taken up has not begun: fail its callers
+            # (the thread will run none). One taken up runs: its outputs are delivered.
+            staged = [] if self.staging is None else self.staging.close()
             for req in [*staged, *side, *self._queue.remove_all()]:
                 self._fail(req, ClosedError(f"model {self.settings.name!r} was closed"))
         self._signal.set()
@@ -361,8 +344,7 @@ class Engine:
         self._signal.set()
 
     def _check_idle(self) -> None:
-        with self._claim:
-            inline = self._inline_busy
+        inline = self.inline is not None and self.inline.busy
         if self._idle_waiters and self._parked >= self._workers and not inline:
             waiters, self._idle_waiters = self._idle_waiters, []
             for idle in waiters:
@@ -434,7 +416,7 @@ class Engine:
         if self._signal.waiting:
             self._signal.set()
         if self._staging:
-            self._feed_staging()
+            self.staging.feed()  # type: ignore[union-attr]  # set only with the lane
         return req
 
     def _cost(self, item: Any) -> float:
@@ -472,44 +454,7 @@ class Engine:
         if self._signal.waiting:
             self._signal.set()
         if self._staging:
-            self._feed_staging()
-
-    def _feed_staging(self) -> None:
-        """Wake the workers waiting to stage a batch, and top up the open staged batch."""
-        if self._stage_waiters:
-            self._wake_stagers()
-        if self._open is not None:
-            self._fill_open()
-        if not self._stage_waiters and self._open is None:  # until a worker stages again
-            self._staging = False
-
-    def _stageable(self) -> bool:
-        queue = self._queue
-        return queue.has_full_batch() or (self._fill_ok and len(queue) > 0)
-
-    def _fill_open(self) -> None:
-        """Move queued items into the staged batch still open, up to a full batch."""
-        batch = self._open
-        limit = self.settings.max_batch_size
-        with self._claim:
-            if batch is None or self._open is not batch:  # the model thread took it up
-                return
-            if self._slot.current is not self._open_installed:
-                # A swap or rollback has returned: callers from now on run on the new model.
-                self._open = None
-                return
-            taken, expired = self._queue.take(self._clock(), limit - len(batch))
-            batch.extend(taken)
-            if len(batch) >= limit:
-                self._open = None
-        for req in expired:
-            self.expire(req)
-
-    def _wake_stagers(self) -> None:
-        if self._stageable():
-            waiters, self._stage_waiters = self._stage_waiters, []
-            for waiter in waiters:
-                _wake(waiter)
+            self.staging.feed()  # type: ignore[union-attr]  # set only with the lane
 
     async def _expire_at_deadline(self, req: Request) -> None:
         # The timer of a thread request on a loop without timer handles (trio).
@@ -712,7 +657,7 @@ class Engine:
     async def _wait_for_batch(self) -> _Batch | None:
         queue = self._queue
         while True:
-            if self._slot.held or self._inline_busy:
+            if self._slot.held or (self.inline is not None and self.inline.busy):
                 await self._signal.wait()
                 continue
             now = self._clock()
@@ -730,14 +675,20 @@ class Engine:
 
     def _take(self, now: float) -> _Batch:
         """Take the next batch and count it in flight; none while a caller runs inline."""
-        with self._claim:
-            if self._inline_busy:
-                return _Batch()
-            if self._ledger.records:
-                self._ledger.merge()
+        inline = self.inline
+        if inline is None:  # the general path: only this thread touches the queue
             taken, expired = self._queue.take(now)
             if taken:
                 self._in_flight += 1
+        else:
+            with inline.lock:  # against a caller claiming the idle engine
+                if inline.busy:
+                    return _Batch()
+                if self._ledger.records:
+                    self._ledger.merge()
+                taken, expired = self._queue.take(now)
+                if taken:
+                    self._in_flight += 1
         for req in expired:
             self.expire(req)
         return _Batch(taken)
@@ -748,9 +699,9 @@ class Engine:
         """Start the model on ``batch``: in the engine's thread pool, or as a coroutine.
 
         The batch runs on ``installed``, by default the one in the slot now. The caller counted
-        it in ``_in_flight``; ``_complete`` uncounts it. A ``staged`` batch (in a model thread)
-        closes ``_open`` when the thread takes it up. The callers who left before the model
-        starts are not run (``_Batch.ran``).
+        it in ``_in_flight``; ``_complete`` uncounts it. A ``staged`` batch runs through the
+        staging lane, which closes it to joining callers when a thread takes it up. The callers
+        who left before the model starts are not run (``_Batch.ran``).
         """
         if installed is None:
             installed = self._slot.current
@@ -758,7 +709,10 @@ class Engine:
         job: Awaitable[Sequence[Any]] | None = None
         if self._own_threads and not installed.is_async:
             assert self._loop is not None
-            run = self._invoke_staged if staged else self._invoke_live
+            run = self._invoke_live
+            if staged:
+                assert self.staging is not None
+                run = self.staging.invoke
             if self.settings.max_concurrency > 1 and self._prefetch:
                 batch.ended = threading.Event()
             if self._executor is None:
@@ -795,7 +749,8 @@ class Engine:
         ahead = None
         try:
             if threaded:
-                ahead = await self._stage_next(job, batch)  # type: ignore[arg-type]
+                assert self.staging is not None  # prefetch only with the lane
+                ahead = await self.staging.stage_next(job, batch)  # type: ignore[arg-type]
             outputs = await job
         except Exception as exc:
             live = self._ran(batch)  # now: callers may join a staged batch until it is taken up
@@ -819,11 +774,8 @@ class Engine:
             self._abandoned = True
             self._fail_all(batch)
             if ahead is not None:
-                with self._claim:
-                    if self._open is ahead[0]:
-                        self._open = None
-                self._staged.remove(ahead[0])
-                self._fail_all(ahead[0])
+                assert self.staging is not None
+                self._fail_all(self.staging.abandon(ahead))
             raise
         self._in_flight -= 1
         live = self._ran(batch)
@@ -851,54 +803,8 @@ class Engine:
 
     def _begun(self, staged: _Running, at: float) -> _Running:
         """Return a staged batch as begun at ``at``, when the batch before it ended."""
-        batch, job, start, installed = staged
-        self._staged.remove(batch)
-        return batch, job, max(start, at), installed
-
-    async def _stage_next(
-        self, job: asyncio.Future[Sequence[Any]], running: _Batch
-    ) -> _Running | None:
-        """While ``job`` runs in a model thread, hand it the next batch as soon as there is one.
-
-        The thread takes the staged batch up the moment ``job`` ends, with no round trip through
-        the loop in between. Under greedy dispatch without a cost budget, a staged batch that is
-        not full stays open: callers who arrive before the thread takes it up join it, so it
-        holds what greedy dispatch would have taken when ``job`` ended (in arrival order, not
-        priority order). Otherwise only a full batch is staged. Callers who leave a staged batch
-        are skipped (``_invoke_live``). Return the staged batch, or None if ``job`` ended first.
-        """
-        assert self._loop is not None
-        while not job.done():
-            installed = self._slot.current
-            if installed.is_async:  # swapped for an async model: it runs on the loop, unstaged
-                return None
-            if self._stageable() and not self._slot.held:
-                batch = self._take(self._clock())
-                if batch:
-                    self._staged.append(batch)
-                    if self._fill_ok and installed.with_info is None:
-                        with self._claim:  # before the thread can see the batch
-                            full = len(batch) >= self.settings.max_batch_size
-                            self._open = None if full else batch
-                            self._open_installed = installed
-                        self._staging = True  # submitting callers top it up
-                    batch.after = running.ended
-                    return self._start(batch, installed, staged=True)
-            waiter = self._loop.create_future()
-            self._stage_waiters.append(waiter)
-            self._staging = True  # submitting callers wake it
-
-            def wake(_: object, waiter: asyncio.Future[None] = waiter) -> None:
-                _wake(waiter)
-
-            job.add_done_callback(wake)
-            try:
-                await waiter
-            finally:
-                job.remove_done_callback(wake)
-                if waiter in self._stage_waiters:
-                    self._stage_waiters.remove(waiter)
-        return None
+        assert self.staging is not None
+        return self.staging.begun(staged, at)
 
     async def _retry_halves(self, batch: list[Request], installed: Installed) -> None:
         """Run the halves of the failed ``batch`` one after the other, then uncount ``batch``.
@@ -967,251 +873,6 @@ class Engine:
             out = await installed.with_info(model_input, batch_info(live, started))
         return split_outputs(self.settings, out, len(items))
 
-    # -- sync callers running their own item ----------------------------------------------------
-
-    def run_inline(self, item: Any, priority: float) -> tuple[Any, str] | None:
-        """Run ``item`` in the calling (non-loop) thread, batched with other sync callers.
-
-        If the engine is idle (no batch runs or is staged, nothing is queued, the slot is not
-        held, not closing), the caller runs its item itself at once: a lone sync caller skips
-        the two thread hand-overs a queued item costs. Sync callers arriving while such a batch
-        runs wait beside it; when it ends, its thread hands the next batch of them (priority,
-        then arrival order) to one of them to run, and so on, with no trip through the loop.
-        While callers' threads run batches, the loop starts none: its own items wait for the
-        running batch to end, and then every waiting item is handed to the loop's queue.
-
-        The engine must be on asyncio, with no default timeout and no wait window, and the
-        model sync (without ``BatchInfo``); waiting beside a batch also needs no cost budget,
-        no bounded queue, no failure isolation and ``max_concurrency`` 1.
-
-        Return ``(output, version)``, raise the item's error (as a batch would), or return
-        None when the engine cannot take the item this way: the caller then queues it as usual.
-        """
-        if not self._inline_ok:
-            return None
-        with self._claim:
-            queue = self._queue
-            if self._inline_busy:
-                if not self._side_ok or self._closing:
-                    return None
-                me = SyncRequest(item, priority, next(self._seq), time.monotonic())
-                self._side.append(me)
-            elif (
-                self._in_flight
-                or self._closing
-                or self._slot.held
-                or len(queue)
-                or queue.waiting_for_room
-            ):
-                return None
-            else:
-                installed = self._slot.current
-                if installed.is_async or installed.with_info is not None:
-                    return None
-                self._inline_busy = True
-                self._inline_running = 1
-                me = None
-        if me is None:
-            return self._run_alone(item, installed)
-        try:
-            me.wait()
-        except BaseException:  # interrupted (KeyboardInterrupt in the main thread, say)
-            self._give_up(me)
-            raise
-        if me.lead is not None:
-            self._lead(me)
-        value = me.outcome()
-        assert me.version is not None  # set with every output
-        return value, me.version
-
-    def _run_alone(self, item: Any, installed: Installed) -> tuple[Any, str]:
-        """Run ``item`` as a batch of its own in the calling thread, then hand on."""
-        # Not the loop's clock, which belongs to the loop's thread; durations only.
-        start = time.monotonic()
-        try:
-            value = self._invoke_sync([item], installed, None)[0]
-        except BaseException as exc:
-            self._end_inline(start, [start], 1, 0)
-            if isinstance(exc, Exception):
-                raise self._batch_error(exc, 1, installed.version) from exc
-            raise
-        failed = isinstance(value, Exception)
-        self._end_inline(start, [start], failed, 0)
-        if failed:
-            raise value
-        return value, installed.version
-
-    def _lead(self, me: SyncRequest) -> None:
-        """Run the batch handed to ``me``'s thread, hand on what follows, settle its callers."""
-        assert me.lead is not None
-        batch, installed = me.lead
-        me.lead = None
-        n = len(batch)
-        start = time.monotonic()
-        error: BaseException | None = None
-        outputs: Sequence[Any] = [None] * n
-        try:
-            outputs = self._invoke_sync([req.item for req in batch], installed, None)
-        except BaseException as exc:  # settle every caller first; re-raised below if not ours
-            error = exc
-        # Callers who left while it ran (interrupted) count as cancelled, as on the loop.
-        left = sum(req.gave_up for req in batch)
-        if error is not None:
-            failed = n - left
-        else:
-            failed = sum(
-                isinstance(out, Exception) and not req.gave_up
-                for req, out in zip(batch, outputs, strict=True)
-            )
-        self._end_inline(start, [req.enqueued_at for req in batch], failed, left)
-        version = installed.version
-        for req, out in zip(batch, outputs, strict=True):
-            req.finished = True
-            req.version = version
-            if error is None:
-                req.deliver_error(out) if isinstance(out, Exception) else req.deliver(out)
-            elif isinstance(error, Exception):
-                req.deliver_error(self._batch_error(error, n, version))
-            else:
-                failure = ModelError(
-                    f"model {self.settings.name!r} was interrupted: {type(error).__name__}",
-                    batch_size=n,
-                )
-                failure.version = version
-                req.deliver_error(failure)
-        if error is not None and not isinstance(error, Exception):
-            raise error
-
-    def _end_inline(self, start: float, enqueued: list[float], failed: int, left: int) -> None:
-        """Record the batch a caller's thread ran, and hand on what follows it."""
-        end = time.monotonic()
-        with self._claim:
-            self._ledger.add_record((start, end, enqueued, failed, left))
-            follow, tell = self._hand_on()
-        if follow is not None:
-            follow.wake_to_lead()
-        elif tell is not None:
-            self._tell_loop(tell)
-
-    def _hand_on(self) -> tuple[SyncRequest | None, Callable[[], None] | None]:
-        """Pick what follows an inline batch; with ``_claim`` held, in a caller's thread.
-
-        Return the waiting caller whose thread runs the next batch (its ``lead`` set), if any;
-        else what the loop must run, if anything: ``_adopt`` when it must take the waiting
-        callers over (its queue has items, the slot is held, or the model can no longer run
-        inline; ``_inline_busy`` stays set until it has), ``_after_inline``
-        when it must look now (callers queued there, a swap waits for the engine to be idle,
-        or it is closing and its workers wait for the inline batches to end). Otherwise the
-        records wait for the loop's next batch (or pile up to 64); statistics() counts them.
-        """
-        self._inline_running = 0
-        side = self._side
-        if not side:
-            self._inline_busy = False
-            wake = (
-                len(self._queue)
-                or self._idle_waiters
-                or self._closing
-                or len(self._ledger.records) >= 64
-            )
-            return None, self._after_inline if wake else None
-        installed = self._slot.current
-        if (
-            len(self._queue)
-            or self._slot.held
-            or installed.is_async
-            or installed.with_info is not None
-        ):
-            return None, self._adopt
-        side.sort(key=_arrival)
-        limit = self.settings.max_batch_size
-        batch, self._side = side[:limit], side[limit:]
-        follow = batch[0]
-        follow.lead = (batch, installed)
-        self._inline_running = len(batch)
-        return follow, None
-
-    def _tell_loop(self, tell: Callable[[], None]) -> None:
-        """Have the loop run ``tell`` (from ``_hand_on``); from a caller's thread."""
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(tell)
-        except RuntimeError:  # the loop has ended: statistics() still counts the runs
-            if tell == self._adopt:
-                with self._claim:
-                    side, self._side = self._side, []
-                    self._inline_busy = False
-                for req in side:
-                    req.finished = True
-                    req.deliver_error(ClosedError(f"model {self.settings.name!r} is closed"))
-
-    def _give_up(self, me: SyncRequest) -> None:
-        """Withdraw ``me``, whose caller stopped waiting; hand on a batch it was to run."""
-        follow = tell = None
-        with self._claim:
-            me.gave_up = True
-            if me.lead is not None:  # woken to run a batch: the next caller in it runs it
-                batch, installed = me.lead
-                me.lead = None
-                me.finished = True
-                self._ledger.add_left()
-                rest = [req for req in batch if req is not me]
-                if rest:
-                    follow = rest[0]
-                    follow.lead = (rest, installed)
-                    self._inline_running = len(rest)
-                else:
-                    follow, tell = self._hand_on()
-            elif me in self._side:
-                self._side.remove(me)
-                me.finished = True
-                self._ledger.add_left()
-            elif me.state != NEW and not me.finished:  # handed to the loop's queue
-                tell = functools.partial(self.cancel, me)
-            # else its batch runs: it is counted as cancelled when that ends
-        if follow is not None:
-            follow.wake_to_lead()
-        elif tell is not None:
-            self._tell_loop(tell)
-
-    def _adopt(self) -> None:
-        """Take the sync callers waiting beside the inline batches into the queue; on the loop
-        thread. (Closing without drain has failed them already; with drain, they run.)"""
-        with self._claim:
-            side, self._side = self._side, []
-            self._inline_busy = False
-        for req in side:  # the queue orders them (and counts them submitted)
-            self._queue.push(req)
-        self._after_inline()  # no batch runs or is staged meanwhile: the workers take them
-
-    def _after_inline(self) -> None:
-        """Record the inline runs' statistics and let the workers look at the queue again."""
-        with self._claim:
-            self._ledger.merge()
-        self._signal.set()
-        self._check_idle()
-
-    def _invoke_staged(
-        self, batch: _Batch, installed: Installed, started: float
-    ) -> Sequence[Any]:
-        """Close the staged ``batch`` to callers arriving from now on, and run it; in a thread.
-
-        Closing without drain fails the callers of a staged batch no thread has taken up; one
-        taken up runs, and its outputs are delivered (``_claim`` makes the two exclusive).
-        """
-        if batch.after is not None:
-            batch.after.wait()
-        with self._claim:
-            if self._open is batch:
-                self._open = None
-            if batch.closed:
-                batch.ran = [False] * len(batch)
-                if batch.ended is not None:
-                    batch.ended.set()
-                return ()
-            batch.begun = True
-        return self._invoke_live(batch, installed, started)
-
     def _invoke_live(self, batch: _Batch, installed: Installed, started: float) -> Sequence[Any]:
         """Run the sync model on the items of ``batch`` whose callers still wait; in a thread.
 
@@ -1246,8 +907,10 @@ class Engine:
 
     def statistics(self) -> Statistics:
         """Return a snapshot of the counters; safe from any thread."""
-        with self._claim:
-            running, waiting = self._inline_running, len(self._side)
+        inline = self.inline
+        with self._inline_lock:
+            running = 0 if inline is None else inline.running
+            waiting = 0 if inline is None else len(inline.side)
             stats = self._rec.snapshot(
                 name=self.settings.name,
                 model_version=self._slot.current.version,

@@ -531,9 +531,10 @@ class BatchedModel(Generic[T, R]):
         """Return the output for ``item`` and the version that produced it."""
         _check_priority(priority)
         engine = self._engine_for_thread()
-        if timeout is None:
+        inline = engine.inline
+        if timeout is None and inline is not None:
             # Sync callers may run their batches themselves: no thread hand-over.
-            done = engine.run_inline(item, priority)
+            done = inline.run(item, priority)
             if done is not None:
                 return done
         (req,) = self._thread_requests(engine, [item], priority, timeout, None, True)
