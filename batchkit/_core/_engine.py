@@ -32,11 +32,12 @@ from ._errors import (
     QueueFull,
 )
 from ._info import BatchInfo, batch_info
+from ._lanes._asyncio import PlainLane
 from ._lanes._inline import InlineLane
 from ._lanes._staging import StagingLane
 from ._ledger import Ledger
 from ._plan import plan_for
-from ._queue import QUEUED, BatchQueue
+from ._queue import BatchQueue
 from ._requests import (
     EventRequest,
     FutureRequest,
@@ -162,8 +163,8 @@ class _Batch(list[Any]):
         self.ended: threading.Event | None = None
 
 
-# Builds a request without running ``__init__``: ``submit_plain`` sets every slot itself.
-_new_request = object.__new__
+def _no_plain(item: Any, priority: int) -> PlainRequest:
+    raise AssertionError("the plain lane is off: calls take Engine.submit")
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -191,15 +192,16 @@ class Engine:
         )
         self._rec = recorder
         self._ledger = Ledger(settings.name, recorder)
-        # The queue's priority levels, for the one step of `submit_plain` that inlines it.
-        self._levels = self._queue._levels
         self._seq = itertools.count()
         self._in_flight = 0
         self._closing = False
         # The engine loop's thread while calls with default settings may take `submit_plain`
         # (see __aenter__), else -1: a caller compares it with its own thread's id.
         self.plain_thread = -1
-        self._plain_request: type[PlainRequest] | None = None
+        # The plain lane (asyncio calls with default arguments), when planned: calls take
+        # `submit_plain`, its `submit`, while `plain_thread` is theirs.
+        self.plain: PlainLane | None = None
+        self.submit_plain: Callable[[Any, int], PlainRequest] = _no_plain
         self._loop: asyncio.AbstractEventLoop | None = None
         self._token: anyio.lowlevel.EventLoopToken | None = None
         self.thread_id = -1
@@ -230,14 +232,12 @@ class Engine:
         self._signal = _AsyncioSignal(self._loop) if self._loop else _Signal()
         settings = self.settings
         self.plan = plan = plan_for(settings, self._loop)
-        if self._loop is not None:
-            # The engine's own kind of request: its loop and engine are class attributes.
-            self._plain_request = type(
-                "PlainRequest",
-                (PlainRequest,),
-                {"__slots__": (), "_loop": self._loop, "_engine": self},
-            )
-        self._ledger.plain_request = self._plain_request
+        self._clock = _clock_of(self._loop)
+        if plan.plain:
+            assert self._loop is not None
+            self.plain = PlainLane(self, self._loop)
+            self.submit_plain = self.plain.submit
+            self._ledger.plain_request = self.plain.request
         self._ledger.call_soon = None if self._loop is None else self._loop.call_soon
         self.inline = InlineLane(self, side=plan.side) if plan.inline else None
         self._inline_lock = _NO_LOCK if self.inline is None else self.inline.lock
@@ -245,7 +245,6 @@ class Engine:
         # otherwise only a full batch is staged.
         fill = settings.max_wait <= 0 and settings.max_batch_cost is None
         self.staging = StagingLane(self, fill=fill) if plan.staging else None
-        self._clock = _clock_of(self._loop)
         self._token = anyio.lowlevel.current_token()
         self.thread_id = threading.get_ident()
         self.plain_thread = self.thread_id if plan.plain else -1
@@ -384,41 +383,6 @@ class Engine:
         self._submit(req, wait)
         return req
 
-    def submit_plain(self, item: Any, priority: int) -> PlainRequest:
-        """Queue ``item`` without deadline for a caller on the engine's asyncio loop; only while
-        ``plain_thread`` is that loop's thread (no default timeout, size function, bounded queue
-        or wait window, asyncio, not closing), else the caller takes ``submit``.
-
-        The per-item path of calls with default settings: what ``submit`` does in that case,
-        without its checks, and with a request that is its own awaitable (``PlainRequest``,
-        of the engine's own subclass, which knows the engine and its loop).
-        """
-        req = _new_request(self._plain_request)  # type: ignore[arg-type]  # set while plain
-        req.item = item
-        req.priority = priority
-        req.seq = next(self._seq)
-        req.enqueued_at = self._clock()
-        req.finished = False
-        req.outcome = 0
-        req.callback = None
-        # `self._queue.enqueue(req)`, inlined for a priority that has queued items already:
-        # the queue's `_append` without its frame. `_entered` counts it submitted.
-        queue = self._queue
-        queue._entered += 1
-        level = self._levels.get(priority)
-        if level is None:
-            queue.enqueue(req)
-        else:
-            req.state = QUEUED
-            level.append(req)
-            queue._queued += 1
-        # `_wake_for_items`, inlined:
-        if self._signal.waiting:
-            self._signal.set()
-        if self._staging:
-            self.staging.feed()  # type: ignore[union-attr]  # set only with the lane
-        return req
-
     def _cost(self, item: Any) -> float:
         size_fn = self.settings.size_fn
         if size_fn is None:
@@ -449,7 +413,7 @@ class Engine:
     def _wake_for_items(self) -> None:
         """Tell whoever waits for queued items: idle workers, stagers, the open staged batch.
 
-        ``submit_plain`` inlines these lines (the per-item path of default calls).
+        The plain lane's ``submit`` inlines these lines (the per-item path of default calls).
         """
         if self._signal.waiting:
             self._signal.set()
