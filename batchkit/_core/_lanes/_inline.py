@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ClosedError, ModelError
+from .._policy import AfterInline, Idle, InlineEntry, after_inline, inline_entry
 from .._queue import NEW
 from .._requests import SyncRequest
 from .._slot import Installed
@@ -72,23 +73,26 @@ class InlineLane:
         engine = self._engine
         with self.lock:
             queue = engine._queue
-            if self.busy:
-                if not self.side_ok or engine._closing:
-                    return None
+            installed = engine._slot.current
+            entry = inline_entry(
+                Idle(
+                    busy=self.busy,
+                    side_ok=self.side_ok,
+                    closing=engine._closing,
+                    in_flight=engine._in_flight,
+                    held=engine._slot.held,
+                    queued=len(queue),
+                    waiting_for_room=queue.waiting_for_room,
+                    model_async=installed.is_async,
+                    with_info=installed.with_info is not None,
+                )
+            )
+            if entry is InlineEntry.QUEUE:
+                return None
+            if entry is InlineEntry.WAIT:
                 me = SyncRequest(item, priority, next(engine._seq), time.monotonic())
                 self.side.append(me)
-            elif (
-                engine._in_flight
-                or engine._closing
-                or engine._slot.held
-                or len(queue)
-                or queue.waiting_for_room
-            ):
-                return None
             else:
-                installed = engine._slot.current
-                if installed.is_async or installed.with_info is not None:
-                    return None
                 self.busy = True
                 self.running = 1
                 me = None
@@ -178,35 +182,32 @@ class InlineLane:
             self._tell_loop(tell)
 
     def _hand_on(self) -> tuple[SyncRequest | None, Callable[[], None] | None]:
-        """Pick what follows an inline batch; with ``_claim`` held, in a caller's thread.
+        """Carry out what follows an inline batch (``_policy.after_inline`` decides); with
+        ``lock`` held, in a caller's thread.
 
         Return the waiting caller whose thread runs the next batch (its ``lead`` set), if any;
-        else what the loop must run, if anything: ``_adopt`` when it must take the waiting
-        callers over (its queue has items, the slot is held, or the model can no longer run
-        inline; ``_inline_busy`` stays set until it has), ``_after_inline``
-        when it must look now (callers queued there, a swap waits for the engine to be idle,
-        or it is closing and its workers wait for the inline batches to end). Otherwise the
-        records wait for the loop's next batch (or pile up to 64); statistics() counts them.
+        else what the loop must run, if anything: ``adopt`` when it must take the waiting
+        callers over (``busy`` stays set until it has), ``after`` when it must look now.
+        Otherwise the records wait for the loop's next batch; statistics() counts them.
         """
         engine = self._engine
         self.running = 0
         side = self.side
-        if not side:
-            self.busy = False
-            wake = (
-                len(engine._queue)
-                or engine._idle_waiters
-                or engine._closing
-                or len(engine._ledger.records) >= 64
-            )
-            return None, self.after if wake else None
         installed = engine._slot.current
-        if (
-            len(engine._queue)
-            or engine._slot.held
-            or installed.is_async
-            or installed.with_info is not None
-        ):
+        then = after_inline(
+            waiting=len(side),
+            queued=len(engine._queue),
+            held=engine._slot.held,
+            model_async=installed.is_async,
+            with_info=installed.with_info is not None,
+            idle_waiters=bool(engine._idle_waiters),
+            closing=engine._closing,
+            records=len(engine._ledger.records),
+        )
+        if then is AfterInline.REST or then is AfterInline.TELL:
+            self.busy = False
+            return None, self.after if then is AfterInline.TELL else None
+        if then is AfterInline.ADOPT:
             return None, self.adopt
         side.sort(key=_arrival)
         limit = engine.settings.max_batch_size

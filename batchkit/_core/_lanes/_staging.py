@@ -24,6 +24,7 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from .._policy import may_stage
 from .._requests import Request
 from .._slot import Installed
 
@@ -61,8 +62,15 @@ class StagingLane:
             self._engine._staging = False
 
     def _stageable(self) -> bool:
-        queue = self._engine._queue
-        return queue.has_full_batch() or (self._fill and len(queue) > 0)
+        engine = self._engine
+        queue = engine._queue
+        return may_stage(
+            full_batch=queue.has_full_batch(),
+            queued=len(queue),
+            fill=self._fill,
+            held=engine._slot.held,
+            model_async=engine._slot.current.is_async,
+        )
 
     def _fill_open(self) -> None:
         """Move queued items into the staged batch still open, up to a full batch."""
@@ -107,7 +115,7 @@ class StagingLane:
             installed = engine._slot.current
             if installed.is_async:  # swapped for an async model: it runs on the loop, unstaged
                 return None
-            if self._stageable() and not engine._slot.held:
+            if self._stageable():
                 batch = engine._take(engine._clock())
                 if batch:
                     self.staged.append(batch)
