@@ -13,7 +13,7 @@ import itertools
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
@@ -25,13 +25,13 @@ from anyio.abc import TaskGroup
 
 from ._config import Settings
 from ._errors import (
-    BatchSizeMismatch,
     ClosedError,
     ConfigurationError,
     ModelError,
     QueueFull,
 )
 from ._info import BatchInfo, batch_info
+from ._invoke import Batch, batch_error, run_sync_batch, split_outputs, still_waiting
 from ._lanes._asyncio import PlainLane
 from ._lanes._inline import InlineLane
 from ._lanes._staging import StagingLane
@@ -49,14 +49,14 @@ from ._requests import (
 from ._slot import Installed, ModelSlot
 from ._stats import Recorder, Statistics
 
-__all__ = ("Engine", "run_sync_batch", "split_outputs")
+__all__ = ("Engine",)
 
 # Seconds past a thread request's deadline after which its waiter stops waiting for the engine.
 _DEAD_LOOP_GRACE = 5.0
 
 # A started batch: its requests, the model's pending result, when it started, and the model
 # installation it runs on (the whole batch runs on that one).
-_Running = tuple["_Batch", Awaitable[Sequence[Any]], float, Installed]
+_Running = tuple["Batch", Awaitable[Sequence[Any]], float, Installed]
 
 
 
@@ -138,29 +138,6 @@ def _clock_of(loop: asyncio.AbstractEventLoop | None) -> Callable[[], float]:
     if type(loop).time is asyncio.BaseEventLoop.time:
         return time.monotonic
     return loop.time
-
-
-class _Batch(list[Any]):
-    """A batch of requests, with what happened to it outside the loop's thread.
-
-    ``ran``: which requests the model ran (None: all); the model skips callers who left before
-    it started (cancelled, expired), and ``_complete`` settles them as cancelled if the loop
-    has not heard of it yet. ``begun``: a model thread took the staged batch up (under the
-    staging lane's lock); ``closed``: closing failed its callers before that, so the thread
-    runs none.
-    """
-
-    __slots__ = ("after", "begun", "closed", "ended", "ran")
-
-    def __init__(self, requests: Iterable[Any] = ()) -> None:
-        super().__init__(requests)
-        self.ran: list[bool] | None = None
-        self.begun = False
-        self.closed = False
-        # With several model threads, a staged batch waits in its thread for the batch before
-        # it (`after`, that batch's `ended`): else it could start in an idle thread at once.
-        self.after: threading.Event | None = None
-        self.ended: threading.Event | None = None
 
 
 def _no_plain(item: Any, priority: int) -> PlainRequest:
@@ -608,7 +585,7 @@ class Engine:
                 running = self._start(batch)
             running = await self._complete(running, prefetch=self._prefetch)
 
-    async def _next_batch(self) -> _Batch | None:
+    async def _next_batch(self) -> Batch | None:
         """Wait until the policy releases a batch and take it; None once closed and empty."""
         self._parked += 1
         try:
@@ -618,7 +595,7 @@ class Engine:
         finally:
             self._parked -= 1
 
-    async def _wait_for_batch(self) -> _Batch | None:
+    async def _wait_for_batch(self) -> Batch | None:
         queue = self._queue
         while True:
             if self._slot.held or (self.inline is not None and self.inline.busy):
@@ -637,7 +614,7 @@ class Engine:
                 if batch:
                     return batch
 
-    def _take(self, now: float) -> _Batch:
+    def _take(self, now: float) -> Batch:
         """Take the next batch and count it in flight; none while a caller runs inline."""
         inline = self.inline
         if inline is None:  # the general path: only this thread touches the queue
@@ -647,7 +624,7 @@ class Engine:
         else:
             with inline.lock:  # against a caller claiming the idle engine
                 if inline.busy:
-                    return _Batch()
+                    return Batch()
                 if self._ledger.records:
                     self._ledger.merge()
                 taken, expired = self._queue.take(now)
@@ -655,17 +632,17 @@ class Engine:
                     self._in_flight += 1
         for req in expired:
             self.expire(req)
-        return _Batch(taken)
+        return Batch(taken)
 
     def _start(
-        self, batch: _Batch, installed: Installed | None = None, *, staged: bool = False
+        self, batch: Batch, installed: Installed | None = None, *, staged: bool = False
     ) -> _Running:
         """Start the model on ``batch``: in the engine's thread pool, or as a coroutine.
 
         The batch runs on ``installed``, by default the one in the slot now. The caller counted
         it in ``_in_flight``; ``_complete`` uncounts it. A ``staged`` batch runs through the
         staging lane, which closes it to joining callers when a thread takes it up. The callers
-        who left before the model starts are not run (``_Batch.ran``).
+        who left before the model starts are not run (``Batch.ran``).
         """
         if installed is None:
             installed = self._slot.current
@@ -730,7 +707,7 @@ class Engine:
                 return ahead
             self._in_flight -= 1
             for req in live:
-                self._fail(req, self._batch_error(exc, n, installed.version))
+                self._fail(req, batch_error(self.settings, exc, n, installed.version))
             return None if ahead is None else self._begun(ahead, end)
         except BaseException:
             # The host cancelled the engine mid-batch: nobody else will settle these callers.
@@ -755,7 +732,7 @@ class Engine:
             self._ledger.deliver_batch(live, outputs, start, end, installed.version)
         return ahead
 
-    def _ran(self, batch: _Batch) -> list[Request]:
+    def _ran(self, batch: Batch) -> list[Request]:
         """Return the requests of ``batch`` the model ran; settle the others as cancelled."""
         ran = batch.ran
         if ran is None:
@@ -779,7 +756,7 @@ class Engine:
         try:
             for part in (batch[:half], batch[half:]):
                 # Callers that gave up (cancelled, expired) meanwhile are not run again.
-                live = _Batch(req for req in part if not req.finished)
+                live = Batch(req for req in part if not req.finished)
                 if live:
                     # On the installation that failed: a batch runs on one version.
                     self._in_flight += 1
@@ -806,26 +783,13 @@ class Engine:
         batches_ahead = len(self._queue) / (settings.max_batch_size * settings.max_concurrency)
         return min(60.0, max(0.001, per_batch * max(1.0, batches_ahead)))
 
-    def _batch_error(self, exc: Exception, n: int, version: str) -> ModelError:
-        if isinstance(exc, BatchSizeMismatch):
-            error: ModelError = BatchSizeMismatch(expected=exc.expected, got=exc.got)
-        elif isinstance(exc, ModelError):  # raised here about the output: a copy per caller
-            error = ModelError(str(exc), batch_size=exc.batch_size)
-        else:
-            error = ModelError(
-                f"model {self.settings.name!r} raised {type(exc).__name__}: {exc}", batch_size=n
-            )
-        error.version = version
-        error.__cause__ = exc
-        return error
-
-    async def _invoke(self, batch: _Batch, installed: Installed, started: float) -> Sequence[Any]:
+    async def _invoke(self, batch: Batch, installed: Installed, started: float) -> Sequence[Any]:
         """Run the model on the callers of ``batch`` who still wait; outputs for those."""
         if not installed.is_async:
             return await anyio.to_thread.run_sync(
                 self._invoke_live, batch, installed, started, limiter=self._limiter
             )
-        live = _still_waiting(batch)
+        live = still_waiting(batch)
         if not live:
             return ()
         items = [req.item for req in live]
@@ -837,7 +801,7 @@ class Engine:
             out = await installed.with_info(model_input, batch_info(live, started))
         return split_outputs(self.settings, out, len(items))
 
-    def _invoke_live(self, batch: _Batch, installed: Installed, started: float) -> Sequence[Any]:
+    def _invoke_live(self, batch: Batch, installed: Installed, started: float) -> Sequence[Any]:
         """Run the sync model on the items of ``batch`` whose callers still wait; in a thread.
 
         A staged batch waits for the one before it: callers that left meanwhile (cancelled,
@@ -845,7 +809,7 @@ class Engine:
         of their cancellation yet. Return the outputs of the callers run.
         """
         try:
-            live = _still_waiting(batch)
+            live = still_waiting(batch)
             if not live:
                 return ()
             info = None if installed.with_info is None else batch_info(live, started)
@@ -888,38 +852,3 @@ class Engine:
             return self._ledger.with_records(stats, running, waiting)
 
 
-def _still_waiting(batch: _Batch) -> list[Request]:
-    """Return the requests of ``batch`` whose callers still wait, marking the rest in
-    ``batch.ran`` for the loop to settle; called as the model starts, in any thread."""
-    keep = [not req.abandoned() for req in batch]
-    if all(keep):
-        return batch
-    batch.ran = keep
-    return [req for req, kept in zip(batch, keep, strict=True) if kept]
-
-
-def run_sync_batch(settings: Settings, fn: Callable[[Any], Any], items: list[Any]) -> Sequence[Any]:
-    """Run the sync model ``fn`` on ``items`` (collated) and return one output per item."""
-    collate = settings.collate
-    try:
-        out = fn(collate(items) if collate is not None else items)
-    except StopIteration as exc:  # an asyncio future cannot carry it: it would never finish
-        raise RuntimeError(f"the model raised StopIteration: {exc!r}") from exc
-    return split_outputs(settings, out, len(items))
-
-
-def split_outputs(settings: Settings, out: Any, n: int) -> Sequence[Any]:
-    """Turn the model's output for ``n`` items into one output per item, checking the count."""
-    split = settings.split
-    outputs = split(out) if split is not None else out
-    try:
-        got = len(outputs)
-    except TypeError:
-        raise ModelError(
-            f"model {settings.name!r} returned {type(outputs).__name__}, "
-            "which has no length; return one output per item",
-            batch_size=n,
-        ) from None
-    if got != n:
-        raise BatchSizeMismatch(expected=n, got=got)
-    return outputs

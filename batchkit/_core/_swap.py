@@ -27,9 +27,10 @@ import anyio.from_thread
 from anyio.lowlevel import EventLoopToken
 
 from ._config import Settings
-from ._engine import Engine, run_sync_batch, split_outputs
+from ._engine import Engine
 from ._errors import ClosedError, SwapError, ValidationFailed, WarmupFailed
 from ._info import info_method
+from ._invoke import run_sync_batch, split_outputs
 from ._slot import Installed, ModelSlot
 from ._stats import Recorder
 

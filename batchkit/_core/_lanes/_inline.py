@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ClosedError, ModelError
+from .._invoke import batch_error
 from .._policy import AfterInline, Idle, InlineEntry, after_inline, inline_entry
 from .._queue import NEW
 from .._requests import SyncRequest
@@ -119,7 +120,7 @@ class InlineLane:
         except BaseException as exc:
             self._end_inline(start, [start], 1, 0)
             if isinstance(exc, Exception):
-                raise engine._batch_error(exc, 1, installed.version) from exc
+                raise batch_error(engine.settings, exc, 1, installed.version) from exc
             raise
         failed = isinstance(value, Exception)
         self._end_inline(start, [start], failed, 0)
@@ -158,7 +159,7 @@ class InlineLane:
             if error is None:
                 req.deliver_error(out) if isinstance(out, Exception) else req.deliver(out)
             elif isinstance(error, Exception):
-                req.deliver_error(engine._batch_error(error, n, version))
+                req.deliver_error(batch_error(engine.settings, error, n, version))
             else:
                 failure = ModelError(
                     f"model {engine.settings.name!r} was interrupted: {type(error).__name__}",

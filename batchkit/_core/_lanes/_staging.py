@@ -29,7 +29,8 @@ from .._requests import Request
 from .._slot import Installed
 
 if TYPE_CHECKING:
-    from .._engine import Engine, _Batch, _Running
+    from .._engine import Engine, _Running
+    from .._invoke import Batch
 
 __all__ = ("StagingLane",)
 
@@ -46,8 +47,8 @@ class StagingLane:
         # Batches handed to a model thread while the batch before them still runs there, and
         # the one of them that callers arriving meanwhile still join (until a thread takes it
         # up or it is full), with the installation it runs on.
-        self.staged: list[_Batch] = []
-        self._open: _Batch | None = None
+        self.staged: list[Batch] = []
+        self._open: Batch | None = None
         self._open_installed: Installed | None = None
 
     # -- on every submit, while Engine._staging is set ------------------------------------------
@@ -101,7 +102,7 @@ class StagingLane:
     # -- the worker -----------------------------------------------------------------------------
 
     async def stage_next(
-        self, job: asyncio.Future[Sequence[Any]], running: _Batch
+        self, job: asyncio.Future[Sequence[Any]], running: Batch
     ) -> _Running | None:
         """While ``job`` runs in a model thread, hand it the next batch as soon as there is one.
 
@@ -171,7 +172,7 @@ class StagingLane:
 
     # -- in the model thread --------------------------------------------------------------------
 
-    def invoke(self, batch: _Batch, installed: Installed, started: float) -> Sequence[Any]:
+    def invoke(self, batch: Batch, installed: Installed, started: float) -> Sequence[Any]:
         """Close the staged ``batch`` to callers arriving from now on, and run it; in a thread.
 
         With several model threads it first waits for the batch it follows to end.
