@@ -255,6 +255,9 @@ class Engine:
         try:
             await self._tg.__aexit__(None, None, None)
         finally:
+            # Cancelled while draining (or before a worker took them): nobody runs what is
+            # left any more. Its callers get ClosedError, as a close without drain gives them.
+            self.begin_close(drain=False)
             with self._inline_lock:  # the last inline batches ended; the loop may not know
                 self._ledger.merge()
             self._rec.retire_queue()
@@ -484,13 +487,8 @@ class Engine:
 
     def submit_threadsafe(self, reqs: list[ThreadRequest]) -> None:
         """Hand ``reqs`` to the engine's loop from another thread, without waiting."""
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(self._submit_external, reqs)
-            except RuntimeError:  # the loop has stopped
-                self._reject_closed(reqs)
-        else:
-            self.run_in_loop(self._submit_external, reqs)
+        if not self._call_soon_threadsafe(self._submit_external, reqs):
+            self._reject_closed(reqs)
 
     def _reject_closed(self, reqs: list[ThreadRequest]) -> None:
         for req in reqs:
@@ -538,16 +536,30 @@ class Engine:
     def cancel_threadsafe(self, req: ThreadRequest) -> None:
         """Withdraw ``req`` from another thread (its caller stopped waiting)."""
         req.future.cancel()
+        self._call_soon_threadsafe(self.cancel, req)
+
+    def _call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Have the engine's loop call ``fn(*args)`` soon, from any thread (one running an event
+        loop of its own too), without waiting; return False if that loop has ended."""
         if self._loop is not None:
             try:
-                self._loop.call_soon_threadsafe(self.cancel, req)
-            except RuntimeError:
-                pass
-        else:
+                self._loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # the loop has stopped
+                return False
+            return True
+        assert self._token is not None
+        run_sync_soon = getattr(self._token.native_token, "run_sync_soon", None)
+        if run_sync_soon is not None:  # trio: a TrioToken
             try:
-                self.run_in_loop(self.cancel, req)
-            except ClosedError:
-                pass
+                run_sync_soon(fn, *args)
+            except RuntimeError:  # trio.RunFinishedError
+                return False
+            return True
+        try:
+            self.run_in_loop(fn, *args)
+        except ClosedError:
+            return False
+        return True
 
     # -- settling ------------------------------------------------------------------------------
 
@@ -711,8 +723,12 @@ class Engine:
             return None if ahead is None else self._begun(ahead, end)
         except BaseException:
             # The host cancelled the engine mid-batch: nobody else will settle these callers.
+            # The model was called: the batch counts, with the callers it ran.
             self._in_flight -= 1
             self._abandoned = True
+            ran = len(batch) if batch.ran is None else sum(batch.ran)
+            if ran:
+                self._ledger.record_batch(ran, start, self._clock())
             self._fail_all(batch)
             if ahead is not None:
                 assert self.staging is not None
@@ -795,11 +811,24 @@ class Engine:
         items = [req.item for req in live]
         collate = self.settings.collate
         model_input = collate(items) if collate is not None else items
-        if installed.with_info is None:
-            out = await installed.model(model_input)
-        else:
-            out = await installed.with_info(model_input, batch_info(live, started))
+        try:
+            if installed.with_info is None:
+                out = await installed.model(model_input)
+            else:
+                out = await installed.with_info(model_input, batch_info(live, started))
+        except asyncio.CancelledError as exc:
+            if self._cancelled_from_outside():
+                raise
+            # The model raised it itself: its error, not the engine's cancellation.
+            raise RuntimeError(f"the model raised {type(exc).__name__}: {exc!r}") from exc
         return split_outputs(self.settings, out, len(items))
+
+    def _cancelled_from_outside(self) -> bool:
+        """Whether the current task (on asyncio) is being cancelled by someone else."""
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)
+        # Python 3.10 has no Task.cancelling(): take every CancelledError as a cancellation.
+        return cancelling is None or cancelling() > 0
 
     def _invoke_live(self, batch: Batch, installed: Installed, started: float) -> Sequence[Any]:
         """Run the sync model on the items of ``batch`` whose callers still wait; in a thread.
@@ -836,19 +865,34 @@ class Engine:
     def statistics(self) -> Statistics:
         """Return a snapshot of the counters; safe from any thread."""
         inline = self.inline
-        with self._inline_lock:
-            running = 0 if inline is None else inline.running
-            waiting = 0 if inline is None else len(inline.side)
-            stats = self._rec.snapshot(
-                name=self.settings.name,
-                model_version=self._slot.current.version,
-                queue_depth=len(self._queue) + waiting,
-                waiting_for_room=self._queue.waiting_for_room,
-                in_flight_batches=self._in_flight + bool(running),
-                dispatch_held=self._slot.held,
-            )
-            # What callers' threads did that the loop has yet to record: counted here, so a
-            # caller's own call shows at once.
-            return self._ledger.with_records(stats, running, waiting)
+        if inline is None:
+            return self._snapshot(0, 0)
+        # What callers' threads did that the loop has yet to record is counted in, so a
+        # caller's own call shows at once. The lane's lock is held only to copy that, never
+        # while the counters are read (a preempted reader must not hold up the loop); a merge
+        # meanwhile would count those records twice, so the reader then tries again.
+        ledger = self._ledger
+        for attempt in range(4):
+            with inline.lock:
+                merges, records, left = ledger.unmerged()
+                running, waiting = inline.running, len(inline.side)
+                if attempt == 3:  # the loop keeps merging: read under the lock this once
+                    stats = self._snapshot(running, waiting)
+                    return ledger.with_records(stats, running, waiting, records, left)
+            stats = self._snapshot(running, waiting)
+            with inline.lock:
+                if ledger.merges == merges:
+                    return ledger.with_records(stats, running, waiting, records, left)
+        raise AssertionError("unreachable")
+
+    def _snapshot(self, running: int, waiting: int) -> Statistics:
+        return self._rec.snapshot(
+            name=self.settings.name,
+            model_version=self._slot.current.version,
+            queue_depth=len(self._queue) + waiting,
+            waiting_for_room=self._queue.waiting_for_room,
+            in_flight_batches=self._in_flight + bool(running),
+            dispatch_held=self._slot.held,
+        )
 
 

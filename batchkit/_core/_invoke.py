@@ -8,6 +8,8 @@ failed it first.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -75,6 +77,10 @@ def run_sync_batch(settings: Settings, fn: Callable[[Any], Any], items: list[Any
         out = fn(collate(items) if collate is not None else items)
     except StopIteration as exc:  # an asyncio future cannot carry it: it would never finish
         raise RuntimeError(f"the model raised StopIteration: {exc!r}") from exc
+    except (concurrent.futures.CancelledError, asyncio.CancelledError) as exc:
+        # asyncio would turn it into its own CancelledError, which reads as the engine being
+        # cancelled: it is the model's error, like any other.
+        raise RuntimeError(f"the model raised {type(exc).__name__}: {exc!r}") from exc
     return split_outputs(settings, out, len(items))
 
 

@@ -44,6 +44,7 @@ class Ledger:
         # written under the engine's claim lock, merged by the loop.
         self.records: list[InlineRecord] = []
         self.left = 0
+        self.merges = 0  # how many times ``merge`` ran: a reader retries if it changed
 
     # -- one request -----------------------------------------------------------------------------
 
@@ -169,13 +170,24 @@ class Ledger:
         """Count the queued records for good (on the loop thread, under the claim lock)."""
         records, self.records = self.records, []
         left, self.left = self.left, 0
+        self.merges += 1
         _count(self.rec, records, left, self.record_batch)
 
-    def with_records(self, stats: Statistics, running: int, waiting: int) -> Statistics:
-        """Return ``stats`` with the records not merged yet counted in, and ``running`` items
-        in an inline batch and ``waiting`` callers beside it as submitted (any thread, under
-        the claim lock)."""
-        records, left = list(self.records), self.left
+    def unmerged(self) -> tuple[int, list[InlineRecord], int]:
+        """Return (``merges``, the records not merged yet, callers who left): under the lock."""
+        return self.merges, list(self.records), self.left
+
+    def with_records(
+        self,
+        stats: Statistics,
+        running: int,
+        waiting: int,
+        records: list[InlineRecord],
+        left: int,
+    ) -> Statistics:
+        """Return ``stats`` with ``records`` and ``left`` (not merged yet when it was taken)
+        counted in, and ``running`` items in an inline batch and ``waiting`` callers beside it
+        as submitted (any thread)."""
         if not records and not running and not waiting and not left:
             return stats
         copy = Recorder()

@@ -275,14 +275,23 @@ class Recorder:
     ) -> Statistics:
         """Return a frozen copy of the counters (safe from any thread under the GIL)."""
         waits, totals = self.item_latencies()
+        # The loop's thread writes the counters while another thread may read them here: read
+        # the outcomes before `submitted` (an item is submitted before it is settled, and each
+        # counter only grows), so a snapshot never shows more settled than submitted.
+        completed, failed, expired, cancelled = (
+            self.completed,
+            self.failed,
+            self.expired,
+            self.cancelled,
+        )
         return Statistics(
             name=name,
             model_version=model_version,
             submitted=self.submitted_now(),
-            completed=self.completed,
-            failed=self.failed,
-            expired=self.expired,
-            cancelled=self.cancelled,
+            completed=completed,
+            failed=failed,
+            expired=expired,
+            cancelled=cancelled,
             rejected=self.rejected,
             queue_depth=queue_depth,
             waiting_for_room=waiting_for_room,

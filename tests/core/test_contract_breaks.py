@@ -10,10 +10,13 @@ loop to be busy at one precise moment, it blocks that loop for a bounded time on
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import itertools
 import sys
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -633,3 +636,164 @@ class TestCallManyNowaitReturnExceptions:
         values = outcome[0]
         assert values[:2] == [10, 20]
         assert isinstance(values[2], QueueFull)
+
+
+# -- found by a randomized soak (second round) ---------------------------------------------------
+
+
+class TestHostCancelledAfterADrainingClose:
+    async def test_every_queued_caller_is_answered(self) -> None:
+        model = GatedModel()
+        batched = BatchedModel(model, max_batch_size=1)
+        outcomes: dict[int, Any] = {}
+        answered = anyio.Event()
+
+        async def caller(i: int) -> None:
+            try:
+                outcomes[i] = await batched.call(i)
+            except Exception as exc:
+                outcomes[i] = type(exc).__name__
+            if len(outcomes) == 3:
+                answered.set()
+
+        async with anyio.create_task_group() as callers:
+            with anyio.CancelScope() as host:
+                async with batched, anyio.create_task_group() as inner:
+                    for i in range(3):
+                        callers.start_soon(caller, i)
+                    await model.started.wait()  # 0 runs; 1 and 2 are queued
+                    await settle()
+                    inner.start_soon(partial(batched.aclose, drain=True))
+                    await settle()  # closing, draining
+                    host.cancel()
+            with anyio.fail_after(LIMIT):  # before the fix, 1 and 2 waited forever
+                await answered.wait()
+        assert outcomes == {0: "ClosedError", 1: "ClosedError", 2: "ClosedError"}
+
+
+class TestTheModelsOwnCancelledError:
+    @staticmethod
+    def raises_cancelled(items: list[str]) -> list[str]:
+        if "bad" in items:
+            future: concurrent.futures.Future[None] = concurrent.futures.Future()
+            future.cancel()
+            future.result()  # raises concurrent.futures.CancelledError: an Exception
+        return items
+
+    async def test_a_sync_model_raising_it_fails_its_batch_only(self) -> None:
+        model = BatchedModel(self.raises_cancelled)
+        async with model:
+            with pytest.raises(ModelError) as info:
+                await model.call("bad")
+            assert isinstance(info.value.__cause__, RuntimeError)
+            assert await model.call("good") == "good"  # the engine keeps running
+
+    async def test_an_async_model_raising_it_fails_its_batch_only(
+        self, anyio_backend: str
+    ) -> None:
+        if anyio_backend != "asyncio":
+            pytest.skip("asyncio's CancelledError")
+
+        async def model_fn(items: list[str]) -> list[str]:
+            if "bad" in items:
+                raise asyncio.CancelledError("the model's own")
+            return items
+
+        model = BatchedModel(model_fn)
+        async with model:
+            with pytest.raises(ModelError):
+                await model.call("bad")
+            assert await model.call("good") == "good"
+
+
+class TestTrioCallersOfATrioEngineInAnotherThread:
+    def test_a_trio_loop_in_another_thread_can_call(self) -> None:
+        model = BatchedModel(lambda xs: [2 * x for x in xs], name="double")
+        entered, done = threading.Event(), threading.Event()
+
+        async def serve() -> None:
+            async with model:
+                entered.set()
+                await anyio.to_thread.run_sync(done.wait)
+
+        server = threading.Thread(target=anyio.run, args=(serve,), kwargs={"backend": "trio"})
+        server.start()
+        try:
+            assert entered.wait(LIMIT)
+
+            async def client() -> list[Any]:
+                with anyio.fail_after(LIMIT):
+                    one = await model.call(21)
+                    many = await model.call_many([1, 2])
+                    with anyio.move_on_after(0):  # a cancelled call is withdrawn, not stuck
+                        await model.call(5)
+                    return [one, many]
+
+            for backend in ("trio", "asyncio"):
+                assert anyio.run(client, backend=backend) == [42, [2, 4]]
+        finally:
+            done.set()
+            server.join(LIMIT)
+        stats = model.statistics()
+        assert stats.submitted == stats.completed + stats.cancelled
+
+
+class TestStatisticsFromAnotherThreadAreConsistent:
+    async def test_pending_is_never_negative(self) -> None:
+        model = GatedModel()
+        batched = BatchedModel(model, max_batch_size=1)
+        read_submitted, reader_may_go = threading.Event(), threading.Event()
+        snapshots: list[Any] = []
+
+        def hold(frame: Any, event: str, arg: Any) -> None:
+            # The reading thread loses its turn right after it has read `submitted`.
+            if event == "return" and frame.f_code.co_name == "submitted_now":
+                read_submitted.set()
+                reader_may_go.wait(LIMIT)
+
+        def reader() -> None:
+            sys.setprofile(hold)
+            try:
+                snapshots.append(batched.statistics())
+            finally:
+                sys.setprofile(None)
+
+        async with batched, anyio.create_task_group() as tg:
+            tg.start_soon(batched.call, 0)
+            await model.started.wait()
+            thread = threading.Thread(target=reader)
+            thread.start()
+            await anyio.to_thread.run_sync(read_submitted.wait, LIMIT)
+            async with anyio.create_task_group() as leaving:  # five calls submitted and
+                for i in range(1, 6):  # cancelled while queued, meanwhile
+                    leaving.start_soon(batched.call, i)
+                await settle()
+                leaving.cancel_scope.cancel()
+            reader_may_go.set()
+            await anyio.to_thread.run_sync(thread.join, LIMIT)
+            model.open()
+        (stats,) = snapshots
+        assert stats.pending >= 0, (stats.submitted, stats.cancelled)
+
+
+class TestAHostCancelMidBatchCountsTheBatch:
+    async def test_the_batch_the_model_ran_is_in_the_statistics(self) -> None:
+        model = GatedModel()
+        batched = BatchedModel(model)
+        async with anyio.create_task_group() as callers:
+            with anyio.CancelScope() as host:
+                async with batched:
+                    for i in range(2):
+                        callers.start_soon(_quiet_call, batched, i)
+                    await model.started.wait()
+                    host.cancel()
+        stats = batched.statistics()
+        assert stats.batches == len(model.batches) == 1
+        assert dict(stats.batch_sizes) == {len(model.batches[0]): 1}
+
+
+async def _quiet_call(model: BatchedModel[Any, Any], item: Any) -> None:
+    try:
+        await model.call(item)
+    except Exception:
+        pass

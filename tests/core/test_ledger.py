@@ -127,9 +127,11 @@ def test_records_count_the_same_shown_early_or_merged(
         ledger.add_record((start, end, enqueued, failed, 0))
     for _ in range(left):
         ledger.add_left()
-    early = ledger.with_records(snapshot(rec), running, waiting)
+    _, unmerged, gone = ledger.unmerged()
+    early = ledger.with_records(snapshot(rec), running, waiting, unmerged, gone)
     ledger.merge()
-    merged = ledger.with_records(snapshot(rec), running, waiting)
+    _, unmerged, gone = ledger.unmerged()
+    merged = ledger.with_records(snapshot(rec), running, waiting, unmerged, gone)
     for key in ("submitted", "completed", "failed", "cancelled", "batches", "batch_sizes"):
         assert getattr(early, key) == getattr(merged, key), key
     assert merged.submitted == sum(len(r[2]) for r in recs) + left + running + waiting
