@@ -805,7 +805,7 @@ class Engine:
             return await anyio.to_thread.run_sync(
                 self._invoke_live, batch, installed, started, limiter=self._limiter
             )
-        live = still_waiting(batch)
+        live = still_waiting(batch, self._ledger.plain_request)
         if not live:
             return ()
         items = [req.item for req in live]
@@ -838,7 +838,7 @@ class Engine:
         of their cancellation yet. Return the outputs of the callers run.
         """
         try:
-            live = still_waiting(batch)
+            live = still_waiting(batch, self._ledger.plain_request)
             if not live:
                 return ()
             info = None if installed.with_info is None else batch_info(live, started)
