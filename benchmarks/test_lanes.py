@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 from batchkit import BatchedModel
 from batchkit._core import _plan
+from batchkit._core._plan import lanes_off
 
 from ._measure import Findings, median, percentile, rotated
 from .mlp import MLP
@@ -33,17 +32,6 @@ pytest.importorskip("torch")
 
 ROUNDS = 5
 MAX_BATCH_SIZE = 64
-
-
-@contextmanager
-def lanes_off(*names: str) -> Iterator[None]:
-    """Turn ``names`` off for the engines entered inside the block."""
-    saved = _plan.disabled
-    _plan.disabled = frozenset(names)
-    try:
-        yield
-    finally:
-        _plan.disabled = saved
 
 
 def plan_of(model: BatchedModel[Any, Any]) -> _plan.Plan:

@@ -29,11 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ._config import Settings
 
-__all__ = ("LANES", "Plan", "disabled", "plan_for")
+__all__ = ("LANES", "Plan", "disabled", "lanes_off", "plan_for")
 
 LANES = ("plain", "staging", "inline", "side")
 
@@ -47,6 +49,18 @@ def _read_switch(value: str) -> frozenset[str]:
 
 # The lanes turned off for engines entered from now on (tests and benchmarks replace it).
 disabled: frozenset[str] = _read_switch(os.environ.get("BATCHKIT_LANES_OFF", ""))
+
+
+@contextmanager
+def lanes_off(*names: str) -> Iterator[None]:
+    """Turn exactly ``names`` off for the engines entered inside the block (tests, benchmarks)."""
+    global disabled
+    saved = disabled
+    disabled = frozenset(names)
+    try:
+        yield
+    finally:
+        disabled = saved
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,6 @@ on asyncio takes the lane; with it off, the general ``submit`` + ``outcome``.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import anyio
@@ -16,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchkit import BatchedModel
-from batchkit._core import _plan
+from batchkit._core._plan import lanes_off
 
 from ...support.helpers import GatedModel
 
@@ -46,16 +44,6 @@ def run(calls: list[tuple[int, int]], max_batch_size: int) -> tuple[list[list[An
 
     anyio.run(main, backend="asyncio")
     return model.batches, outcomes
-
-
-@contextmanager
-def lanes_off(*names: str) -> Iterator[None]:
-    saved = _plan.disabled
-    _plan.disabled = frozenset(names)
-    try:
-        yield
-    finally:
-        _plan.disabled = saved
 
 
 @settings(max_examples=25, deadline=None)
