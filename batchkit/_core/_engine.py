@@ -281,6 +281,7 @@ class Engine:
                 with self.inline.lock:  # statistics() counts them as submitted: move at once
                     side, self.inline.side = self.inline.side, []
                     self._rec.submitted += len(side)
+                    self._ledger.generation += 1
             # A staged batch no model thread has taken up has not begun: fail its callers
             # (the thread will run none). One taken up runs: its outputs are delivered.
             staged = [] if self.staging is None else self.staging.close()
@@ -289,13 +290,9 @@ class Engine:
         self._signal.set()
 
     def begin_close_soon(self, drain: bool) -> None:
-        """Have the engine's asyncio loop call ``begin_close(drain)``; from any other thread,
-        without waiting. Nothing happens if the loop has ended (the engine is closed)."""
-        assert self._loop is not None
-        try:
-            self._loop.call_soon_threadsafe(self.begin_close, drain)
-        except RuntimeError:
-            pass
+        """Have the engine's loop call ``begin_close(drain)``; from any other thread, without
+        waiting. Nothing happens if the loop has ended (the engine is closed)."""
+        self._call_soon_threadsafe(self.begin_close, drain)
 
     async def wait_stopped(self) -> None:
         """Return once closing finished: every worker has returned."""
@@ -629,19 +626,15 @@ class Engine:
     def _take(self, now: float) -> Batch:
         """Take the next batch and count it in flight; none while a caller runs inline."""
         inline = self.inline
-        if inline is None:  # the general path: only this thread touches the queue
+        # Against a caller claiming the idle engine (a no-op lock without the inline lane).
+        with self._inline_lock:
+            if inline is not None and inline.busy:
+                return Batch()
+            if self._ledger.records:
+                self._ledger.merge()
             taken, expired = self._queue.take(now)
             if taken:
                 self._in_flight += 1
-        else:
-            with inline.lock:  # against a caller claiming the idle engine
-                if inline.busy:
-                    return Batch()
-                if self._ledger.records:
-                    self._ledger.merge()
-                taken, expired = self._queue.take(now)
-                if taken:
-                    self._in_flight += 1
         for req in expired:
             self.expire(req)
         return Batch(taken)
@@ -726,10 +719,10 @@ class Engine:
             # The model was called: the batch counts, with the callers it ran.
             self._in_flight -= 1
             self._abandoned = True
-            ran = len(batch) if batch.ran is None else sum(batch.ran)
-            if ran:
-                self._ledger.record_batch(ran, start, self._clock())
-            self._fail_all(batch)
+            live = self._ran(batch)
+            if live:
+                self._ledger.record_batch(len(live), start, self._clock())
+            self._fail_all(live)
             if ahead is not None:
                 assert self.staging is not None
                 self._fail_all(self.staging.abandon(ahead))
@@ -870,20 +863,22 @@ class Engine:
         # What callers' threads did that the loop has yet to record is counted in, so a
         # caller's own call shows at once. The lane's lock is held only to copy that, never
         # while the counters are read (a preempted reader must not hold up the loop); a merge
-        # meanwhile would count those records twice, so the reader then tries again.
+        # (or callers moved out of the lane) meanwhile would count them twice or not at all, so
+        # the reader then tries again.
         ledger = self._ledger
-        for attempt in range(4):
+        for _ in range(3):
             with inline.lock:
-                merges, records, left = ledger.unmerged()
+                generation, records, left = ledger.unmerged()
                 running, waiting = inline.running, len(inline.side)
-                if attempt == 3:  # the loop keeps merging: read under the lock this once
-                    stats = self._snapshot(running, waiting)
-                    return ledger.with_records(stats, running, waiting, records, left)
             stats = self._snapshot(running, waiting)
             with inline.lock:
-                if ledger.merges == merges:
+                if ledger.generation == generation:
                     return ledger.with_records(stats, running, waiting, records, left)
-        raise AssertionError("unreachable")
+        with inline.lock:  # the loop keeps moving counts: read under the lock this once
+            _, records, left = ledger.unmerged()
+            running, waiting = inline.running, len(inline.side)
+            stats = self._snapshot(running, waiting)
+            return ledger.with_records(stats, running, waiting, records, left)
 
     def _snapshot(self, running: int, waiting: int) -> Statistics:
         return self._rec.snapshot(

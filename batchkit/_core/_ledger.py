@@ -44,28 +44,24 @@ class Ledger:
         # written under the engine's claim lock, merged by the loop.
         self.records: list[InlineRecord] = []
         self.left = 0
-        self.merges = 0  # how many times ``merge`` ran: a reader retries if it changed
+        # Bumped (under the lane's lock) whenever counts move between the lane's state and
+        # the recorder: a reader in another thread that saw it change reads again.
+        self.generation = 0
 
     # -- one request -----------------------------------------------------------------------------
 
     def cancel(self, req: Request) -> bool:
         """Settle ``req`` as cancelled (its caller stopped waiting); False if already settled."""
-        if req.finished:
+        if not self._settle(req):
             return False
-        req.finished = True
         self.rec.cancelled += 1
-        if req.timer is not None:
-            req.timer.cancel()
         return True
 
     def expire(self, req: Request) -> bool:
         """Fail ``req`` with ``DeadlineExceeded``; False if already settled."""
-        if req.finished:
+        if not self._settle(req):
             return False
-        req.finished = True
         self.rec.expired += 1
-        if req.timer is not None:
-            req.timer.cancel()
         req.deliver_error(
             DeadlineExceeded(f"the deadline passed before model {self._name!r} answered")
         )
@@ -73,13 +69,20 @@ class Ledger:
 
     def fail(self, req: Request, exc: BaseException) -> bool:
         """Fail ``req`` with ``exc``; False if already settled."""
+        if not self._settle(req):
+            return False
+        self.rec.failed += 1
+        req.deliver_error(exc)
+        return True
+
+    @staticmethod
+    def _settle(req: Request) -> bool:
+        """Mark ``req`` settled and stop its timer; False if it was already (the one check)."""
         if req.finished:
             return False
         req.finished = True
-        self.rec.failed += 1
         if req.timer is not None:
             req.timer.cancel()
-        req.deliver_error(exc)
         return True
 
     def refuse(self, req: Request, exc: BaseException) -> None:
@@ -170,12 +173,13 @@ class Ledger:
         """Count the queued records for good (on the loop thread, under the claim lock)."""
         records, self.records = self.records, []
         left, self.left = self.left, 0
-        self.merges += 1
+        self.generation += 1
         _count(self.rec, records, left, self.record_batch)
 
     def unmerged(self) -> tuple[int, list[InlineRecord], int]:
-        """Return (``merges``, the records not merged yet, callers who left): under the lock."""
-        return self.merges, list(self.records), self.left
+        """Return (``generation``, the records not merged yet, callers who left): under the
+        lane's lock."""
+        return self.generation, list(self.records), self.left
 
     def with_records(
         self,

@@ -221,17 +221,15 @@ class InlineLane:
     def _tell_loop(self, tell: Callable[[], None]) -> None:
         """Have the loop run ``tell`` (from ``_hand_on``); from a caller's thread."""
         engine = self._engine
-        assert engine._loop is not None
-        try:
-            engine._loop.call_soon_threadsafe(tell)
-        except RuntimeError:  # the loop has ended: statistics() still counts the runs
-            if tell == self.adopt:
-                with self.lock:
-                    side, self.side = self.side, []
-                    self.busy = False
-                for req in side:
-                    req.finished = True
-                    req.deliver_error(ClosedError(f"model {engine.settings.name!r} is closed"))
+        # If the loop has ended, statistics() still counts the runs; callers waiting to be
+        # adopted are answered here.
+        if not engine._call_soon_threadsafe(tell) and tell == self.adopt:
+            with self.lock:
+                side, self.side = self.side, []
+                self.busy = False
+            for req in side:
+                req.finished = True
+                req.deliver_error(ClosedError(f"model {engine.settings.name!r} is closed"))
 
     def _give_up(self, me: SyncRequest) -> None:
         """Withdraw ``me``, whose caller stopped waiting; hand on a batch it was to run."""
@@ -267,11 +265,12 @@ class InlineLane:
         """Take the sync callers waiting beside the inline batches into the queue; on the loop
         thread. (Closing without drain has failed them already; with drain, they run.)"""
         engine = self._engine
-        with self.lock:
+        with self.lock:  # moved at once: statistics() counts them in the lane, then the queue
             side, self.side = self.side, []
             self.busy = False
-        for req in side:  # the queue orders them (and counts them submitted)
-            engine._queue.push(req)
+            for req in side:  # the queue orders them (and counts them submitted)
+                engine._queue.push(req)
+            engine._ledger.generation += 1
         self.after()  # no batch runs or is staged meanwhile: the workers take them
 
     def after(self) -> None:
