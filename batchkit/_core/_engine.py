@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
-import math
 import threading
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -30,6 +28,7 @@ from ._errors import (
     ModelError,
     QueueFull,
 )
+from ._handoff import Handoff
 from ._info import BatchInfo, batch_info
 from ._invoke import Batch, batch_error, run_sync_batch, split_outputs, still_waiting
 from ._lanes._asyncio import PlainLane
@@ -46,107 +45,19 @@ from ._requests import (
     SyncRequest,
     ThreadRequest,
 )
+from ._signal import NO_LOCK, AsyncioSignal, Signal, clock_of
 from ._slot import Installed, ModelSlot
 from ._stats import Recorder, Statistics
 
 __all__ = ("Engine",)
-
-# Seconds past a thread request's deadline after which its waiter stops waiting for the engine.
-_DEAD_LOOP_GRACE = 5.0
 
 # A started batch: its requests, the model's pending result, when it started, and the model
 # installation it runs on (the whole batch runs on that one).
 _Running = tuple["Batch", Awaitable[Sequence[Any]], float, Installed]
 
 
-
-class _Signal:
-    """Wake every task waiting on it; waits may carry a deadline on the loop clock."""
-
-    __slots__ = ("_count", "_event", "waiting")
-
-    def __init__(self) -> None:
-        self._event = anyio.Event()
-        self._count = 0
-        self.waiting = False  # whether a task waits: checked on every submit, so no property
-
-    def set(self) -> None:
-        if self._count:
-            self._event.set()
-            self._event = anyio.Event()
-
-    async def wait(self, until: float = math.inf) -> None:
-        event = self._event
-        self._count += 1
-        self.waiting = True
-        try:
-            with anyio.CancelScope(deadline=until):
-                await event.wait()
-        finally:
-            self._count -= 1
-            self.waiting = self._count > 0
-
-
-class _AsyncioSignal(_Signal):
-    """The same on asyncio, with bare futures and timer handles (no cancel scopes)."""
-
-    __slots__ = ("_futures", "_loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._futures: list[asyncio.Future[None]] = []
-        self.waiting = False
-
-    def set(self) -> None:
-        futures, self._futures = self._futures, []
-        self.waiting = False
-        for future in futures:
-            if not future.done():
-                future.set_result(None)
-
-    async def wait(self, until: float = math.inf) -> None:
-        future = self._loop.create_future()
-        self._futures.append(future)
-        self.waiting = True
-        timer = None if until == math.inf else self._loop.call_at(until, _wake, future)
-        try:
-            await future
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-
-class _NoLock:
-    """A lock for an engine only its loop's thread touches (no lane hands work to threads)."""
-
-    __slots__ = ()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK: Any = _NoLock()
-
-
-def _clock_of(loop: asyncio.AbstractEventLoop | None) -> Callable[[], float]:
-    """Return the loop's clock, skipping a Python frame when it is plain ``time.monotonic``."""
-    if loop is None:
-        return anyio.current_time
-    if type(loop).time is asyncio.BaseEventLoop.time:
-        return time.monotonic
-    return loop.time
-
-
 def _no_plain(item: Any, priority: int) -> PlainRequest:
     raise AssertionError("the plain lane is off: calls take Engine.submit")
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class Engine:
@@ -168,6 +79,7 @@ class Engine:
             adaptive_wait=settings.adaptive_wait,
         )
         self._rec = recorder
+        self.handoff = Handoff(self)  # for callers outside the loop's thread
         self._ledger = Ledger(settings.name, recorder)
         self._seq = itertools.count()
         self._in_flight = 0
@@ -197,7 +109,7 @@ class Engine:
         self._staging = False
         # The inline lane (sync callers running batches in their threads), when planned.
         self.inline: InlineLane | None = None
-        self._inline_lock: Any = _NO_LOCK
+        self._inline_lock: Any = NO_LOCK
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -206,10 +118,10 @@ class Engine:
             self._loop = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
-        self._signal = _AsyncioSignal(self._loop) if self._loop else _Signal()
+        self._signal = AsyncioSignal(self._loop) if self._loop else Signal()
         settings = self.settings
         self.plan = plan = plan_for(settings, self._loop)
-        self._clock = _clock_of(self._loop)
+        self._clock = clock_of(self._loop)
         if plan.plain:
             assert self._loop is not None
             self.plain = PlainLane(self, self._loop)
@@ -217,7 +129,7 @@ class Engine:
             self._ledger.plain_request = self.plain.request
         self._ledger.call_soon = None if self._loop is None else self._loop.call_soon
         self.inline = InlineLane(self, side=plan.side) if plan.inline else None
-        self._inline_lock = _NO_LOCK if self.inline is None else self.inline.lock
+        self._inline_lock = NO_LOCK if self.inline is None else self.inline.lock
         # A staged batch may keep filling only under greedy dispatch without a cost budget;
         # otherwise only a full batch is staged.
         fill = settings.max_wait <= 0 and settings.max_batch_cost is None
@@ -292,7 +204,7 @@ class Engine:
     def begin_close_soon(self, drain: bool) -> None:
         """Have the engine's loop call ``begin_close(drain)``; from any other thread, without
         waiting. Nothing happens if the loop has ended (the engine is closed)."""
-        self._call_soon_threadsafe(self.begin_close, drain)
+        self.handoff.call_soon(self.begin_close, drain)
 
     async def wait_stopped(self) -> None:
         """Return once closing finished: every worker has returned."""
@@ -471,93 +383,6 @@ class Engine:
                 if future is not None and future.done() and not future.cancelled():
                     future.exception()
 
-    # -- from other threads --------------------------------------------------------------------
-
-    def new_thread_request(
-        self, item: Any, priority: float, timeout: float | None, wait: bool
-    ) -> ThreadRequest:
-        """Build a request in any thread; ``submit_threadsafe`` hands it to the loop."""
-        cost = self._cost(item)
-        return ThreadRequest(
-            concurrent.futures.Future(), timeout, wait, item, priority, 0, 0.0, None, cost
-        )
-
-    def submit_threadsafe(self, reqs: list[ThreadRequest]) -> None:
-        """Hand ``reqs`` to the engine's loop from another thread, without waiting."""
-        if not self._call_soon_threadsafe(self._submit_external, reqs):
-            self._reject_closed(reqs)
-
-    def _reject_closed(self, reqs: list[ThreadRequest]) -> None:
-        for req in reqs:
-            req.deliver_error(ClosedError(f"model {self.settings.name!r} is closed"))
-
-    def _submit_external(self, reqs: list[ThreadRequest]) -> None:
-        now = self._clock()
-        for req in reqs:
-            req.seq = next(self._seq)
-            req.enqueued_at = now
-            if req.timeout is not None:
-                req.deadline = now + req.timeout
-            try:
-                self._submit(req, req.wait_for_room)
-            except (ClosedError, QueueFull) as exc:
-                req.finished = True
-                req.deliver_error(exc)
-
-    def run_in_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` on the engine's loop from another thread and return its result."""
-        try:
-            return anyio.from_thread.run_sync(fn, *args, token=self._token)
-        except anyio.RunFinishedError:
-            raise ClosedError(f"model {self.settings.name!r} is closed") from None
-
-    def wait_threadsafe(self, req: ThreadRequest) -> Any:
-        """Block the calling (non-loop) thread until ``req`` has its outcome."""
-        try:
-            if req.timeout is None:
-                return req.future.result()
-            try:
-                # The engine's timer settles it at the deadline; waiting longer means the
-                # engine's loop died under us (a BaseException from the model, say).
-                return req.future.result(timeout=req.timeout + _DEAD_LOOP_GRACE)
-            except concurrent.futures.TimeoutError:
-                if req.future.done():  # DeadlineExceeded is a TimeoutError too: the real outcome
-                    raise
-                raise ClosedError(
-                    f"model {self.settings.name!r} stopped without answering"
-                ) from None
-        finally:
-            if not req.future.done():
-                self.cancel_threadsafe(req)
-
-    def cancel_threadsafe(self, req: ThreadRequest) -> None:
-        """Withdraw ``req`` from another thread (its caller stopped waiting)."""
-        req.future.cancel()
-        self._call_soon_threadsafe(self.cancel, req)
-
-    def _call_soon_threadsafe(self, fn: Callable[..., Any], *args: Any) -> bool:
-        """Have the engine's loop call ``fn(*args)`` soon, from any thread (one running an event
-        loop of its own too), without waiting; return False if that loop has ended."""
-        if self._loop is not None:
-            try:
-                self._loop.call_soon_threadsafe(fn, *args)
-            except RuntimeError:  # the loop has stopped
-                return False
-            return True
-        assert self._token is not None
-        run_sync_soon = getattr(self._token.native_token, "run_sync_soon", None)
-        if run_sync_soon is not None:  # trio: a TrioToken
-            try:
-                run_sync_soon(fn, *args)
-            except RuntimeError:  # trio.RunFinishedError
-                return False
-            return True
-        try:
-            self.run_in_loop(fn, *args)
-        except ClosedError:
-            return False
-        return True
-
     # -- settling ------------------------------------------------------------------------------
 
     def cancel(self, req: Request) -> None:
@@ -640,14 +465,20 @@ class Engine:
         return Batch(taken)
 
     def _start(
-        self, batch: Batch, installed: Installed | None = None, *, staged: bool = False
+        self,
+        batch: Batch,
+        installed: Installed | None = None,
+        *,
+        staged: bool = False,
+        direct: bool = True,
     ) -> _Running:
         """Start the model on ``batch``: in the engine's thread pool, or as a coroutine.
 
         The batch runs on ``installed``, by default the one in the slot now. The caller counted
-        it in ``_in_flight``; ``_complete`` uncounts it. A ``staged`` batch runs through the
-        staging lane, which closes it to joining callers when a thread takes it up. The callers
-        who left before the model starts are not run (``Batch.ran``).
+        it in ``_in_flight``; ``_complete`` uncounts it, or, in the engine's own threads and
+        ``direct``, the thread's hand-over of the outputs (``_run_threaded``). A ``staged``
+        batch runs through the staging lane, which closes it to joining callers when a thread
+        takes it up. The callers who left before the model starts are not run (``Batch.ran``).
         """
         if installed is None:
             installed = self._slot.current
@@ -667,12 +498,48 @@ class Engine:
                     thread_name_prefix=f"batchkit-{self.settings.name}-model",
                 )
             try:
-                job = self._loop.run_in_executor(self._executor, run, batch, installed, started)
+                if direct:
+                    job = self._loop.run_in_executor(
+                        self._executor, self._run_threaded, run, batch, installed, started
+                    )
+                else:
+                    job = self._loop.run_in_executor(self._executor, run, batch, installed, started)
             except RuntimeError:  # the pool refuses work (interpreter shutdown): use anyio's
                 self._own_threads = self._prefetch = False
         if job is None:
             job = self._invoke(batch, installed, started)
         return batch, job, started, installed
+
+    def _run_threaded(
+        self,
+        run: Callable[[Batch, Installed, float], Sequence[Any]],
+        batch: Batch,
+        installed: Installed,
+        started: float,
+    ) -> Sequence[Any]:
+        """Run ``batch`` with ``run`` in one of the engine's threads and hand its outputs to the
+        loop at once (``_delivered``): its callers resume from that one loop callback, before the
+        worker hears, a few loop iterations later, that the job ended."""
+        outputs = run(batch, installed, started)
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(self._delivered, batch, outputs, installed)
+        except RuntimeError:  # the loop has stopped: nobody waits any more
+            pass
+        return outputs
+
+    def _delivered(self, batch: Batch, outputs: Sequence[Any], installed: Installed) -> None:
+        """Count ``batch``, which a model thread ran, and settle its callers; on the loop, in a
+        callback of its own (not a task), so callers waiting on the plain lane resume from it."""
+        if batch.settled:  # the host cancelled its worker first, which settled it
+            return
+        batch.settled = True
+        self._in_flight -= 1
+        live = self._ran(batch)
+        if live:
+            start, end = batch.began_at, self._clock()
+            self._ledger.record_batch(len(live), start, end)
+            self._ledger.deliver_batch(live, outputs, start, end, installed.version, now=True)
 
     def _start_ready(self) -> _Running | None:
         """Start the next batch now if the policy releases one now."""
@@ -699,6 +566,7 @@ class Engine:
                 ahead = await self.staging.stage_next(job, batch)  # type: ignore[arg-type]
             outputs = await job
         except Exception as exc:
+            batch.settled = True  # the model thread, when there was one, handed nothing over
             live = self._ran(batch)  # now: callers may join a staged batch until it is taken up
             n = len(live)
             end = self._clock()
@@ -717,22 +585,26 @@ class Engine:
         except BaseException:
             # The host cancelled the engine mid-batch: nobody else will settle these callers.
             # The model was called: the batch counts, with the callers it ran.
-            self._in_flight -= 1
             self._abandoned = True
-            live = self._ran(batch)
-            if live:
-                self._ledger.record_batch(len(live), start, self._clock())
-            self._fail_all(live)
+            if not batch.settled:
+                batch.settled = True
+                self._in_flight -= 1
+                live = self._ran(batch)
+                if live:
+                    self._ledger.record_batch(len(live), start, self._clock())
+                self._fail_all(live)
             if ahead is not None:
                 assert self.staging is not None
                 self._fail_all(self.staging.abandon(ahead))
             raise
-        self._in_flight -= 1
-        live = self._ran(batch)
-        n = len(live)
         end = self._clock()
-        if n:
-            self._ledger.record_batch(n, start, end)
+        live = []
+        if not batch.settled:  # else its model thread handed it over (``_delivered``)
+            batch.settled = True
+            self._in_flight -= 1
+            live = self._ran(batch)
+            if live:
+                self._ledger.record_batch(len(live), start, end)
         if ahead is not None:
             ahead = self._begun(ahead, end)
         elif threaded:
@@ -769,7 +641,9 @@ class Engine:
                 if live:
                     # On the installation that failed: a batch runs on one version.
                     self._in_flight += 1
-                    await self._complete(self._start(live, installed), prefetch=False)
+                    # Settled by this worker (not ``direct``), which then uncounts ``batch``.
+                    running = self._start(live, installed, direct=False)
+                    await self._complete(running, prefetch=False)
         except BaseException:  # cancelled mid-retry: settle the half not yet run
             self._fail_all(batch)
             raise
@@ -831,6 +705,8 @@ class Engine:
         of their cancellation yet. Return the outputs of the callers run.
         """
         try:
+            if self._own_threads:  # the loop's clock: asyncio's reads in any thread
+                batch.began_at = self._clock()
             live = still_waiting(batch, self._ledger.plain_request)
             if not live:
                 return ()
@@ -889,5 +765,3 @@ class Engine:
             in_flight_batches=self._in_flight + bool(running),
             dispatch_held=self._slot.held,
         )
-
-

@@ -28,16 +28,20 @@ class Batch(list[Any]):
     it started (cancelled, expired), and ``_complete`` settles them as cancelled if the loop
     has not heard of it yet. ``begun``: a model thread took the staged batch up (under the
     staging lane's lock); ``closed``: closing failed its callers before that, so the thread
-    runs none.
+    runs none. ``settled``: the loop has counted the batch and settled its callers (on the
+    loop's thread: the model thread's hand-over of its outputs, or the worker, whichever came
+    first); ``began_at``: when a model thread started it.
     """
 
-    __slots__ = ("after", "begun", "closed", "ended", "ran")
+    __slots__ = ("after", "began_at", "begun", "closed", "ended", "ran", "settled")
 
     def __init__(self, requests: Iterable[Any] = ()) -> None:
         super().__init__(requests)
         self.ran: list[bool] | None = None
         self.begun = False
         self.closed = False
+        self.settled = False
+        self.began_at = 0.0
         # With several model threads, a staged batch waits in its thread for the batch before
         # it (`after`, that batch's `ended`): else it could start in an idle thread at once.
         self.after: threading.Event | None = None

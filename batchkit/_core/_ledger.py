@@ -102,11 +102,15 @@ class Ledger:
         start: float,
         end: float,
         version: str,
+        *,
+        now: bool = False,
     ) -> None:
         """Settle the callers of a batch the model answered with ``outputs``, in order.
 
         An output that is an exception fails its caller only; callers settled meanwhile
-        (cancelled, expired) are skipped. Also records the items' latencies.
+        (cancelled, expired) are skipped. Also records the items' latencies. Plain-lane callers
+        given a value resume from one loop callback; with ``now`` (called from a loop callback,
+        not a task) from this call itself, once everything is counted.
         """
         failed = settled = 0
         mixed = False
@@ -140,15 +144,18 @@ class Ledger:
                     pass  # its task was cancelled and has yet to withdraw it
             else:
                 req.deliver(out)
-        if self.call_soon is not None:
-            # Resume the callers given a value above (those not are skipped: see wake_all).
-            plain = [r for r in batch if r.__class__ is plain_request] if mixed else batch
-            if plain:
-                self.call_soon(wake_all, plain)
         rec = self.rec
         rec.completed += len(batch) - failed - settled
         rec.failed += failed
         rec.record_items(start, end, [req.enqueued_at for req in batch])
+        if self.call_soon is not None:
+            # Resume the callers given a value above (those not are skipped: see wake_all).
+            plain = [r for r in batch if r.__class__ is plain_request] if mixed else batch
+            if plain:
+                if now:
+                    wake_all(plain)
+                else:
+                    self.call_soon(wake_all, plain)
 
     def record_batch(self, n: int, start: float, end: float) -> None:
         """Count a batch of ``n`` items the model ran from ``start`` to ``end``."""

@@ -264,7 +264,7 @@ class BatchedModel(Generic[T, R]):
             if threading.get_ident() == engine.thread_id:
                 engine.begin_close(drain)
             else:
-                engine.run_in_loop(engine.begin_close, drain)
+                engine.handoff.run(engine.begin_close, drain)
 
     async def aclose(self, *, drain: bool = False) -> None:
         """Close the model for good, like ``close()``, and wait until its batches finished."""
@@ -456,7 +456,7 @@ class BatchedModel(Generic[T, R]):
             )
         engine = self._ensure_engine()
         reqs = self._thread_requests(engine, items, priority, timeout, deadline, wait)
-        engine.submit_threadsafe(reqs)
+        engine.handoff.submit(reqs)
         results: list[Any] = []
         try:
             for req in reqs:
@@ -470,7 +470,7 @@ class BatchedModel(Generic[T, R]):
         finally:
             for req in reqs:
                 if not req.future.done():
-                    engine.cancel_threadsafe(req)
+                    engine.handoff.cancel(req)
         return results
 
     async def _call_elsewhere(
@@ -484,7 +484,7 @@ class BatchedModel(Generic[T, R]):
         _check_priority(priority)
         engine = self._ensure_engine()
         (req,) = self._thread_requests(engine, [item], priority, timeout, deadline, wait)
-        engine.submit_threadsafe([req])
+        engine.handoff.submit([req])
         return await _await_thread_request(engine, req), req
 
     def _deadline(self, timeout: float | None, deadline: float | None) -> float | None:
@@ -509,7 +509,7 @@ class BatchedModel(Generic[T, R]):
             timeout = max(0.0, deadline - anyio.current_time())
         elif timeout is None:
             timeout = self.settings.timeout
-        return [engine.new_thread_request(item, priority, timeout, wait) for item in items]
+        return [engine.handoff.new_request(item, priority, timeout, wait) for item in items]
 
     # -- sync entry points ---------------------------------------------------------------------
 
@@ -538,8 +538,8 @@ class BatchedModel(Generic[T, R]):
             if done is not None:
                 return done
         (req,) = self._thread_requests(engine, [item], priority, timeout, None, True)
-        engine.submit_threadsafe([req])
-        value = engine.wait_threadsafe(req)
+        engine.handoff.submit([req])
+        value = engine.handoff.wait(req)
         assert req.version is not None  # set with every output
         return value, req.version
 
@@ -558,12 +558,12 @@ class BatchedModel(Generic[T, R]):
         _check_priority(priority)
         engine = self._engine_for_thread()
         reqs = self._thread_requests(engine, list(items), priority, timeout, None, True)
-        engine.submit_threadsafe(reqs)
+        engine.handoff.submit(reqs)
         results: list[Any] = []
         try:
             for req in reqs:
                 try:
-                    results.append(engine.wait_threadsafe(req))
+                    results.append(engine.handoff.wait(req))
                 except Exception as exc:
                     if not return_exceptions:
                         raise
@@ -571,7 +571,7 @@ class BatchedModel(Generic[T, R]):
         finally:
             for req in reqs:
                 if not req.future.done():
-                    engine.cancel_threadsafe(req)
+                    engine.handoff.cancel(req)
         return results
 
     def _engine_for_thread(self) -> Engine:
@@ -722,13 +722,13 @@ async def _await_thread_request(engine: Engine, req: ThreadRequest) -> Any:
             asyncio.get_running_loop()
         except RuntimeError:  # not asyncio (trio): wait in a worker thread
             return await anyio.to_thread.run_sync(
-                engine.wait_threadsafe, req, abandon_on_cancel=True, limiter=_bridge_limiter()
+                engine.handoff.wait, req, abandon_on_cancel=True, limiter=_bridge_limiter()
             )
         return await asyncio.wrap_future(req.future)
     finally:
         # wrap_future cancels the future when its waiter is cancelled: withdraw the item too.
         if req.future.cancelled() or not req.future.done():
-            engine.cancel_threadsafe(req)
+            engine.handoff.cancel(req)
 
 
 _bridge_limiters: RunVar[anyio.CapacityLimiter] = RunVar("batchkit_bridge_limiter")
@@ -776,7 +776,7 @@ class _BackgroundHost:
     def stop(self, drain: bool) -> bool:
         """Close the engine; return whether its thread was joined (not from inside the model)."""
         if self._thread.is_alive():
-            # Not run_in_loop: a loop already tearing down (closed from inside the model, say)
+            # Not handoff.run: a loop already tearing down (closed from inside the model, say)
             # would never answer it. The join below waits for the close to finish.
             self.engine.begin_close_soon(drain)
         # close() from inside the model (or the engine's own thread) must not wait for itself.

@@ -15,9 +15,7 @@ from enum import Enum
 __all__ = ("AfterInline", "Idle", "InlineEntry", "after_inline", "inline_entry", "may_stage")
 
 
-def may_stage(
-    *, full_batch: bool, queued: int, fill: bool, held: bool, model_async: bool
-) -> bool:
+def may_stage(*, full_batch: bool, queued: int, fill: bool, held: bool, model_async: bool) -> bool:
     """Whether a worker whose batch runs in a model thread stages the next batch now.
 
     Only for a sync model (an async one runs on the loop), never while a swap holds the slot,

@@ -16,7 +16,7 @@ import asyncio
 import concurrent.futures
 import contextvars
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 import anyio
@@ -233,7 +233,7 @@ class PlainRequest(Request):
         return self.finished or self.outcome == _CANCELLED
 
 
-def wake_all(requests: list[Any]) -> None:
+def wake_all(requests: Iterable[Any]) -> None:
     """Resume the tasks awaiting ``requests`` (``PlainRequest``), all from one loop callback.
 
     Only those given a value since their task awaited them still hold its callback: every

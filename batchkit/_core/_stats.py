@@ -101,9 +101,7 @@ def check_bounds(bounds: Sequence[float]) -> tuple[float, ...]:
         isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in values
     )
     if not ok or any(a >= b for a, b in itertools.pairwise(values)):
-        raise ConfigurationError(
-            f"histogram bounds must be increasing numbers > 0, got {bounds!r}"
-        )
+        raise ConfigurationError(f"histogram bounds must be increasing numbers > 0, got {bounds!r}")
     return tuple(float(b) for b in values)
 
 
@@ -137,9 +135,7 @@ class Statistics:
     last_swap_seconds: float = 0.0
     last_swap_pause_seconds: float = 0.0
     dispatch_held: bool = False
-    histograms: Mapping[str, LatencyHistogram] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    histograms: Mapping[str, LatencyHistogram] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def mean_batch_size(self) -> float:

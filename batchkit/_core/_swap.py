@@ -297,7 +297,7 @@ class Swapper:
             engine = self._engine()
             if engine is not None and engine.token is not None:
                 try:
-                    idle = engine.run_in_loop(engine.when_idle)
+                    idle = engine.handoff.run(engine.when_idle)
                 except ClosedError:  # its loop has ended: nothing runs
                     pass
                 else:
@@ -310,7 +310,7 @@ class Swapper:
             engine = self._engine()
             if engine is not None and engine.token is not None:
                 try:
-                    engine.run_in_loop(engine.wake)
+                    engine.handoff.run(engine.wake)
                 except ClosedError:
                     pass
 

@@ -688,9 +688,7 @@ class TestTheModelsOwnCancelledError:
             assert isinstance(info.value.__cause__, RuntimeError)
             assert await model.call("good") == "good"  # the engine keeps running
 
-    async def test_an_async_model_raising_it_fails_its_batch_only(
-        self, anyio_backend: str
-    ) -> None:
+    async def test_an_async_model_raising_it_fails_its_batch_only(self, anyio_backend: str) -> None:
         if anyio_backend != "asyncio":
             pytest.skip("asyncio's CancelledError")
 
@@ -797,3 +795,67 @@ async def _quiet_call(model: BatchedModel[Any, Any], item: Any) -> None:
         await model.call(item)
     except Exception:
         pass
+
+    async def test_a_sync_batch_ending_after_the_cancel_is_counted_once(self) -> None:
+        """A sync model's thread that ends after its engine's host was cancelled hands its
+        outputs over to a settled batch: nothing is delivered or counted twice."""
+        batches: list[tuple[str, list[Any]]] = []
+        model = HeldSyncModel("1", batches, hold={0})
+        batched = BatchedModel(model, name="held-host-cancel")
+        outcomes = Outcomes()
+        async with anyio.create_task_group() as callers:
+            with anyio.CancelScope() as host:
+                async with batched:
+                    outcomes.spawn(callers, batched.call, 0)
+                    await wait_event(model.started[0])
+                    host.cancel()
+        model.release(0)
+        for thread in threading.enumerate():  # its thread hands over, then ends
+            if thread.name.startswith("batchkit-held-host-cancel-model"):
+                thread.join(LIMIT)
+        for _ in range(3):
+            await anyio.lowlevel.checkpoint()
+        assert isinstance(outcomes[0], ClosedError)
+        stats = batched.statistics()
+        assert (stats.batches, dict(stats.batch_sizes)) == (1, {1: 1})
+        assert (stats.submitted, stats.completed, stats.failed) == (1, 0, 1)
+
+
+# -- a caller resumed with its output sees its call counted ------------------------------------
+
+
+class TestACallerSeesItsCallCounted:
+    """The outputs of a batch a model thread ran go to its callers straight from that thread's
+    hand-over: by then the batch is counted and no longer in flight."""
+
+    @pytest.mark.parametrize("kind", ["sync", "async"])
+    async def test_each_caller_sees_its_own_call_in_the_next_snapshot(self, kind: str) -> None:
+        def sync_model(items: list[Any]) -> list[Any]:
+            return [item * 2 for item in items]
+
+        async def async_model(items: list[Any]) -> list[Any]:
+            await anyio.lowlevel.checkpoint()
+            return [item * 2 for item in items]
+
+        batched = BatchedModel(sync_model if kind == "sync" else async_model, max_batch_size=4)
+        seen: list[tuple[int, int, int]] = []
+
+        async def caller(item: int) -> None:
+            assert await batched.call(item) == item * 2
+            stats = batched.statistics()
+            seen.append((stats.completed, stats.batches, stats.in_flight_batches))
+
+        async with batched:
+            await caller(0)
+            assert seen == [(1, 1, 0)]
+            async with anyio.create_task_group() as tg:
+                for item in range(1, 9):
+                    tg.start_soon(caller, item)
+            stats = batched.statistics()
+        completed = [done for done, _, _ in seen]
+        assert completed == sorted(completed) and completed[-1] == 9
+        # Each caller's snapshot counts its own call and the batch that carried it.
+        assert all(done >= n for n, (done, _, _) in enumerate(seen, start=1))
+        assert all(batches >= 1 for _, batches, _ in seen)
+        assert (stats.completed, stats.in_flight_batches, stats.queue_depth) == (9, 0, 0)
+        assert sum(size * n for size, n in stats.batch_sizes.items()) == 9

@@ -1,7 +1,7 @@
 """The inline lane: sync callers run batches in their own threads while the engine is idle.
 
 What it speeds up: a ``call_sync`` on the general path is a ``ThreadRequest`` handed to the
-loop (``Engine.submit_threadsafe``), queued, taken by a worker, run in a model thread and
+loop (``Handoff.submit``), queued, taken by a worker, run in a model thread and
 handed back: two thread hand-overs each way. Here, when the engine is idle (no batch runs or is
 staged, nothing is queued, the slot is not held, not closing), the caller runs its item itself
 at once. Sync callers arriving meanwhile wait beside it (``side``, when the plan allows); when
@@ -223,7 +223,7 @@ class InlineLane:
         engine = self._engine
         # If the loop has ended, statistics() still counts the runs; callers waiting to be
         # adopted are answered here.
-        if not engine._call_soon_threadsafe(tell) and tell == self.adopt:
+        if not engine.handoff.call_soon(tell) and tell == self.adopt:
             with self.lock:
                 side, self.side = self.side, []
                 self.busy = False
