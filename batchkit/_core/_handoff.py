@@ -45,16 +45,21 @@ class Handoff:
             concurrent.futures.Future(), timeout, wait, item, priority, 0, 0.0, None, cost
         )
 
-    def submit(self, reqs: list[ThreadRequest]) -> None:
-        """Hand ``reqs`` to the engine's loop from another thread, without waiting."""
-        if not self.call_soon(self._submit_on_loop, reqs):
+    def submit(self, reqs: list[ThreadRequest], *, atomic: bool = False) -> None:
+        """Hand ``reqs`` to the engine's loop from another thread, without waiting.
+
+        With ``atomic``, all or nothing: when one is refused (closed, or no room), the ones
+        queued before it are withdrawn (counted cancelled, as ``Engine.call_many`` does on its
+        own loop) and every one of them gets that error; the rest are never submitted.
+        """
+        if not self.call_soon(self._submit_on_loop, reqs, atomic):
             for req in reqs:
                 req.deliver_error(self._closed("is closed"))
 
-    def _submit_on_loop(self, reqs: list[ThreadRequest]) -> None:
+    def _submit_on_loop(self, reqs: list[ThreadRequest], atomic: bool) -> None:
         engine = self._engine
         now = engine._clock()
-        for req in reqs:
+        for n, req in enumerate(reqs):
             req.seq = next(engine._seq)
             req.enqueued_at = now
             if req.timeout is not None:
@@ -64,6 +69,13 @@ class Handoff:
             except (ClosedError, QueueFull) as exc:
                 req.finished = True
                 req.deliver_error(exc)
+                if atomic:
+                    for queued in reqs[:n]:
+                        engine.cancel(queued)
+                    for other in [*reqs[:n], *reqs[n + 1 :]]:
+                        other.finished = True
+                        other.deliver_error(exc)
+                    return
 
     def wait(self, req: ThreadRequest) -> Any:
         """Block the calling (non-loop) thread until ``req`` has its outcome."""

@@ -456,7 +456,8 @@ class BatchedModel(Generic[T, R]):
             )
         engine = self._ensure_engine()
         reqs = self._thread_requests(engine, items, priority, timeout, deadline, wait)
-        engine.handoff.submit(reqs)
+        # All or nothing, as on the engine's loop: one item refused withdraws the others.
+        engine.handoff.submit(reqs, atomic=not return_exceptions)
         results: list[Any] = []
         try:
             for req in reqs:

@@ -638,6 +638,57 @@ class TestCallManyNowaitReturnExceptions:
         assert isinstance(values[2], QueueFull)
 
 
+class TestCallManyNowaitIsAllOrNothing:
+    """Without ``return_exceptions`` a refused item withdraws the others: none is computed,
+    and ``QueueFull`` is raised, whether the caller runs on the engine's loop or not."""
+
+    async def test_on_the_engine_loop(self) -> None:
+        gated = GatedModel()
+        outcome: list[Any] = []
+        async with BatchedModel(gated, max_batch_size=1, max_queue_size=2) as model:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(model.call, 0)
+                await gated.started.wait()
+                try:
+                    await model.call_many_nowait([1, 2, 3])
+                except QueueFull as exc:
+                    outcome.append(exc)
+                gated.open()
+            stats = model.statistics()
+        assert len(outcome) == 1
+        assert gated.seen == [0]
+        assert (stats.rejected, stats.cancelled, stats.completed) == (1, 2, 1)
+
+    async def test_from_another_loop(self) -> None:
+        gate = threading.Event()
+        started = threading.Event()
+        seen: list[Any] = []
+
+        def fn(items: list[Any]) -> list[Any]:
+            seen.extend(items)
+            started.set()
+            gate.wait(LIMIT)
+            return [item * 10 for item in items]
+
+        model = BatchedModel(fn, max_batch_size=1, max_queue_size=2)
+        outcome: list[Any] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(model.call, 0)
+                await wait_event(started)
+                try:
+                    await model.call_many_nowait([1, 2, 3])
+                except QueueFull as exc:
+                    outcome.append(exc)
+                gate.set()
+            stats = model.statistics()
+        finally:
+            await model.aclose()
+        assert len(outcome) == 1
+        assert seen == [0]
+        assert (stats.rejected, stats.cancelled, stats.completed) == (1, 2, 1)
+
+
 # -- found by a randomized soak (second round) ---------------------------------------------------
 
 
