@@ -173,6 +173,7 @@ class Engine:
             with self._inline_lock:  # the last inline batches ended; the loop may not know
                 self._ledger.merge()
             self._rec.retire_queue()
+            self.handoff.end()
             self._own_threads = self._prefetch = False
             if self._executor is not None:
                 # Normally every batch has ended and this returns at once; after the host was
@@ -205,6 +206,11 @@ class Engine:
         """Have the engine's loop call ``begin_close(drain)``; from any other thread, without
         waiting. Nothing happens if the loop has ended (the engine is closed)."""
         self.handoff.call_soon(self.begin_close, drain)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether every worker has returned: the engine runs no more batches."""
+        return self._stopped.is_set()
 
     async def wait_stopped(self) -> None:
         """Return once closing finished: every worker has returned."""

@@ -12,6 +12,7 @@ and the callers get ``ClosedError``.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,16 @@ class Handoff:
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        # Set on the loop's thread once the engine has stopped (``end``). A message handed over
+        # before that reaches the loop while it still runs; none is handed over after.
+        self._lock = threading.Lock()
+        self._ended = False
+
+    def end(self) -> None:
+        """Hand nothing more to the loop; on its thread, once the engine has stopped. What was
+        handed over already runs in the loop's next iterations: it finds the engine closed."""
+        with self._lock:
+            self._ended = True
 
     def new_request(
         self, item: Any, priority: float, timeout: float | None, wait: bool
@@ -112,10 +123,13 @@ class Handoff:
         engine = self._engine
         loop = engine._loop
         if loop is not None:
-            try:
-                loop.call_soon_threadsafe(fn, *args)
-            except RuntimeError:  # the loop has stopped
-                return False
+            with self._lock:  # else it could land in a loop that never runs again
+                if self._ended:
+                    return False
+                try:
+                    loop.call_soon_threadsafe(fn, *args)
+                except RuntimeError:  # the loop has stopped
+                    return False
             return True
         token = engine.token
         assert token is not None

@@ -134,6 +134,13 @@ class InlineLane:
         assert me.lead is not None
         batch, installed = me.lead
         me.lead = None
+        with self.lock:  # callers who left since the batch was handed on are not run
+            if any(req.gave_up for req in batch):
+                for req in batch:
+                    if req.gave_up and not req.finished:
+                        req.finished = True
+                        engine._ledger.add_left()
+                batch = [req for req in batch if not req.gave_up]
         n = len(batch)
         start = time.monotonic()
         error: BaseException | None = None
@@ -268,9 +275,17 @@ class InlineLane:
         with self.lock:  # moved at once: statistics() counts them in the lane, then the queue
             side, self.side = self.side, []
             self.busy = False
-            for req in side:  # the queue orders them (and counts them submitted)
-                engine._queue.push(req)
+            stopped = engine.stopped
+            if stopped:  # handed over as the engine stopped: counted, as closing counts them
+                engine._rec.submitted += len(side)
+            else:
+                for req in side:  # the queue orders them (and counts them submitted)
+                    engine._queue.push(req)
             engine._ledger.generation += 1
+        if stopped:  # no worker would take them
+            for req in side:
+                engine._fail(req, ClosedError(f"model {engine.settings.name!r} is closed"))
+            return
         self.after()  # no batch runs or is staged meanwhile: the workers take them
 
     def after(self) -> None:
