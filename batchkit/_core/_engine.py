@@ -29,8 +29,7 @@ from ._errors import (
     QueueFull,
 )
 from ._handoff import Handoff
-from ._info import BatchInfo, batch_info
-from ._invoke import Batch, batch_error, run_sync_batch, split_outputs, still_waiting
+from ._invoke import Batch, Invoker, batch_error
 from ._lanes._asyncio import PlainLane
 from ._lanes._inline import InlineLane
 from ._lanes._staging import StagingLane
@@ -97,8 +96,8 @@ class Engine:
         self._tg: TaskGroup | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._abandoned = False  # a batch was left running when the host cancelled the engine
-        self.in_model = threading.local()  # `active` while this thread runs the sync model
-        self._limiter: anyio.CapacityLimiter | None = None
+        self.invoker = Invoker(settings)
+        self.in_model = self.invoker.in_model  # `active` while this thread runs the sync model
         # While the slot is held (an in-place swap), no batch starts; the idle futures resolve
         # once every worker is parked, that is when no batch runs.
         self._parked = 0
@@ -138,7 +137,11 @@ class Engine:
         self.thread_id = threading.get_ident()
         self.plain_thread = self.thread_id if plan.plain else -1
         self._closing_event = anyio.Event()
-        self._limiter = anyio.CapacityLimiter(self.settings.max_concurrency)
+        invoker = self.invoker
+        invoker.limiter = anyio.CapacityLimiter(self.settings.max_concurrency)
+        invoker.plain = self._ledger.plain_request
+        # asyncio's clock reads in any thread: a model thread stamps when its batch began.
+        invoker.clock = self._clock if self._loop is not None else None
         # A sync model on asyncio runs in the engine's own threads: handing a batch over is one
         # queue put, with no checkpoints, so the next batch starts while results go out.
         self._executor = None
@@ -492,7 +495,7 @@ class Engine:
         job: Awaitable[Sequence[Any]] | None = None
         if self._own_threads and not installed.is_async:
             assert self._loop is not None
-            run = self._invoke_live
+            run = self.invoker.run_live
             if staged:
                 assert self.staging is not None
                 run = self.staging.invoke
@@ -513,7 +516,7 @@ class Engine:
             except RuntimeError:  # the pool refuses work (interpreter shutdown): use anyio's
                 self._own_threads = self._prefetch = False
         if job is None:
-            job = self._invoke(batch, installed, started)
+            job = self.invoker.run(batch, installed, started)
         return batch, job, started, installed
 
     def _run_threaded(
@@ -671,69 +674,6 @@ class Engine:
         settings = self.settings
         batches_ahead = len(self._queue) / (settings.max_batch_size * settings.max_concurrency)
         return min(60.0, max(0.001, per_batch * max(1.0, batches_ahead)))
-
-    async def _invoke(self, batch: Batch, installed: Installed, started: float) -> Sequence[Any]:
-        """Run the model on the callers of ``batch`` who still wait; outputs for those."""
-        if not installed.is_async:
-            return await anyio.to_thread.run_sync(
-                self._invoke_live, batch, installed, started, limiter=self._limiter
-            )
-        live = still_waiting(batch, self._ledger.plain_request)
-        if not live:
-            return ()
-        items = [req.item for req in live]
-        collate = self.settings.collate
-        model_input = collate(items) if collate is not None else items
-        try:
-            if installed.with_info is None:
-                out = await installed.model(model_input)
-            else:
-                out = await installed.with_info(model_input, batch_info(live, started))
-        except asyncio.CancelledError as exc:
-            if self._cancelled_from_outside():
-                raise
-            # The model raised it itself: its error, not the engine's cancellation.
-            raise RuntimeError(f"the model raised {type(exc).__name__}: {exc!r}") from exc
-        return split_outputs(self.settings, out, len(items))
-
-    def _cancelled_from_outside(self) -> bool:
-        """Whether the current task (on asyncio) is being cancelled by someone else."""
-        task = asyncio.current_task()
-        cancelling = getattr(task, "cancelling", None)
-        # Python 3.10 has no Task.cancelling(): take every CancelledError as a cancellation.
-        return cancelling is None or cancelling() > 0
-
-    def _invoke_live(self, batch: Batch, installed: Installed, started: float) -> Sequence[Any]:
-        """Run the sync model on the items of ``batch`` whose callers still wait; in a thread.
-
-        A staged batch waits for the one before it: callers that left meanwhile (cancelled,
-        expired) are not run; ``_complete`` settles them as cancelled if the loop has not heard
-        of their cancellation yet. Return the outputs of the callers run.
-        """
-        try:
-            if self._own_threads:  # the loop's clock: asyncio's reads in any thread
-                batch.began_at = self._clock()
-            live = still_waiting(batch, self._ledger.plain_request)
-            if not live:
-                return ()
-            info = None if installed.with_info is None else batch_info(live, started)
-            return self._invoke_sync([req.item for req in live], installed, info)
-        finally:
-            if batch.ended is not None:
-                batch.ended.set()
-
-    def _invoke_sync(
-        self, items: list[Any], installed: Installed, info: BatchInfo | None
-    ) -> Sequence[Any]:
-        self.in_model.active = True
-        try:
-            if info is None:
-                return run_sync_batch(self.settings, installed.model, items)
-            with_info = installed.with_info
-            assert with_info is not None
-            return run_sync_batch(self.settings, lambda batch: with_info(batch, info), items)
-        finally:
-            self.in_model.active = False
 
     # -- statistics ----------------------------------------------------------------------------
 

@@ -14,11 +14,23 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import anyio
+import anyio.to_thread
+
 from ._config import Settings
 from ._errors import BatchSizeMismatch, ModelError
+from ._info import BatchInfo, batch_info
 from ._requests import Request
+from ._slot import Installed
 
-__all__ = ("Batch", "batch_error", "run_sync_batch", "split_outputs", "still_waiting")
+__all__ = (
+    "Batch",
+    "Invoker",
+    "batch_error",
+    "run_sync_batch",
+    "split_outputs",
+    "still_waiting",
+)
 
 
 class Batch(list[Any]):
@@ -110,3 +122,83 @@ def split_outputs(settings: Settings, out: Any, n: int) -> Sequence[Any]:
     if got != n:
         raise BatchSizeMismatch(expected=n, got=got)
     return outputs
+
+
+class Invoker:
+    """Runs one engine's model on a batch: a sync model in a thread (the engine's own, anyio's,
+    or a sync caller's), an async one as a coroutine on the loop; only the callers still
+    waiting when it starts."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.in_model = threading.local()  # `active` while this thread runs the sync model
+        # Set as the engine is entered: the limit on anyio's threads, the engine's own kind of
+        # plain request, and the loop's clock when any thread may read it (asyncio).
+        self.limiter: anyio.CapacityLimiter | None = None
+        self.plain: type[Request] | None = None
+        self.clock: Callable[[], float] | None = None
+
+    async def run(self, batch: Batch, installed: Installed, started: float) -> Sequence[Any]:
+        """Run the model on the callers of ``batch`` who still wait; outputs for those."""
+        if not installed.is_async:
+            return await anyio.to_thread.run_sync(
+                self.run_live, batch, installed, started, limiter=self.limiter
+            )
+        live = still_waiting(batch, self.plain)
+        if not live:
+            return ()
+        items = [req.item for req in live]
+        collate = self.settings.collate
+        model_input = collate(items) if collate is not None else items
+        try:
+            if installed.with_info is None:
+                out = await installed.model(model_input)
+            else:
+                out = await installed.with_info(model_input, batch_info(live, started))
+        except asyncio.CancelledError as exc:
+            if _cancelled_from_outside():
+                raise
+            # The model raised it itself: its error, not the engine's cancellation.
+            raise RuntimeError(f"the model raised {type(exc).__name__}: {exc!r}") from exc
+        return split_outputs(self.settings, out, len(items))
+
+    def run_live(self, batch: Batch, installed: Installed, started: float) -> Sequence[Any]:
+        """Run the sync model on the items of ``batch`` whose callers still wait; in a thread.
+
+        A staged batch waits for the one before it: callers that left meanwhile (cancelled,
+        expired) are not run; the engine settles them as cancelled if the loop has not heard
+        of their cancellation yet. Return the outputs of the callers run.
+        """
+        try:
+            if self.clock is not None:
+                batch.began_at = self.clock()
+            live = still_waiting(batch, self.plain)
+            if not live:
+                return ()
+            info = None if installed.with_info is None else batch_info(live, started)
+            return self.run_sync([req.item for req in live], installed, info)
+        finally:
+            if batch.ended is not None:
+                batch.ended.set()
+
+    def run_sync(
+        self, items: list[Any], installed: Installed, info: BatchInfo | None
+    ) -> Sequence[Any]:
+        """Run the sync model on ``items`` in the calling thread; one output per item."""
+        self.in_model.active = True
+        try:
+            if info is None:
+                return run_sync_batch(self.settings, installed.model, items)
+            with_info = installed.with_info
+            assert with_info is not None
+            return run_sync_batch(self.settings, lambda batch: with_info(batch, info), items)
+        finally:
+            self.in_model.active = False
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the current task (on asyncio) is being cancelled by someone else."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    # Python 3.10 has no Task.cancelling(): take every CancelledError as a cancellation.
+    return cancelling is None or cancelling() > 0

@@ -116,7 +116,7 @@ class InlineLane:
         # Not the loop's clock, which belongs to the loop's thread; durations only.
         start = time.monotonic()
         try:
-            value = engine._invoke_sync([item], installed, None)[0]
+            value = engine.invoker.run_sync([item], installed, None)[0]
         except BaseException as exc:
             self._end_inline(start, [start], 1, 0)
             if isinstance(exc, Exception):
@@ -146,7 +146,7 @@ class InlineLane:
         error: BaseException | None = None
         outputs: Sequence[Any] = [None] * n
         try:
-            outputs = engine._invoke_sync([req.item for req in batch], installed, None)
+            outputs = engine.invoker.run_sync([req.item for req in batch], installed, None)
         except BaseException as exc:  # settle every caller first; re-raised below if not ours
             error = exc
         # Callers who left while it ran (interrupted) count as cancelled, as on the loop.

@@ -10,7 +10,7 @@ to the model threads at once; the thread starts it the moment the batch before i
 Invariants it keeps: a staged batch runs on the installation that was serving when it was
 staged, and once a swap has returned no caller joins it (``_fill_open``); a swap to an async
 model stops staging (an async model runs on the loop); callers who leave before it starts are
-skipped (``Engine._invoke_live``); closing without drain fails the callers of a staged batch no
+skipped (``Invoker.run_live``); closing without drain fails the callers of a staged batch no
 thread has begun, and one begun is delivered (``close`` and ``invoke`` decide under ``lock``,
 this lane's own). Under greedy dispatch without a cost budget a staged batch that is not full
 stays open, and callers who arrive before a thread takes it up join it (``feed``, on every
@@ -188,4 +188,4 @@ class StagingLane:
                     batch.ended.set()
                 return ()
             batch.begun = True
-        return self._engine._invoke_live(batch, installed, started)
+        return self._engine.invoker.run_live(batch, installed, started)
