@@ -1,15 +1,30 @@
-"""The README quickstart and the examples run as shown; the code passes ruff."""
+"""The docs are true by construction: every Python block of README.md and docs/*.md runs.
+
+Each page runs in its own process (``tests/support/docblocks.py``, whose docstring and
+docs/contributing.md say how to mark a block): its ``python`` blocks in order, in one namespace,
+the ones marked ``<!-- docs: server -->`` against a real ``batchkit serve``. New pages are picked
+up by the glob. The README quickstart, the examples and the packaging facts are checked too.
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support import docblocks
+
 ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+# Info strings a page may use: `python` runs, the others are shown only. A Python alias such as
+# `py` would look runnable and silently not run, so it is refused.
+SHOWN = {"text", "console", "pycon", "bash", "sh", "json", "toml", "yaml", "ini", "protobuf"}
 
 
 def run_python(code_or_path: str | Path, tmp_path: Path) -> str:
@@ -25,13 +40,16 @@ def run_python(code_or_path: str | Path, tmp_path: Path) -> str:
     return out.stdout
 
 
-def test_readme_quickstart_runs(tmp_path: Path) -> None:
+def test_readme_quickstart_shows_batching_and_both_callers(tmp_path: Path) -> None:
     readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
-    assert blocks, "the README has a python quickstart"
-    quickstart = blocks[0]
-    assert len(quickstart.strip().splitlines()) <= 12
-    assert run_python(quickstart, tmp_path).splitlines() == ["5", "1.0"]
+    quickstart = docblocks.blocks(ROOT / "README.md")[0].code
+    assert len(quickstart.strip().splitlines()) <= 18, "a quickstart stays short"
+    assert "async with embed:" in quickstart and "embed.call(" in quickstart
+    lines = run_python(quickstart, tmp_path).splitlines()
+    assert lines[:2] == ["[2, 5]", "5"], lines
+    mean = float(lines[2].split()[0])
+    assert mean > 1, f"the quickstart shows batching: {lines[2]}"
+    assert "python -m pip install" in readme and "python -m nox -s tests" in readme
 
 
 MAIN_COMMAND = "python -m batchkit bench --compare --concurrency 1,8,32 --duration 2"
@@ -91,3 +109,146 @@ def test_ruff_is_clean() -> None:
         timeout=100,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def docs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Run ``batchkit serve`` (the demo model) on a free loopback port; yield ``host:port``."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("numpy")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchkit", "serve", "--port", str(port)],
+        cwd=tmp_path_factory.mktemp("served"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:  # uvicorn logs this line once it listens
+            if "Uvicorn running on" in line:
+                break
+        else:
+            pytest.fail(f"batchkit serve exited: {proc.wait()}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        proc.stderr.close()
+
+
+def run_page(page: Path, tmp_path: Path, server: str | None) -> subprocess.CompletedProcess[str]:
+    """Run ``page``'s blocks in a fresh process in ``tmp_path``, warnings as errors."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    if server is not None:
+        env[docblocks.SERVER_ENV] = server
+    return subprocess.run(
+        [sys.executable, "-W", "error", docblocks.__file__, str(page)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        env=env,
+    )
+
+
+RUNNABLE = [page for page in PAGES if docblocks.blocks(page)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("page", RUNNABLE, ids=lambda page: page.name)
+def test_page_python_blocks_run(page: Path, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    needs_server = any("server" in block.marks for block in docblocks.blocks(page))
+    server = request.getfixturevalue("docs_server") if needs_server else None
+    out = run_page(page, tmp_path, server)
+    if out.returncode == docblocks.SKIPPED:
+        pytest.skip(out.stderr.strip())
+    assert out.returncode == 0, f"a block of {page.name} failed:\n{out.stdout}{out.stderr}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_page_fences_are_python_or_shown_only(page: Path) -> None:
+    for fence in docblocks.fences(page.read_text(encoding="utf-8")):
+        assert fence.info == "python" or fence.info in SHOWN, (
+            f"{page.name}:{fence.line}: fence {fence.info!r}: use `python` for a block that "
+            f"runs, or one of {sorted(SHOWN)} for one that does not"
+        )
+
+
+def test_docs_runner_runs_blocks_in_order_in_one_namespace(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "<!-- docs: setup\nhidden = 40\n-->\n\n```python\nimport asyncio\nx = hidden + 1\n```\n\n"
+        "```text\nnot run: 1/0\n```\n\n```python\nawait asyncio.sleep(0)\nprint(x + 1)\n```\n"
+    )
+    out = run_page(page, tmp_path, None)
+    assert (out.returncode, out.stdout) == (0, "42\n"), out.stderr
+
+
+def test_docs_runner_points_server_blocks_at_the_server(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nprint('localhost:8000')\n```\n\n<!-- docs: server -->\n"
+        "```python\nprint('localhost:8000', '127.0.0.1:8000')\n```\n"
+    )
+    out = run_page(page, tmp_path, "127.0.0.1:5")
+    assert out.stdout.splitlines() == ["localhost:8000", "127.0.0.1:5 127.0.0.1:5"], out.stderr
+
+
+def test_docs_runner_fails_a_failing_block_and_names_its_line(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("# a page\n\n```python\nok = 1\n```\n\n```python\n\n1 / 0\n```\n")
+    out = run_page(page, tmp_path, None)
+    assert out.returncode == 1
+    assert f'File "{page}", line 9' in out.stderr and "ZeroDivisionError" in out.stderr
+
+
+def test_packaging_metadata() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT"
+    assert "MIT License" in (ROOT / "LICENSE").read_text()
+    assert "batchkit developers" in (ROOT / "LICENSE").read_text()
+    assert {"Homepage", "Source", "Issues", "Changelog"} <= set(project["urls"])
+    # The classifiers list every minor version from requires-python's floor, and none below.
+    floor = int(re.fullmatch(r">=3\.(\d+)", project["requires-python"]).group(1))  # type: ignore[union-attr]
+    minors = sorted(
+        int(c.rsplit(".", 1)[1])
+        for c in project["classifiers"]
+        if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c)
+    )
+    assert minors == list(range(floor, minors[-1] + 1)), minors
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert changelog.startswith("# Changelog") and "## [Unreleased]" in changelog
+    extras = project["optional-dependencies"]
+    # bench drives servers with tritonclient.http only: no gRPC; both CLI commands that plot
+    # (bench --plot, profile --plot) get matplotlib from their extra.
+    assert [d for d in extras["bench"] if "tritonclient" in d] == ["tritonclient[http]>=2.40"]
+    assert "grpc" not in " ".join(extras["bench"])
+    for extra in ("bench", "profile", "notebook"):
+        assert any(d.startswith("matplotlib") for d in extras[extra]), extra
+    assert "grpc" in extras["triton"][0]
+    assert any(d.startswith("fastapi") for d in extras["dev"])
+
+
+def test_bench_imports_no_grpc() -> None:
+    """What the bench extra leaves out (gRPC), the bench command's load generator never imports."""
+    pytest.importorskip("tritonclient.http")
+    pytest.importorskip("numpy")
+    code = (
+        "import sys; import batchkit._cli._bench, batchkit._cli._loadgen; "
+        "print(sorted(m for m in sys.modules if 'grpc' in m))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (out.returncode, out.stdout) == (0, "[]\n"), out.stderr
