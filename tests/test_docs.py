@@ -8,8 +8,10 @@ up by the glob. The README quickstart, the examples and the packaging facts are 
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -191,6 +193,7 @@ def test_docs_runner_runs_blocks_in_order_in_one_namespace(tmp_path: Path) -> No
     page.write_text(
         "<!-- docs: setup\nhidden = 40\n-->\n\n```python\nimport asyncio\nx = hidden + 1\n```\n\n"
         "```text\nnot run: 1/0\n```\n\n```python\nawait asyncio.sleep(0)\nprint(x + 1)\n```\n"
+        "````text\n<!-- docs: setup\n1 / 0\n-->\n```python\n1 / 0\n```\n````\n"
     )
     out = run_page(page, tmp_path, None)
     assert (out.returncode, out.stdout) == (0, "42\n"), out.stderr
@@ -252,3 +255,58 @@ def test_bench_imports_no_grpc() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (out.returncode, out.stdout) == (0, "[]\n"), out.stderr
+
+
+def test_docs_runner_fails_a_page_that_leaves_files_unclosed(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text("```python\nleft_open = open(__file__)\n```\n")
+    out = run_page(page, tmp_path, None)
+    assert out.returncode == 1 and "ResourceWarning" in out.stderr, out.stderr
+
+
+def shell_blocks(page: str) -> list[str]:
+    """Return the ``sh`` blocks of a page, with ``batchkit`` run by this interpreter."""
+    text = (ROOT / "docs" / page).read_text()
+    found = [fence.body for fence in docblocks.fences(text) if fence.info == "sh"]
+    return [body.replace("batchkit pipe", f"{sys.executable} -m batchkit pipe") for body in found]
+
+
+def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(cwd)])}
+    return subprocess.run(
+        ["bash", "-o", "pipefail", "-c", command],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+def test_pipe_md_jq_pipeline_keeps_the_outputs_in_item_order(tmp_path: Path) -> None:
+    """docs/pipe.md's jq example, run as written with the real jq, on a real pipe server."""
+    if shutil.which("jq") is None:
+        pytest.skip("needs jq")
+    (command,) = [block for block in shell_blocks("pipe.md") if "jq " in block]
+    (tmp_path / "mymodule.py").write_text(
+        "from batchkit import batched\n\n"
+        "@batched(max_batch_size=8)\n"
+        "def embed(texts):\n"
+        "    return [[len(t), t.upper()] if isinstance(t, str) else ValueError(t) for t in texts]\n"
+    )
+    items = ["a", "bb", {"not": "text"}, "dddd", *(f"x{i}" for i in range(40))]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    out = run_shell(command, tmp_path)
+    assert out.returncode == 0, out.stderr
+    expected = [None if isinstance(i, dict) else [len(i), i.upper()] for i in items]
+    assert [json.loads(line) for line in out.stdout.splitlines()] == expected
+
+
+def test_pipe_md_shell_session_prints_what_the_page_shows(tmp_path: Path) -> None:
+    (session,) = [block for block in shell_blocks("pipe.md") if block.startswith("$ ")]
+    command, *shown = session.replace("\\\n", "").splitlines()
+    out = run_shell(command.removeprefix("$ "), ROOT)
+    assert out.returncode == 0, out.stderr
+    # Responses come in completion order: the immediate answers first, the model's after.
+    assert out.stdout.splitlines()[:2] == shown[:2]
+    assert sorted(out.stdout.splitlines()) == sorted(shown)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import gc
 import inspect
 import os
 import re
@@ -76,6 +77,7 @@ class Fence:
     info: str
     body: str
     marks: frozenset[str]
+    end: int  # the line of the closing fence
 
 
 def fences(text: str) -> list[Fence]:
@@ -95,7 +97,7 @@ def fences(text: str) -> list[Fence]:
             while end < len(lines) and not lines[end].strip().startswith(closing):
                 end += 1
             body = "".join(text[len(indent) :] + "\n" for text in lines[index + 1 : end])
-            found.append(Fence(index + 1, info, body, marks))
+            found.append(Fence(index + 1, info, body, marks, end + 1))
             index = end
         if not mark and line.strip():
             marks = frozenset()
@@ -112,8 +114,9 @@ def blocks(page: Path) -> list[Block]:
         if fence.info == "python"
     ]
     lines = text.splitlines()
+    inside = {n for fence in fences(text) for n in range(fence.line, fence.end + 1)}
     for index, line in enumerate(lines):
-        if SETUP.match(line):
+        if SETUP.match(line) and index + 1 not in inside:
             end = next(i for i in range(index + 1, len(lines)) if lines[i].strip() == "-->")
             code = "".join(text + "\n" for text in lines[index + 1 : end])
             found.append(Block(page, index + 2, code, frozenset(), hidden=True))
@@ -137,6 +140,10 @@ def run(page: Path, server: str | None = None) -> None:
     Each block is compiled under the page's file name with its lines where the page has them,
     so a traceback points at the page.
     """
+    unraisable: list[str] = []
+    sys.unraisablehook = lambda hook: unraisable.append(
+        f"{hook.exc_type.__name__}: {hook.exc_value}"
+    )
     module = types.ModuleType("__docs__")
     module.__file__ = str(page)
     sys.modules["__docs__"] = module
@@ -153,6 +160,11 @@ def run(page: Path, server: str | None = None) -> None:
     finally:
         asyncio.set_event_loop(None)
         loop.close()
+    sys.modules.pop("__docs__", None)
+    module.__dict__.clear()
+    gc.collect()
+    if unraisable:  # what a page leaves to the garbage collector, unclosed files included
+        raise RuntimeError(f"{page.name}: exceptions ignored in __del__: {unraisable}")
 
 
 def main(argv: list[str]) -> int:
