@@ -8,6 +8,9 @@ up by the glob. The README quickstart, the examples and the packaging facts are 
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import json
 import os
 import re
@@ -17,6 +20,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -312,3 +316,79 @@ def test_pipe_md_shell_session_prints_what_the_page_shows(tmp_path: Path) -> Non
     # Responses come in completion order: the immediate answers first, the model's after.
     assert out.stdout.splitlines()[:2] == shown[:2]
     assert sorted(out.stdout.splitlines()) == sorted(shown)
+
+
+def documented_parameters(node: ast.FunctionDef | ast.AsyncFunctionDef) -> dict[str, object]:
+    """Return a stub's parameters: name -> literal default (``...``: none, or not a literal)."""
+    args = node.args
+    positional = args.posonlyargs + args.args
+    defaults: list[ast.expr | None] = [None] * (len(positional) - len(args.defaults))
+    pairs = list(zip(positional, [*defaults, *args.defaults], strict=True))
+    pairs += list(zip(args.kwonlyargs, args.kw_defaults, strict=True))
+    found: dict[str, object] = {}
+    for arg, default in pairs:
+        try:
+            found[arg.arg] = ast.literal_eval(default) if default is not None else ...
+        except ValueError:
+            found[arg.arg] = ...
+    for extra in (args.vararg, args.kwarg):
+        if extra is not None:
+            found[extra.arg] = ...
+    return found
+
+
+def real_parameters(fn: Any) -> dict[str, object]:
+    """Return ``fn``'s parameters, a ``**settings: Unpack[TypedDict]`` expanded to its keys."""
+    found: dict[str, object] = {}
+    for name, param in inspect.signature(fn).parameters.items():
+        if param.kind is param.VAR_KEYWORD and "Unpack" in str(param.annotation):
+            typed = re.search(r"Unpack\[(\w+)\]", str(param.annotation)).group(1)  # type: ignore[union-attr]
+            found.update(dict.fromkeys(fn.__globals__[typed].__annotations__, ...))
+        else:
+            found[name] = ... if param.default is param.empty else param.default
+    return found
+
+
+def same_parameters(stub: ast.FunctionDef | ast.AsyncFunctionDef, fn: Any, where: str) -> None:
+    documented, real = documented_parameters(stub), real_parameters(fn)
+    documented.pop("cls", None)  # a classmethod, read through its class
+    assert list(documented) == list(real) or set(documented) == set(real) > set(), (
+        f"{where}: documented {list(documented)}, real {list(real)}"
+    )
+    for name, default in documented.items():
+        if default is not ... and real[name] is not ...:
+            assert real[name] == default, f"{where}: {name}={real[name]!r}, documented {default!r}"
+
+
+def test_api_reference_signatures_match_the_code() -> None:
+    """docs/api.md's reference stubs (``text`` blocks) name the real parameters and fields."""
+    import batchkit
+
+    checked = 0
+    text = (ROOT / "docs" / "api.md").read_text()
+    for fence in docblocks.fences(text):
+        if fence.info != "text":
+            continue
+        try:
+            tree = ast.parse(fence.body)
+        except SyntaxError:  # a stub with `...same...` in it
+            continue
+        where = f"api.md:{fence.line}"
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                if node.args.args[:1] and node.args.args[0].arg == "self":
+                    same_parameters(node, getattr(batchkit.BatchedModel, node.name), where)
+                    checked += 1
+            elif isinstance(node, ast.ClassDef):
+                cls = getattr(batchkit, node.name)
+                if dataclasses.is_dataclass(cls):
+                    fields = [n.target.id for n in node.body if isinstance(n, ast.AnnAssign)]  # type: ignore[union-attr]
+                    assert fields == [f.name for f in dataclasses.fields(cls)], where
+                    checked += 1
+                for method in node.body:
+                    if isinstance(method, ast.FunctionDef | ast.AsyncFunctionDef):
+                        real = inspect.getattr_static(cls, method.name)
+                        if not isinstance(real, property):
+                            same_parameters(method, getattr(cls, method.name), where)
+                            checked += 1
+    assert checked >= 25, checked
