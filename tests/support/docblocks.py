@@ -13,7 +13,8 @@
   The test starts a real ``batchkit serve`` (the demo model ``demo``, FP32[16] in and out) and
   every ``localhost:8000`` and ``127.0.0.1:8000`` in the block is pointed at it.
 - ``<!-- docs: setup`` on a line of its own, then code, then ``-->``: code the reader does not
-  see (a stand-in for their model or data), run where it stands.
+  see (a stand-in for their model or data), run where it stands. ``<!-- docs: check`` is the
+  same, for asserts after a block that prove what its comments say (``# 9``).
 
 A failing block exits the process with status 1 and a traceback that names the page and the
 line; a block that imports a missing optional library (numpy, torch...) exits with status 77,
@@ -54,7 +55,7 @@ OPTIONAL = frozenset(
 )
 FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([^`\s]*)")
 MARK = re.compile(r"^<!--\s*docs:\s*([a-z][a-z ]*?)\s*-->\s*$")
-SETUP = re.compile(r"^<!--\s*docs:\s*setup\s*$")
+SETUP = re.compile(r"^<!--\s*docs:\s*(setup|check)\s*$")
 PLACEHOLDERS = ("localhost:8000", "127.0.0.1:8000")
 
 
