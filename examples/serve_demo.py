@@ -45,11 +45,11 @@ async def drive(url: str, model: str) -> float:
 
 def main() -> None:
     app = KServeApp(demo_models(unbatched=True))
-    with serving(app) as url:  # uvicorn in a background thread, on a free loopback port
-        batched = asyncio.run(drive(url, "demo"))
-        unbatched = asyncio.run(drive(url, "demo_unbatched"))
+    with serving(app) as address:  # "127.0.0.1:PORT", uvicorn in a background thread
+        batched = asyncio.run(drive(address, "demo"))
+        unbatched = asyncio.run(drive(address, "demo_unbatched"))
         stats = app.models[0].model.statistics()
-    print(f"served on http://{url} (KServe v2), {CONCURRENCY} concurrent clients")
+    print(f"served on http://{address} (KServe v2), {CONCURRENCY} concurrent clients")
     print(f"batched (up to 64):  {batched:7.0f} req/s, mean batch {stats.mean_batch_size:.1f}")
     print(f"unbatched:           {unbatched:7.0f} req/s")
     print(f"batching speedup:    {batched / unbatched:7.1f}x")
