@@ -162,6 +162,31 @@ class DeploymentStatistics:
         """Return the items completed by every version together."""
         return self.total.completed
 
+    def summary(self) -> dict[str, Any]:
+        """Return the routing, the observed split and the shadow counters as JSON-able data
+        (what the HTTP routing endpoints and the pipe's ``stats`` answer)."""
+        s = self.shadow
+        return {
+            "routing": self.routing.to_json(),
+            "shares": self.routing.shares(),
+            "routed": dict(self.routed),
+            "pinned": dict(self.pinned),
+            "observed_shares": self.observed_shares(),
+            "completed": {v: st.completed for v, st in self.versions.items()},
+            "shadow": {
+                "version": s.version,
+                "fraction": s.fraction,
+                "mirrored": s.mirrored,
+                "agreed": s.agreed,
+                "disagreed": s.disagreed,
+                "errors": s.errors,
+                "dropped": s.dropped,
+                "discarded": s.discarded,
+                "pending": s.pending,
+                "disagreement_rate": s.disagreement_rate,
+            },
+        }
+
     def observed_shares(self) -> dict[str, float]:
         """Return each version's observed share of the routed items (0.0 before any)."""
         total = sum(self.routed.values())

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .._core import ConfigurationError, Deployment, DeploymentStatistics
+from .._core import ConfigurationError, Deployment
 from ._errors import BadRequest, HTTPError
 from ._http import (
     Receive,
@@ -160,29 +160,4 @@ class RoutingAdmin:
         deployment.set_shadow(value["version"], fraction=value.get("fraction", 1.0))
 
     def _state(self, name: str, deployment: Deployment[Any, Any]) -> dict[str, Any]:
-        return {"name": name, **routing_json(deployment.statistics())}
-
-
-def routing_json(stats: DeploymentStatistics) -> dict[str, Any]:
-    """Return a deployment's routing, observed split and shadow counters as JSON-able data."""
-    s = stats.shadow
-    return {
-        "routing": stats.routing.to_json(),
-        "shares": stats.routing.shares(),
-        "routed": dict(stats.routed),
-        "pinned": dict(stats.pinned),
-        "observed_shares": stats.observed_shares(),
-        "completed": {v: st.completed for v, st in stats.versions.items()},
-        "shadow": {
-            "version": s.version,
-            "fraction": s.fraction,
-            "mirrored": s.mirrored,
-            "agreed": s.agreed,
-            "disagreed": s.disagreed,
-            "errors": s.errors,
-            "dropped": s.dropped,
-            "discarded": s.discarded,
-            "pending": s.pending,
-            "disagreement_rate": s.disagreement_rate,
-        },
-    }
+        return {"name": name, **deployment.statistics().summary()}
