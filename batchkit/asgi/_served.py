@@ -140,7 +140,13 @@ class ServedModel:
 
     def config(self) -> dict[str, Any]:
         """Return the model as Triton's model configuration JSON describes it."""
-        settings = self.model.settings
+        pinned = self.route.get("version")
+        model = self.model
+        settings = (
+            model.models[pinned].settings
+            if pinned is not None and isinstance(model, Deployment)
+            else model.settings
+        )
         return {
             "name": self.name,
             "platform": "batchkit",
