@@ -45,7 +45,7 @@ def flaky_copy(items: list[Any]) -> list[Any]:
 def make_deployment(**options: Any) -> Deployment[Any, Any]:
     versions = {
         "1": BatchedModel(plus(0), name="clf", version="1"),
-        "2": BatchedModel(plus(100), name="clf", version="2"),
+        "2": BatchedModel(plus(100), name="clf", version="2", max_batch_size=8),
         "s": BatchedModel(flaky_copy, name="clf", version="s"),
     }
     return Deployment(versions, **options)
@@ -128,6 +128,10 @@ def test_a_request_naming_a_version_is_pinned_to_it(server: Any) -> None:
     metadata = client.get_model_metadata("clf")
     assert sorted(metadata["versions"]) == ["1", "2", "s"]
     assert client.is_model_ready("clf", "s")
+    config = client.get_model_config("clf", "2")
+    assert config["max_batch_size"] == 8  # the pinned version's own settings
+    assert config["version_policy"] == {"specific": {"versions": ["2"]}}
+    assert client.get_model_config("clf")["max_batch_size"] == 32  # the primary's
 
 
 def test_a_routing_key_sticks_to_one_version(server: Any) -> None:
