@@ -24,6 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType, TracebackType
 from typing import Any, Generic, TypeVar, cast
 
@@ -740,7 +741,7 @@ class Deployment(Generic[T, R]):
         # would start a background engine for it. A hung shadow holds this up to its timeout.
         self._shadow.stop_soon()
         try:
-            await anyio.to_thread.run_sync(self._shadow.join)
+            await anyio.to_thread.run_sync(partial(self._shadow.join, final=False))
         finally:
             if stack is not None:
                 await stack.__aexit__(exc_type, exc, tb)
@@ -765,7 +766,7 @@ class Deployment(Generic[T, R]):
         self._shadow.stop_soon()
         for model in self._distinct():
             model.close(drain=drain)
-        self._shadow.join()
+        self._shadow.join(final=True)
 
     async def aclose(self, *, drain: bool = False) -> None:
         """Close the deployment, like ``close()``, and wait until every version stopped."""
@@ -773,7 +774,7 @@ class Deployment(Generic[T, R]):
         self._shadow.stop_soon()
         for model in self._distinct():
             await model.aclose(drain=drain)
-        await anyio.to_thread.run_sync(self._shadow.join)
+        await anyio.to_thread.run_sync(partial(self._shadow.join, final=True))
 
     def _distinct(self) -> list[BatchedModel[T, R]]:
         seen: dict[int, BatchedModel[T, R]] = {}
@@ -961,7 +962,9 @@ class _ShadowRunner:
         with self._lock:
             self._stopping = True
 
-    def join(self) -> None:
+    def join(self, *, final: bool) -> None:
+        """Stop the workers and wait for them; ``final``: for good (the deployment closed),
+        else a later offer starts them again (the deployment may be entered again)."""
         with self._lock:
             self._stopping = True
             threads, self._threads = self._threads, []
@@ -978,8 +981,9 @@ class _ShadowRunner:
                 with self._lock:
                     self.discarded += 1
                     self._settled(1)
-        with self._lock:
-            self._stopping = False  # a deployment entered again mirrors again
+        if not final:
+            with self._lock:
+                self._stopping = False
 
     def statistics(self, routing: Routing) -> ShadowStatistics:
         with self._lock:
