@@ -255,12 +255,12 @@ class KServeApp:
             raise HTTPError(f"unknown model {name!r}; serving {sorted(self._served)}", status=404)
         if version is None or version == "":
             return max(group, key=lambda s: _version_key(s.version))
+        routed = pinned(group, version)  # a deployment's version, even its primary one
+        if routed is not None:
+            return routed
         for served in group:
             if served.version == version:
                 return served
-        routed = pinned(group, version)
-        if routed is not None:
-            return routed
         versions = self._versions(name)
         raise HTTPError(f"model {name!r} has no version {version!r}; it has {versions}", status=404)
 

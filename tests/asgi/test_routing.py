@@ -122,9 +122,13 @@ def test_a_request_naming_a_version_is_pinned_to_it(server: Any) -> None:
         assert version == "s"
         np.testing.assert_array_equal(y, [1, 2, 3])
     assert infer(client, [1, 2, 3], version="2")[0] == "2"
+    deployment.set_weights({"1": 1, "2": 1})  # "1" is the primary (first of equals)
+    assert deployment.version == "1"
+    assert {infer(client, [1, 2, 3], version="1")[0] for _ in range(10)} == {"1"}
+    deployment.rollback()
     with pytest.raises(InferenceServerException, match=r"has no version '7'"):
         infer(client, [1, 2, 3], version="7")
-    assert deployment.statistics().pinned == {"1": 0, "2": 1, "s": 20}
+    assert deployment.statistics().pinned == {"1": 10, "2": 1, "s": 20}
     metadata = client.get_model_metadata("clf")
     assert sorted(metadata["versions"]) == ["1", "2", "s"]
     assert client.is_model_ready("clf", "s")
