@@ -207,13 +207,11 @@ class TestShadow:
             {"1": primary, "s": shadow}, shadow="s", shadow_fraction=0.25, seed=11,
             keep_disagreements=5,
         )  # fmt: skip
-        n = 4000
-
-        async def caller(i: int) -> None:
-            assert await deployment.call(i) == ("1", i)  # never the shadow's output
-
+        n = 2000
         async with deployment:
-            await concurrently(caller, range(n))
+            # one caller after another: which items are mirrored depends on the seed alone
+            for i in range(n):
+                assert await deployment.call(i) == ("1", i)  # never the shadow's output
             assert await deployment.wait_shadow(30)
             s = deployment.statistics().shadow
         assert s.version == "s" and s.fraction == 0.25
