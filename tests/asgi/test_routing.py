@@ -11,6 +11,7 @@ import http.client
 import json
 import math
 import re
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -273,3 +274,39 @@ def test_metrics_per_version_and_for_shadow_agreement() -> None:
     )
     shadow_completed = value("batchkit_items_total", model="clf", version="s", outcome="completed")
     assert shadow_completed == s.mirrored
+
+
+def test_promote_and_rollback_over_http_under_load_lose_nothing(server: Any) -> None:
+    url, deployment = server
+    results: list[tuple[int, str, Any]] = []
+    errors: list[BaseException] = []
+
+    def caller(base: int) -> None:
+        client = tritonclient_http.InferenceServerClient(url)
+        try:
+            for i in range(base, base + 60):
+                version, y = infer(client, [i, 0, 0])
+                results.append((i, version, y))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(n * 1000,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    changes = 0
+    try:
+        while any(t.is_alive() for t in threads):
+            body = {"promote": "2"} if changes % 2 == 0 else {"rollback": True}
+            admin(url, "POST", "/v2/routing/models/clf", body)
+            changes += 1
+    finally:
+        for t in threads:
+            t.join()
+    assert not errors and changes > 1
+    assert len(results) == 240
+    for i, version, y in results:  # every answer from the version it reports
+        offset = 100 if version == "2" else 0
+        np.testing.assert_array_equal(y, np.asarray([i, 0, 0], np.float32) + offset)
+    stats = deployment.statistics()
+    assert sum(stats.routed.values()) == 240
+    assert stats.total.failed == stats.total.cancelled == 0
