@@ -14,6 +14,9 @@ from ._core import BatchSizeMismatch as BatchSizeMismatch
 from ._core import ClosedError as ClosedError
 from ._core import ConfigurationError as ConfigurationError
 from ._core import DeadlineExceeded as DeadlineExceeded
+from ._core import Deployment as Deployment
+from ._core import DeploymentStatistics as DeploymentStatistics
+from ._core import Disagreement as Disagreement
 from ._core import ForbiddenPath as ForbiddenPath
 from ._core import IncompatibleWeights as IncompatibleWeights
 from ._core import LatencyHistogram as LatencyHistogram
@@ -24,7 +27,9 @@ from ._core import RemoteError as RemoteError
 from ._core import RemoteInvalidInput as RemoteInvalidInput
 from ._core import RemoteRejected as RemoteRejected
 from ._core import RemoteUnavailable as RemoteUnavailable
+from ._core import Routing as Routing
 from ._core import Settings as Settings
+from ._core import ShadowStatistics as ShadowStatistics
 from ._core import Statistics as Statistics
 from ._core import SupportsBatchInfo as SupportsBatchInfo
 from ._core import SwapError as SwapError
@@ -35,6 +40,7 @@ from ._core import WarmupFailed as WarmupFailed
 from ._core import WeightsNotFound as WeightsNotFound
 from ._core import WrongLoopError as WrongLoopError
 from ._core import batched as batched
+from ._core import default_compare as default_compare
 from ._version import __version__ as __version__
 
 __all__ = (
@@ -46,6 +52,9 @@ __all__ = (
     "ClosedError",
     "ConfigurationError",
     "DeadlineExceeded",
+    "Deployment",
+    "DeploymentStatistics",
+    "Disagreement",
     "ForbiddenPath",
     "IncompatibleWeights",
     "LatencyHistogram",
@@ -56,7 +65,9 @@ __all__ = (
     "RemoteInvalidInput",
     "RemoteRejected",
     "RemoteUnavailable",
+    "Routing",
     "Settings",
+    "ShadowStatistics",
     "Statistics",
     "SupportsBatchInfo",
     "SwapError",
@@ -68,6 +79,7 @@ __all__ = (
     "WrongLoopError",
     "__version__",
     "batched",
+    "default_compare",
 )
 
 import logging as _logging

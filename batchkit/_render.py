@@ -18,7 +18,7 @@ from html import escape
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._core import LatencySummary, Settings, Statistics
+    from ._core import DeploymentStatistics, LatencySummary, Settings, Statistics
 
 __all__ = (
     "Table",
@@ -28,6 +28,7 @@ __all__ = (
     "format_rate",
     "in_kernel",
     "latency_rows",
+    "split_table",
     "model_html",
     "model_rich",
     "model_tables",
@@ -167,6 +168,45 @@ def statistics_tables(stats: Statistics, *, extra: Sequence[tuple[str, str]] = (
         note=f"{stats.batches:,} batches, mean size {stats.mean_batch_size:.1f}",
     )
     return [Table("items", items), latency, histogram]
+
+
+def split_table(stats: DeploymentStatistics) -> Table:
+    """Return the table of a deployment's split: per version its configured and observed share
+    of the routed items (the bar), pinned items and completions, and the shadow's agreement."""
+    shares = stats.routing.shares()
+    observed = stats.observed_shares()
+    rows, bars = [], {}
+    for i, (version, st) in enumerate(stats.versions.items()):
+        role = [
+            *(["primary"] if version == stats.routing.primary else []),
+            *(["shadow"] if version == stats.routing.shadow else []),
+        ]
+        rows.append(
+            [
+                version + (f" ({', '.join(role)})" if role else ""),
+                f"{shares[version]:.1%}",
+                format_count(stats.routed[version]),
+                format_count(stats.pinned[version]),
+                format_count(st.completed),
+                f"{observed[version]:.1%}",
+            ]
+        )
+        bars[i] = observed[version]
+    s = stats.shadow
+    note = ""
+    if s.version is not None or s.mirrored or s.dropped:
+        note = (
+            f"shadow {s.version or '(off)'} at {s.fraction:.0%}: {s.disagreement_rate:.1%} "
+            f"disagree ({s.disagreed:,} of {s.compared:,} compared), {s.errors:,} errors, "
+            f"{s.dropped:,} dropped, {s.pending:,} pending"
+        )
+    return Table(
+        "split",
+        rows,
+        headers=("version", "weight", "routed", "pinned", "completed", "observed"),
+        bars=bars,
+        note=note,
+    )
 
 
 def model_tables(s: Settings, stats: Statistics, state: str) -> list[Table]:

@@ -3,7 +3,8 @@
 Shared by the command-line adapters (``batchkit serve``, ``batchkit pipe``), so every command
 accepts the same forms:
 
-- a ``BatchedModel`` (``@batched`` functions are ``BatchedModel`` too);
+- a ``BatchedModel`` (``@batched`` functions are ``BatchedModel`` too), or, for the servers
+  (``routed_models_of``), a ``Deployment`` of several versions;
 - a mapping of names to models, or any other collection of models (each served under its name);
 - a callable taking no arguments that returns one of the above (a factory);
 - for the ASGI server only, an ASGI application (anything else callable with three arguments).
@@ -18,9 +19,9 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ._core import BatchedModel, ConfigurationError
+from ._core import BatchedModel, ConfigurationError, Deployment
 
-__all__ = ("import_target", "models_of")
+__all__ = ("import_target", "models_of", "routed_models_of")
 
 
 def import_target(spec: str) -> Any:
@@ -54,13 +55,25 @@ def models_of(obj: Any, *, call_factory: bool = True) -> dict[str, BatchedModel[
     Raises ``ConfigurationError`` when ``obj`` holds no model, something that is not a model,
     or two models with the same name.
     """
-    if isinstance(obj, BatchedModel):
+    return _models_of(obj, (BatchedModel,), call_factory)
+
+
+def routed_models_of(
+    obj: Any, *, call_factory: bool = True
+) -> dict[str, BatchedModel[Any, Any] | Deployment[Any, Any]]:
+    """Like ``models_of``, where a model may also be a ``Deployment`` of several versions."""
+    return _models_of(obj, (BatchedModel, Deployment), call_factory)
+
+
+def _models_of(obj: Any, kinds: tuple[type[Any], ...], call_factory: bool) -> dict[str, Any]:
+    what = " or ".join(k.__name__ for k in kinds)
+    if isinstance(obj, kinds):
         return {obj.name: obj}
     if isinstance(obj, Mapping):
-        models: dict[str, BatchedModel[Any, Any]] = {}
+        models: dict[str, Any] = {}
         for key, model in obj.items():
-            if not isinstance(model, BatchedModel):
-                raise ConfigurationError(f"{key!r} is not a BatchedModel: {model!r}")
+            if not isinstance(model, kinds):
+                raise ConfigurationError(f"{key!r} is not a {what}: {model!r}")
             models[str(key)] = model
         if not models:
             raise ConfigurationError("the mapping holds no models")
@@ -68,8 +81,8 @@ def models_of(obj: Any, *, call_factory: bool = True) -> dict[str, BatchedModel[
     if isinstance(obj, Iterable) and not isinstance(obj, (str, bytes)):
         models = {}
         for model in obj:
-            if not isinstance(model, BatchedModel):
-                raise ConfigurationError(f"not a BatchedModel: {model!r}")
+            if not isinstance(model, kinds):
+                raise ConfigurationError(f"not a {what}: {model!r}")
             if model.name in models:
                 raise ConfigurationError(f"two models are named {model.name!r}")
             models[model.name] = model
@@ -77,10 +90,8 @@ def models_of(obj: Any, *, call_factory: bool = True) -> dict[str, BatchedModel[
             raise ConfigurationError("the collection holds no models")
         return models
     if call_factory and callable(obj) and _takes_no_arguments(obj):
-        return models_of(obj(), call_factory=False)
-    raise ConfigurationError(
-        f"expected a BatchedModel, a collection of them or a factory, got {obj!r}"
-    )
+        return _models_of(obj(), kinds, False)
+    raise ConfigurationError(f"expected a {what}, a collection of them or a factory, got {obj!r}")
 
 
 def _takes_no_arguments(fn: Any) -> bool:

@@ -27,7 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "batchkit.metrics needs prometheus-client: pip install 'batchkit[metrics]'"
     ) from exc
 
-from ._core import DEFAULT_LATENCY_BOUNDS, BatchedModel
+from ._core import DEFAULT_LATENCY_BOUNDS, BatchedModel, Deployment, Statistics
 
 __all__ = ("BATCH_SIZE_BUCKETS", "LATENCY_BUCKETS", "ModelCollector", "ServerMetrics")
 
@@ -36,8 +36,9 @@ LATENCY_BUCKETS = DEFAULT_LATENCY_BOUNDS
 _OUTCOMES = ("completed", "failed", "expired", "cancelled", "rejected")
 _QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
 
-_Exported: TypeAlias = "BatchedModel[Any, Any] | tuple[str, BatchedModel[Any, Any]]"
-"""A model, exported under its own name, or a ``(name, model)`` pair: under that name."""
+_Model: TypeAlias = "BatchedModel[Any, Any] | Deployment[Any, Any]"
+_Exported: TypeAlias = "_Model | tuple[str, _Model]"
+"""A model (or deployment), exported under its own name, or a ``(name, model)`` pair."""
 
 
 class ModelCollector(Collector):
@@ -53,6 +54,12 @@ class ModelCollector(Collector):
     histograms (every sample since collection began: the collector turns on
     ``record_histograms(LATENCY_BUCKETS)`` for each model) and the same latencies' recent
     quantiles, the version serving (``batchkit_model_version_info``) and swaps.
+
+    A ``Deployment`` exports each of its versions as above (``version``: the version's name in
+    the deployment), and its routing: ``batchkit_route_weight`` and ``batchkit_routed_items``
+    (``how``: routed by weight or key, or pinned) per version, the shadow version's comparisons
+    (``batchkit_shadow_items`` by outcome: agreed, disagreed, error, dropped, discarded),
+    ``batchkit_shadow_pending`` and ``batchkit_shadow_disagreement_ratio``.
     """
 
     def __init__(self, models: Iterable[_Exported] | Callable[[], Iterable[_Exported]]) -> None:
@@ -60,7 +67,7 @@ class ModelCollector(Collector):
         if not callable(models):
             self._current()  # histograms count from now on, not from the first scrape
 
-    def _current(self) -> list[tuple[str, BatchedModel[Any, Any]]]:
+    def _current(self) -> list[tuple[str, _Model]]:
         models = self._models
         current = [
             entry if isinstance(entry, tuple) else (entry.name, entry)
@@ -72,7 +79,20 @@ class ModelCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """Yield the metric families, from one snapshot per model."""
-        snapshots = [(name, m.statistics()) for name, m in self._current()]
+        snapshots: list[tuple[str, str, Statistics]] = []
+        deployments = []
+        for name, m in self._current():
+            if isinstance(m, Deployment):
+                stats = m.statistics()
+                deployments.append((name, stats))
+                snapshots.extend((name, v, s) for v, s in stats.versions.items())
+            else:
+                s = m.statistics()
+                snapshots.append((name, s.model_version, s))
+        yield from self._model_families(snapshots)
+        yield from _routing_families(deployments)
+
+    def _model_families(self, snapshots: list[tuple[str, str, Statistics]]) -> Iterator[Metric]:
         mv = ["model", "version"]
         items = CounterMetricFamily(
             "batchkit_items", "Items submitted to a model, by outcome.", labels=[*mv, "outcome"]
@@ -114,8 +134,8 @@ class ModelCollector(Collector):
                 ("end_to_end", "Submit-to-outcome time per item"),
             )
         }
-        for name, s in snapshots:
-            key = [name, s.model_version]
+        for name, label, s in snapshots:
+            key = [name, label]
             for outcome in _OUTCOMES:
                 items.add_metric([*key, outcome], getattr(s, outcome))
             depth.add_metric(key, s.queue_depth)
@@ -143,6 +163,48 @@ class ModelCollector(Collector):
         yield from (items, depth, waiting, in_flight, sizes, version, swaps)
         yield from latencies.values()
         yield from histograms.values()
+
+
+def _routing_families(deployments: list[tuple[str, Any]]) -> Iterator[Metric]:
+    mv = ["model", "version"]
+    weight = GaugeMetricFamily(
+        "batchkit_route_weight", "A version's share of the routed calls (configured).", labels=mv
+    )
+    routed = CounterMetricFamily(
+        "batchkit_routed_items",
+        "Items a deployment sent to a version: routed (by weight or key) or pinned.",
+        labels=[*mv, "how"],
+    )
+    shadow = CounterMetricFamily(
+        "batchkit_shadow_items",
+        "Items mirrored to a deployment's shadow version, by outcome.",
+        labels=["model", "outcome"],
+    )
+    pending = GaugeMetricFamily(
+        "batchkit_shadow_pending", "Mirrored items not compared yet.", labels=["model"]
+    )
+    ratio = GaugeMetricFamily(
+        "batchkit_shadow_disagreement_ratio",
+        "Shadow outputs that disagreed with the primary, over those compared.",
+        labels=["model"],
+    )
+    for name, stats in deployments:
+        for version, share in stats.routing.shares().items():
+            weight.add_metric([name, version], share)
+            routed.add_metric([name, version, "routed"], stats.routed[version])
+            routed.add_metric([name, version, "pinned"], stats.pinned[version])
+        s = stats.shadow
+        for outcome, n in (
+            ("agreed", s.agreed),
+            ("disagreed", s.disagreed),
+            ("error", s.errors),
+            ("dropped", s.dropped),
+            ("discarded", s.discarded),
+        ):
+            shadow.add_metric([name, outcome], n)
+        pending.add_metric([name], s.pending)
+        ratio.add_metric([name], s.disagreement_rate)
+    yield from (weight, routed, shadow, pending, ratio)
 
 
 def _le(bound: float) -> str:
@@ -174,9 +236,7 @@ class ServerMetrics:
             registry=self.registry,
         )
 
-    def observe_request(
-        self, model: str, version: str | None, status: int, seconds: float
-    ) -> None:
+    def observe_request(self, model: str, version: str | None, status: int, seconds: float) -> None:
         """Count one inference request for ``model`` answered with ``status`` after ``seconds``."""
         version = "" if version is None else version
         self._requests.labels(model, version, str(status)).inc()

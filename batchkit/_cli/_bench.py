@@ -157,6 +157,11 @@ async def _sweep(
     steps = await _run_steps(args, url, [model], console, loadgen)
     table = [step.as_dict() for step in steps[model]]
     console.table(_step_rows(steps[model], closed=args.rate is None), title=f"{model} at {url}")
+    if any(step.versions for step in steps[model]):
+        console.table(
+            _version_rows(steps[model], closed=args.rate is None),
+            title=f"{model}: items per version and shadow agreement, per step",
+        )
     return {
         "url": url,
         "model": model,
@@ -286,6 +291,28 @@ def _step_rows(steps: Sequence[Any], *, closed: bool) -> list[list[str]]:
                 _batch(s),
             ]
         )
+    return rows
+
+
+def _version_rows(steps: Sequence[Any], *, closed: bool) -> list[list[str]]:
+    versions = sorted({v for s in steps for v in (s.versions or {})})
+    header = ["in flight" if closed else "target req/s"]
+    header += [f"version {v}" for v in versions]
+    header += ["shadow compared", "disagreed", "dropped"]
+    rows = [header]
+    for s in steps:
+        counts = s.versions or {}
+        total = sum(counts.values())
+        cells = [
+            f"{counts.get(v, 0):,} ({counts.get(v, 0) / total:.1%})" if total else "0"
+            for v in versions
+        ]
+        shadow = s.shadow or {}
+        compared = shadow.get("agreed", 0) + shadow.get("disagreed", 0)
+        disagreed = shadow.get("disagreed", 0)
+        rate = f" ({disagreed / compared:.1%})" if compared else ""
+        cells += [f"{compared:,}", f"{disagreed:,}{rate}", f"{shadow.get('dropped', 0):,}"]
+        rows.append([_load_of(s, closed), *cells])
     return rows
 
 

@@ -78,6 +78,10 @@ class Step:
     achieved_rate: float = 0.0  # answered requests (ok or not) per second
     latency: dict[str, float] = field(default_factory=dict)  # p50, p90, p99, max, mean
     server_batch_size: float | None = None
+    # A deployment of several versions (batchkit servers): items each version got during the
+    # step (routed and pinned), and the shadow's comparisons by outcome; None otherwise.
+    versions: dict[str, int] | None = None
+    shadow: dict[str, int] | None = None
 
     @property
     def failed(self) -> int:
@@ -163,6 +167,11 @@ class Target:
         else:
             await asyncio.wait_for(call, self.timeout)
 
+    async def routing_counts(self) -> tuple[dict[str, int], dict[str, int]] | None:
+        """Return, when the model is a deployment of several versions, the items each version
+        got so far and the shadow's comparisons by outcome, from batchkit metrics; else None."""
+        return await _routing_counts(self)
+
     async def batch_counts(self) -> tuple[float, float] | None:
         """Return the server's (items, batches) so far for this model, from batchkit metrics.
 
@@ -189,13 +198,61 @@ class Target:
         return found["sum"], found["count"]
 
 
+async def _metrics_text(target: Target) -> str | None:
+    try:
+        session = target.client._stub  # tritonclient's aiohttp session: same connections
+        async with session.get(f"http://{target.url}/metrics") as response:
+            if response.status != 200:
+                return None
+            return str(await response.text())
+    except Exception:
+        return None
+
+
+async def _routing_counts(target: Target) -> tuple[dict[str, int], dict[str, int]] | None:
+    text = await _metrics_text(target)
+    if text is None:
+        return None
+    routed: dict[str, int] = {}
+    for labels, value in _series(text, "batchkit_routed_items_total"):
+        if labels.get("model") == target.model:
+            version = labels.get("version", "")
+            routed[version] = routed.get(version, 0) + int(value)
+    if not routed:
+        return None
+    shadow = {
+        labels.get("outcome", ""): int(value)
+        for labels, value in _series(text, "batchkit_shadow_items_total")
+        if labels.get("model") == target.model
+    }
+    return routed, shadow
+
+
 async def _batch_size_during(target: Target, run: Awaitable[Step]) -> Step:
     before = await target.batch_counts()
+    routing_before = await target.routing_counts()
     step = await run
     after = await target.batch_counts()
+    routing_after = await target.routing_counts()
     if before is not None and after is not None and after[1] > before[1]:
         step.server_batch_size = (after[0] - before[0]) / (after[1] - before[1])
+    if routing_before is not None and routing_after is not None:
+        step.versions = _delta(routing_before[0], routing_after[0])
+        step.shadow = _delta(routing_before[1], routing_after[1])
     return step
+
+
+def _delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in sorted(after.items())}
+
+
+def _series(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    """Return every sample of metric ``name`` in the exposition ``text``, with its labels."""
+    found = []
+    for match in re.finditer(rf"^{name}\{{(.*)\}} (\S+)$", text, re.M):
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(1)))
+        found.append((labels, float(match.group(2))))
+    return found
 
 
 def _record(step: Step, exc: BaseException) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .._core import BatchedModel, ConfigurationError
-from .._target import import_target, models_of
+from .._target import import_target, routed_models_of
 
 __all__ = ("add_parser", "app_for", "run")
 
@@ -27,8 +27,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "target",
         nargs="?",
-        help="MODULE:ATTR naming a BatchedModel, ServedModel, a collection of them, a factory, "
-        "or an ASGI app",
+        help="MODULE:ATTR naming a BatchedModel, Deployment, ServedModel, a collection of them, "
+        "a factory, or an ASGI app",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
@@ -60,7 +60,7 @@ def app_for(target: str | None, **options: Any) -> Any:
     if served is not None:
         return KServeApp(served, **options)
     try:
-        models = models_of(obj)
+        models = routed_models_of(obj)
     except ConfigurationError:
         if _is_asgi_app(obj):
             return obj

@@ -33,6 +33,12 @@ from ._errors import WrongLoopError as WrongLoopError
 from ._info import BatchInfo as BatchInfo
 from ._info import SupportsBatchInfo as SupportsBatchInfo
 from ._model import BatchedModel as BatchedModel
+from ._router import Deployment as Deployment
+from ._router import DeploymentStatistics as DeploymentStatistics
+from ._router import Disagreement as Disagreement
+from ._router import Routing as Routing
+from ._router import ShadowStatistics as ShadowStatistics
+from ._router import default_compare as default_compare
 from ._slot import Versioned as Versioned
 from ._stats import DEFAULT_LATENCY_BOUNDS as DEFAULT_LATENCY_BOUNDS
 from ._stats import SAMPLE_WINDOW as SAMPLE_WINDOW
@@ -53,6 +59,9 @@ __all__ = (
     "ClosedError",
     "ConfigurationError",
     "DeadlineExceeded",
+    "Deployment",
+    "DeploymentStatistics",
+    "Disagreement",
     "ForbiddenPath",
     "IncompatibleWeights",
     "LatencyHistogram",
@@ -63,7 +72,9 @@ __all__ = (
     "RemoteInvalidInput",
     "RemoteRejected",
     "RemoteUnavailable",
+    "Routing",
     "Settings",
+    "ShadowStatistics",
     "Statistics",
     "SupportsBatchInfo",
     "SwapError",
@@ -75,4 +86,5 @@ __all__ = (
     "WeightsNotFound",
     "WrongLoopError",
     "batched",
+    "default_compare",
 )

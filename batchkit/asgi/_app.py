@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-from .._core import BatchedModel, ConfigurationError
+from .._core import BatchedModel, ConfigurationError, Deployment
 from .._version import __version__
 from ._errors import HTTPError
 from ._http import (
@@ -26,6 +26,7 @@ from ._http import (
 )
 from ._infer import infer
 from ._repository import Repository
+from ._routing import RoutingAdmin, pinned, routed_versions, with_key
 from ._served import ServedModel
 
 __all__ = ("ASGIApp", "KServeApp", "Receive", "Scope", "Send")
@@ -36,9 +37,11 @@ logger = logging.getLogger("batchkit.asgi")
 class KServeApp:
     """An ASGI app serving batched models over the KServe v2 protocol, as Triton speaks it.
 
-    ``models``: ``ServedModel`` objects, or plain ``BatchedModel`` objects (served with the
-    default signature: one FP32 vector ``INPUT0`` in, one FP32 vector ``OUTPUT0`` out). Several
-    models may share a name with different versions.
+    ``models``: ``ServedModel`` objects, or plain ``BatchedModel`` (or ``Deployment``) objects
+    (served with the default signature: one FP32 vector ``INPUT0`` in, one FP32 vector
+    ``OUTPUT0`` out). Several models may share a name with different versions. A
+    ``Deployment`` serves its versions under one name (see docs/versions.md); the admin token
+    also enables its routing endpoints (``/v2/routing``).
 
     - ``max_body_size``: bytes an infer body may hold, after decompression (413 beyond).
     - ``metrics``: serve Prometheus metrics at ``/metrics`` (needs ``prometheus-client``;
@@ -56,16 +59,17 @@ class KServeApp:
 
     def __init__(
         self,
-        models: Iterable[ServedModel | BatchedModel[Any, Any]]
+        models: Iterable[ServedModel | BatchedModel[Any, Any] | Deployment[Any, Any]]
         | ServedModel
-        | BatchedModel[Any, Any],
+        | BatchedModel[Any, Any]
+        | Deployment[Any, Any],
         *,
         max_body_size: int = 64 * 1024 * 1024,
         metrics: bool | None = None,
         admin_token: str | None = None,
         weights_dir: str | os.PathLike[str] | None = None,
     ) -> None:
-        if isinstance(models, (ServedModel, BatchedModel)):
+        if isinstance(models, (ServedModel, BatchedModel, Deployment)):
             models = [models]
         served = [m if isinstance(m, ServedModel) else ServedModel(m) for m in models]
         if not served:
@@ -90,6 +94,7 @@ class KServeApp:
             weights_dir=weights_dir,
             max_body_size=max_body_size,
         )
+        self._routing = RoutingAdmin(self._served, self._repository._authorize, max_body_size)
         self._running = False
         self._stopping = False
         self._metrics: Any = None
@@ -205,6 +210,8 @@ class KServeApp:
             return await self._model_route(scope, receive, rest[1:])
         if rest[0] == "repository":
             return await self._repository.route(scope, receive, rest[1:])
+        if rest[0] == "routing":
+            return await self._routing.route(scope, receive, rest[1:])
         raise HTTPError(f"no route {scope['path']!r}", status=404)
 
     async def _model_route(self, scope: Scope, receive: Receive, parts: list[str]) -> Response:
@@ -219,6 +226,7 @@ class KServeApp:
         allow(method, "POST" if action == "infer" else "GET")
         served = self._find(name, version)
         if action == "infer":
+            served = with_key(served, scope)
             try:
                 if name in self._repository.unloaded:
                     raise HTTPError(f"model {name!r} is unloaded", status=404, headers={})
@@ -237,7 +245,9 @@ class KServeApp:
         return json_response(200, served.metadata(self._versions(name)))
 
     def _versions(self, name: str) -> list[str]:
-        return sorted((s.version for s in self._served[name]), key=_version_key)
+        group = self._served[name]
+        versions = {s.version for s in group} | set(routed_versions(group))
+        return sorted(versions, key=_version_key)
 
     def _find(self, name: str, version: str | None) -> ServedModel:
         group = self._served.get(name)
@@ -245,6 +255,9 @@ class KServeApp:
             raise HTTPError(f"unknown model {name!r}; serving {sorted(self._served)}", status=404)
         if version is None or version == "":
             return max(group, key=lambda s: _version_key(s.version))
+        routed = pinned(group, version)  # a deployment's version, even its primary one
+        if routed is not None:
+            return routed
         for served in group:
             if served.version == version:
                 return served

@@ -52,7 +52,7 @@ async def infer(
     items = served.items(request.arrays, request.rows)
     try:
         results = await model.call_many_nowait_versioned(
-            items, priority=request.priority, timeout=request.timeout
+            items, priority=request.priority, timeout=request.timeout, **served.route
         )
     except QueueFull as exc:
         retry = str(max(1, math.ceil(exc.retry_after)))

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .._core import ForbiddenPath, SwapError
+from .._core import BatchedModel, ForbiddenPath, SwapError
 from ._errors import BadRequest, HTTPError
 from ._http import (
     JSON,
@@ -133,6 +133,12 @@ class Repository:
                 f"weights={weights!r}, version={version!r}"
             )
         served = self._find(name, params.get("replace"))
+        if not isinstance(served.model, BatchedModel):
+            raise HTTPError(
+                f"model {name!r} is a deployment of several versions; change its routing at "
+                f"/v2/routing/models/{name}",
+                status=409,
+            )
         if any(s.version == version for s in self._served[name]):
             raise HTTPError(f"model {name!r} already serves version {version!r}", status=409)
         path = self._weights_path(weights)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .._core import BatchedModel, ConfigurationError
+from .._core import BatchedModel, ConfigurationError, Deployment
 from ._tensors import Tensor, as_output
 
 __all__ = ("DEFAULT_INPUTS", "DEFAULT_MAX_ROWS", "DEFAULT_OUTPUTS", "ServedModel")
@@ -31,6 +32,9 @@ class ServedModel:
     ``name`` is the name clients use (default: the model's name); the version is always the
     model's current ``version``, so a ``swap()`` is seen at once.
 
+    ``model`` may be a ``Deployment``: the name then routes to its versions (by their weights,
+    a request's routing key, or the version the request names); see docs/versions.md.
+
     ``max_rows`` bounds the batch dimension of one request (each row is one item queued for the
     model); a request with more rows is refused with 400, as Triton refuses a batch over its
     ``max_batch_size``. Default: ``max(max_batch_size, 64)``, so that a small request cannot
@@ -41,15 +45,15 @@ class ServedModel:
 
     def __init__(
         self,
-        model: BatchedModel[Any, Any],
+        model: BatchedModel[Any, Any] | Deployment[Any, Any],
         *,
         inputs: Sequence[Tensor] = DEFAULT_INPUTS,
         outputs: Sequence[Tensor] = DEFAULT_OUTPUTS,
         name: str | None = None,
         max_rows: int | None = None,
     ) -> None:
-        if not isinstance(model, BatchedModel):
-            raise ConfigurationError(f"expected a BatchedModel, got {model!r}")
+        if not isinstance(model, (BatchedModel, Deployment)):
+            raise ConfigurationError(f"expected a BatchedModel or a Deployment, got {model!r}")
         if max_rows is None:
             max_rows = max(model.settings.max_batch_size, DEFAULT_MAX_ROWS)
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
@@ -65,14 +69,24 @@ class ServedModel:
         self.outputs = _tensors("outputs", outputs)
         self.input_by_name = {t.name: t for t in self.inputs}
         self.output_by_name = {t.name: t for t in self.outputs}
+        # How a request reaches a Deployment's versions (`key`, `version`): see `routed()`.
+        self.route: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"<ServedModel {self.name!r} version {self.version!r}>"
 
     @property
     def version(self) -> str:
-        """Return the version serving now."""
-        return self.model.version
+        """Return the version serving now (a routed request's pinned version)."""
+        pinned = self.route.get("version")
+        return pinned if pinned is not None else self.model.version
+
+    def routed(self, *, version: str | None = None, key: str | None = None) -> ServedModel:
+        """Return this model for one request pinned to ``version`` or routed by ``key``
+        (a ``Deployment`` only; the model's calls then carry them)."""
+        request = copy.copy(self)
+        request.route = {"version": version, "key": key}
+        return request
 
     def items(self, arrays: dict[str, Any], rows: int) -> list[Any]:
         """Split the decoded request ``arrays`` (batch first) into one item per row."""
@@ -126,7 +140,13 @@ class ServedModel:
 
     def config(self) -> dict[str, Any]:
         """Return the model as Triton's model configuration JSON describes it."""
-        settings = self.model.settings
+        pinned = self.route.get("version")
+        model = self.model
+        settings = (
+            model.models[pinned].settings
+            if pinned is not None and isinstance(model, Deployment)
+            else model.settings
+        )
         return {
             "name": self.name,
             "platform": "batchkit",

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, Literal
 
 from .. import _render
-from .._core import BatchedModel, ConfigurationError, Statistics
+from .._core import BatchedModel, ConfigurationError, Deployment, DeploymentStatistics, Statistics
 
 __all__ = ("LiveView", "live")
 
@@ -34,6 +34,10 @@ class LiveView:
     per second over the last few seconds), the batch-size histogram, latency percentiles, and
     the version serving, with each version change seen (swaps and rollbacks) and when.
 
+    For a ``Deployment`` the figures add up its versions, the version shown is the primary one
+    (promotions and rollbacks are listed as they happen), and a "split" table shows each
+    version's configured and observed share, and the shadow's agreement.
+
     ``display``: "notebook" (an HTML output updated in place), "terminal" (rich), "none" (no
     output: read ``frame()``, ``_repr_html_()`` or ``__rich__()`` yourself), or "auto" (the
     notebook in a Jupyter kernel, else the terminal when rich is installed, else none).
@@ -42,14 +46,16 @@ class LiveView:
 
     def __init__(
         self,
-        model: BatchedModel[Any, Any],
+        model: BatchedModel[Any, Any] | Deployment[Any, Any],
         *,
         interval: float = 0.5,
         display: Target = "auto",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not isinstance(model, BatchedModel):
-            raise ConfigurationError(f"live() needs a BatchedModel, got {model!r}")
+        if not isinstance(model, (BatchedModel, Deployment)):
+            raise ConfigurationError(
+                f"live() needs a BatchedModel, got {model!r} (or a Deployment of them)"
+            )
         if (
             isinstance(interval, bool)
             or not isinstance(interval, (int, float))
@@ -70,6 +76,7 @@ class LiveView:
         self._samples: deque[tuple[float, int]] = deque()
         self._versions: list[tuple[float, str]] = []
         self._stats: Statistics | None = None
+        self._split: DeploymentStatistics | None = None
         self._rate = 0.0
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -85,10 +92,12 @@ class LiveView:
 
     def update(self) -> Statistics:
         """Take a new snapshot and return it (the refresh thread calls this every interval)."""
-        stats = self.model.statistics()
+        snapshot = self.model.statistics()
+        split = snapshot if isinstance(snapshot, DeploymentStatistics) else None
+        stats = snapshot.total if isinstance(snapshot, DeploymentStatistics) else snapshot
         now = self._clock() - self._start
         with self._lock:
-            self._stats = stats
+            self._stats, self._split = stats, split
             if not self._versions or self._versions[-1][1] != stats.model_version:
                 self._versions.append((now, stats.model_version))
             self._samples.append((now, stats.completed))
@@ -122,11 +131,12 @@ class LiveView:
         ]
 
     def frame(self) -> list[_render.Table]:
-        """Return the tables of the latest snapshot."""
+        """Return the tables of the latest snapshot (a deployment's split first)."""
         with self._lock:
-            stats = self._stats
+            stats, split = self._stats, self._split
         assert stats is not None
-        return _render.statistics_tables(stats, extra=self._extra())
+        tables = _render.statistics_tables(stats, extra=self._extra())
+        return tables if split is None else [_render.split_table(split), *tables]
 
     def _title(self) -> str:
         with self._lock:
@@ -190,7 +200,10 @@ class LiveView:
 
 
 def live(
-    model: BatchedModel[Any, Any], *, interval: float = 0.5, display: Target = "auto"
+    model: BatchedModel[Any, Any] | Deployment[Any, Any],
+    *,
+    interval: float = 0.5,
+    display: Target = "auto",
 ) -> LiveView:
     """Show ``model``'s statistics live, refreshed every ``interval`` seconds, and return the view.
 

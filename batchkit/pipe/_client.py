@@ -369,6 +369,8 @@ class PipeClient:
         model: str | None = None,
         priority: float = 0,
         timeout: float | None = None,
+        version: str | None = None,
+        key: str | None = None,
     ) -> Any:
         """Send one item to ``model`` (optional when the server has one) and return its output.
 
@@ -381,8 +383,13 @@ class PipeClient:
         ``ModelError`` (with ``version``), ``ClosedError``; ``ResponseError`` for any other error
         response (an exception the model returned for this item, an unknown model);
         ``ServerExited`` if the server ended first; ``TypeError`` if ``item`` is not JSON.
+
+        For a ``Deployment`` served by that name, ``version`` pins the item to one of its
+        versions and ``key`` routes it sticky (see docs/versions.md).
         """
-        result = await self.call_versioned(item, model=model, priority=priority, timeout=timeout)
+        result = await self.call_versioned(
+            item, model=model, priority=priority, timeout=timeout, version=version, key=key
+        )
         return result.value
 
     async def call_versioned(
@@ -392,9 +399,12 @@ class PipeClient:
         model: str | None = None,
         priority: float = 0,
         timeout: float | None = None,
+        version: str | None = None,
+        key: str | None = None,
     ) -> Versioned[Any]:
         """Like ``call()``, and return the output with the model version that produced it."""
-        response = await self._request(_infer_payload(item, model, priority, timeout))
+        payload = _infer_payload(item, model, priority, timeout, version, key)
+        response = await self._request(payload)
         return _versioned_of(response)
 
     async def call_many(
@@ -518,9 +528,13 @@ class SyncPipeClient:
         model: str | None = None,
         priority: float = 0,
         timeout: float | None = None,
+        version: str | None = None,
+        key: str | None = None,
     ) -> Any:
         """Send one item and return its output; blocks this thread (see ``PipeClient.call``)."""
-        return self._run(self._client.call, item, model=model, priority=priority, timeout=timeout)
+        return self.call_versioned(
+            item, model=model, priority=priority, timeout=timeout, version=version, key=key
+        ).value
 
     def call_versioned(
         self,
@@ -529,10 +543,18 @@ class SyncPipeClient:
         model: str | None = None,
         priority: float = 0,
         timeout: float | None = None,
+        version: str | None = None,
+        key: str | None = None,
     ) -> Versioned[Any]:
         """Like ``call()``, and return the output with the model version that produced it."""
         result: Versioned[Any] = self._run(
-            self._client.call_versioned, item, model=model, priority=priority, timeout=timeout
+            self._client.call_versioned,
+            item,
+            model=model,
+            priority=priority,
+            timeout=timeout,
+            version=version,
+            key=key,
         )
         return result
 
@@ -568,11 +590,20 @@ class SyncPipeClient:
 
 
 def _infer_payload(
-    item: Any, model: str | None, priority: float, timeout: float | None
+    item: Any,
+    model: str | None,
+    priority: float,
+    timeout: float | None,
+    version: str | None = None,
+    key: str | None = None,
 ) -> dict[str, Any]:
     payload: dict[str, Any] = {}
     if model is not None:
         payload["model"] = model
+    if version is not None:
+        payload["version"] = version
+    if key is not None:
+        payload["key"] = key
     tensor = as_tensor(item)
     if tensor is not None:
         payload["tensor"] = encode_tensor(tensor, binary=True)

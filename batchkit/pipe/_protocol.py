@@ -63,9 +63,11 @@ DTYPES = frozenset(
 Id = str | int | float | None
 
 _REQUEST_FIELDS = frozenset(
-    {"id", "op", "model", "input", "tensor", "priority", "timeout", "target"}
+    {"id", "op", "model", "input", "tensor", "priority", "timeout", "target", "version", "key"}
 )
 _OPS = ("infer", "stats", "ping", "cancel")
+# Routing keys name a user or a session: longer ones are refused.
+_MAX_KEY = 256
 # Only JSON's own whitespace makes a line blank (blank lines are skipped, not answered).
 _BLANK = b" \t\r"
 # The id of a damaged line is recovered only when it is the line's first member.
@@ -99,6 +101,8 @@ class Infer:
     priority: float
     timeout: float | None
     binary: bool  # a tensor input sent base64: a tensor output goes back the same way
+    version: str | None = None  # pin the item to this version of a deployment
+    key: str | None = None  # route it sticky by this key (a deployment)
 
 
 @dataclass(frozen=True)
@@ -279,8 +283,17 @@ def _parse_infer(obj: dict[str, Any], id_: Id, model: str | None, models: Collec
         raise RequestError(
             "InvalidRequest", f"'timeout' must be a number >= 0 or null, got {timeout!r}", id_
         )
+    version, key = obj.get("version"), obj.get("key")
+    if version is not None and (not isinstance(version, str) or not version):
+        raise RequestError(
+            "InvalidRequest", f"'version' must be a non-empty string, got {version!r}", id_
+        )
+    if key is not None and (not isinstance(key, str) or not 0 < len(key) <= _MAX_KEY):
+        raise RequestError(
+            "InvalidRequest", f"'key' must be a string of 1 to {_MAX_KEY} characters", id_
+        )
     if has_input:
-        return Infer(id_, model, obj["input"], priority, timeout, False)
+        return Infer(id_, model, obj["input"], priority, timeout, False, version, key)
     tensor = obj["tensor"]
     try:
         item = decode_tensor(tensor)
@@ -288,7 +301,7 @@ def _parse_infer(obj: dict[str, Any], id_: Id, model: str | None, models: Collec
         exc.id = id_
         raise
     binary = isinstance(tensor, dict) and isinstance(tensor.get("data"), str)
-    return Infer(id_, model, item, priority, timeout, binary)
+    return Infer(id_, model, item, priority, timeout, binary, version, key)
 
 
 def recover_id(raw: bytes) -> Id:

@@ -22,8 +22,8 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from .._core import BatchedModel, ConfigurationError, WrongLoopError
-from .._target import models_of
+from .._core import BatchedModel, ConfigurationError, Deployment, WrongLoopError
+from .._target import routed_models_of
 from .._version import __version__
 from ._protocol import (
     PROTOCOL_VERSION,
@@ -87,7 +87,7 @@ async def serve(
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
         raise ConfigurationError(f"grace must be a number of seconds >= 0, got {grace!r}")
     server = _PipeServer(
-        models_of(models), input_fd, output_fd, max_in_flight, max_line_bytes, float(grace)
+        routed_models_of(models), input_fd, output_fd, max_in_flight, max_line_bytes, float(grace)
     )
     return await server.run(handle_signals)
 
@@ -206,7 +206,7 @@ class _Requests:
 class _PipeServer:
     def __init__(
         self,
-        models: dict[str, BatchedModel[Any, Any]],
+        models: dict[str, BatchedModel[Any, Any] | Deployment[Any, Any]],
         input_fd: int,
         output_fd: int,
         max_in_flight: int,
@@ -254,7 +254,7 @@ class _PipeServer:
                     ),
                 )
                 await self._serve(handle_signals)
-                if any(m.statistics().in_flight_batches for m in self._models.values()):
+                if any(_in_flight(m) for m in self._models.values()):
                     # Every line is answered: the batches still running have no caller left
                     # (they timed out, or were cancelled). Leave them rather than wait on them.
                     log.info("leaving the batches still running: no caller waits for them")
@@ -421,14 +421,15 @@ class _PipeServer:
     async def _outcome_line(self, request: Infer, line: _Line) -> bytes:
         model = self._models[request.model]
         try:
+            route = _route(request, model)
             if line.task is not None:  # a cancel request cancels the task itself
                 result = await model.call_versioned(
-                    request.item, priority=request.priority, timeout=request.timeout
+                    request.item, priority=request.priority, timeout=request.timeout, **route
                 )
             else:
                 with anyio.CancelScope() as line.scope:
                     result = await model.call_versioned(
-                        request.item, priority=request.priority, timeout=request.timeout
+                        request.item, priority=request.priority, timeout=request.timeout, **route
                     )
                 if line.scope.cancelled_caught:
                     return error_line(request.id, "Cancelled", _CANCELLED_BY_REQUEST)
@@ -451,7 +452,7 @@ class _PipeServer:
             pong = {"protocol": PROTOCOL_VERSION, "batchkit": __version__, "models": versions}
             return response_line({"id": request.id, "pong": pong})
         names = [request.model] if request.model is not None else sorted(self._models)
-        stats = {name: statistics_to_json(self._models[name].statistics()) for name in names}
+        stats = {name: _stats_json(self._models[name]) for name in names}
         pipe = {
             "lines": self._lines,
             "in_flight": self._in_flight,
@@ -494,6 +495,39 @@ class _PipeServer:
         assert self._service is not None
         self._service.cancel()  # the reader, the writer, everything but the models' exit
         self._cancel_requests()
+
+
+def _route(request: Infer, model: BatchedModel[Any, Any] | Deployment[Any, Any]) -> dict[str, Any]:
+    """Return how ``request`` reaches ``model``'s versions: pinned (``version``), keyed."""
+    if isinstance(model, Deployment):
+        if request.version is not None and request.version not in model.versions:
+            raise UnknownVersion(
+                f"model {request.model!r} has no version {request.version!r}; it has "
+                f"{list(model.versions)}"
+            )
+        return {"version": request.version, "key": request.key}
+    if request.version is not None and request.version != model.version:
+        raise UnknownVersion(
+            f"model {request.model!r} serves version {model.version!r}, not {request.version!r}"
+        )
+    return {}
+
+
+class UnknownVersion(ConfigurationError):
+    """A request named a version its model does not have (an error line, by this name)."""
+
+
+def _in_flight(model: BatchedModel[Any, Any] | Deployment[Any, Any]) -> int:
+    if isinstance(model, Deployment):
+        return model.statistics().total.in_flight_batches
+    return model.statistics().in_flight_batches
+
+
+def _stats_json(model: BatchedModel[Any, Any] | Deployment[Any, Any]) -> dict[str, Any]:
+    if isinstance(model, Deployment):
+        stats = model.statistics()
+        return {**statistics_to_json(stats.total), "deployment": stats.summary()}
+    return statistics_to_json(model.statistics())
 
 
 def _id_of(line: bytes | TooLong) -> Any:

@@ -153,3 +153,41 @@ def test_live_validates_its_arguments(
 def test_live_needs_a_model() -> None:
     with pytest.raises(ConfigurationError, match="live\\(\\) needs a BatchedModel, got 42"):
         live(42)  # type: ignore[arg-type]
+
+
+def test_a_deployment_shows_its_split_and_the_shadow() -> None:
+    from batchkit import Deployment
+
+    versions = {
+        "1": BatchedModel(double_all, name="net", version="1"),
+        "2": BatchedModel(plus_one, name="net", version="2"),
+    }
+    with Deployment(versions, weights={"1": 3, "2": 1}, seed=0) as deployment:
+        view = LiveView(deployment, display="none", clock=Clock())
+        for i in range(40):
+            deployment.call_sync(i)
+        deployment.call_many_sync(range(4), version="2")
+        deployment.set_shadow("2", fraction=1.0)
+        deployment.call_many_sync([1, 2, 3], version="1")  # pinned: not mirrored
+        deployment.call_sync(5, key="k")
+        assert deployment.wait_shadow_sync(30)
+        stats = deployment.statistics()
+        view.update()
+        page = Tables(view._repr_html_())
+        routed = stats.routed
+        assert page.tables["split"][0] == [
+            "version", "weight", "routed", "pinned", "completed", "observed",
+        ]  # fmt: skip
+        total = routed["1"] + routed["2"]
+        assert page.row("split", "1 (primary)") == [
+            "75.0%", str(routed["1"]), "3", str(stats.versions["1"].completed),
+            f"{routed['1'] / total:.1%}", "",
+        ]  # fmt: skip
+        assert page.row("split", "2 (shadow)")[:3] == ["25.0%", str(routed["2"]), "4"]
+        s = stats.shadow
+        assert f"shadow 2 at 100%: {s.disagreement_rate:.1%} disagree" in view._repr_html_()
+        assert page.row("items", "completed") == [str(stats.total.completed)]
+        deployment.promote("2")
+        view.update()
+        assert [v for _, v in view.versions] == ["1", "2"]
+        assert "net \u00b7 version 2" in view._repr_html_()
