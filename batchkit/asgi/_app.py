@@ -110,7 +110,10 @@ class KServeApp:
         if metrics:
             from ..metrics import ServerMetrics
 
-            self._metrics = ServerMetrics(lambda: [(m.name, m.model) for m in self.models])
+            if self._model_repository is None:
+                self._metrics = ServerMetrics([(m.name, m.model) for m in served])
+            else:  # its models come and go: read them per scrape
+                self._metrics = ServerMetrics(lambda: [(m.name, m.model) for m in self.models])
 
     @property
     def models(self) -> list[ServedModel]:

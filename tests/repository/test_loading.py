@@ -398,3 +398,16 @@ def test_the_python_api_checks_its_arguments(tmp_path: Path) -> None:
     (tmp_path / "model.pt").write_bytes(b"")
     with pytest.raises(ConfigurationError, match="only an ONNX file"):
         ModelRepository(tmp_path / "model.pt")
+
+
+async def test_repository_models_show_in_metrics(tmp_path: Path, anyio_backend: str) -> None:
+    pytest.importorskip("prometheus_client")
+    root = tmp_path / "repo"
+    mlp(root, "mlp")
+    app = KServeApp(ModelRepository(root), metrics=True)
+    async with app.lifespan():
+        reply = await request(app, "POST", "/v2/models/mlp/infer", x_body(np.ones((3, 4))))
+        assert reply.status == 200
+        text = (await request(app, "GET", "/metrics")).body.decode()
+        assert 'batchkit_items_total{model="mlp",outcome="completed",version="1"} 3.0' in text
+        assert 'batchkit_http_requests_total{model="mlp",status="200",version="1"} 1.0' in text
