@@ -31,7 +31,11 @@ def install(session: nox.Session, *extras: str, torch: bool = False) -> None:
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     """Run the whole test suite (typecheck included, as a test)."""
-    install(session, "dev", "numpy", "torch", "server", "metrics", "bench", "notebook", torch=True)
+    install(
+        session,
+        *("dev", "numpy", "torch", "server", "metrics", "bench", "notebook", "onnx"),
+        torch=True,
+    )
     session.run("pytest", *session.posargs)
     if session.posargs:
         return

@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import anyio
 import anyio.to_thread
 import numpy as np
 import pytest
@@ -411,3 +412,72 @@ async def test_repository_models_show_in_metrics(tmp_path: Path, anyio_backend: 
         text = (await request(app, "GET", "/metrics")).body.decode()
         assert 'batchkit_items_total{model="mlp",outcome="completed",version="1"} 3.0' in text
         assert 'batchkit_http_requests_total{model="mlp",status="200",version="1"} 1.0' in text
+
+
+async def test_settings_come_from_the_configuration(tmp_path: Path, anyio_backend: str) -> None:
+    root = tmp_path / "repo"
+    mlp(root, "mlp")  # preferred sizes [4, 8], max_batch_size 16, delay 500 us
+    mf.onnx_mlp(root / "gpu" / "1" / "model.onnx")
+    (root / "gpu" / "config.pbtxt").write_text(
+        'backend: "onnxruntime"\nmax_batch_size: 4\n'
+        "instance_group [{ kind: KIND_GPU count: 2 }, { kind: KIND_CPU count: 1 }]\n"
+        "optimization { graph { level: 1 } }\n"
+        'parameters { key: "inter_op_thread_count" value: { string_value: "1" } }\n'
+    )
+    bad = {
+        "level": ("optimization { graph { level: 5 } }", "optimization.graph.level: must be"),
+        "threads": (
+            'parameters { key: "intra_op_thread_count" value: { string_value: "two" } }',
+            "parameters.intra_op_thread_count: must be an integer >= 0, got 'two'",
+        ),
+    }
+    for name, (text, _) in bad.items():
+        mf.onnx_mlp(root / name / "1" / "model.onnx")
+        (root / name / "config.pbtxt").write_text(f"max_batch_size: 4\n{text}\n")
+    repo = ModelRepository(root)
+    app = KServeApp(repo, metrics=False)
+    async with app.lifespan():
+        settings = {s.name: s.model.settings for s in app.models}
+        assert settings["mlp"].max_batch_size == 8
+        assert settings["mlp"].max_wait == pytest.approx(500e-6)
+        assert settings["gpu"].max_concurrency == 3
+        x = np.ones((2, 4), np.float32)
+        reply = await request(app, "POST", "/v2/models/gpu/infer", x_body(x))  # CPU fallback
+        got = np.array(reply.json()["outputs"][0]["data"], np.float32).reshape(2, 3)
+        np.testing.assert_allclose(got, mf.mlp_reference(x), rtol=1e-6)
+        for name, (_, problem) in bad.items():
+            reason = reasons(repo)[(name, "1")]
+            assert problem in reason
+            assert str(root / name / "config.pbtxt") in reason
+
+
+async def test_rows_of_different_shapes_batch_apart(tmp_path: Path, anyio_backend: str) -> None:
+    root = tmp_path / "repo"
+    mf.python_model(root / "custom", offset=0.5)
+    mf.write_config(
+        root / "custom",
+        "pbtxt",
+        mf.PYTHON_CONFIG.replace("dims: [ 2 ]", "dims: [ -1 ]"),
+        "custom",
+    )
+    app = KServeApp(ModelRepository(root), metrics=False)
+    async with app.lifespan():
+        replies: dict[int, Any] = {}
+
+        async def one(width: int) -> None:
+            body = {
+                "inputs": [
+                    {"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": ["ab"]},
+                    {"name": "VALUE", "datatype": "FP32", "shape": [1, width],
+                     "data": [float(width)] * width},
+                ]
+            }  # fmt: skip
+            replies[width] = await request(app, "POST", "/v2/models/custom/infer", body)
+
+        async with anyio.create_task_group() as group:
+            for width in range(1, 9):
+                group.start_soon(one, width)
+        for width, reply in replies.items():
+            shifted = next(o for o in reply.json()["outputs"] if o["name"] == "SHIFTED")
+            assert shifted["shape"] == [1, width]
+            assert shifted["data"] == [width + 0.5] * width
