@@ -76,10 +76,10 @@ class _Version:
                 try:
                     runtime = load_runtime(self.spec, self.path)
                     _check_signature(self, runtime)
-                except ConfigurationError as exc:
-                    self.error = str(exc)
-                    logger.error("batchkit: loading %s failed: %s", self.path, exc)
-                    raise
+                except Exception as exc:
+                    self.error = _describe(exc)
+                    logger.error("batchkit: loading %s failed: %s", self.path, self.error)
+                    raise ConfigurationError(self.error) from exc
                 self._runtime = runtime
                 logger.info("batchkit: loaded %s", self.path)
             return self._runtime
@@ -156,7 +156,7 @@ class _ServedFile(ServedModel):
 class _Slot:
     """One served version: its batched model, run by a task of the repository."""
 
-    served: ServedModel
+    served: _ServedFile
     function: _Version
     stop: anyio.Event = field(default_factory=anyio.Event)
     stopped: anyio.Event = field(default_factory=anyio.Event)
@@ -298,9 +298,9 @@ class ModelRepository:
             model.unloaded = False
             try:
                 spec, files = self._read(name)
-            except ConfigurationError as exc:
-                model.error = str(exc)
-                logger.error("batchkit: model %r: %s", name, exc)
+            except Exception as exc:  # any file the folder holds: an index error, not a crash
+                model.error = _describe(exc)
+                logger.error("batchkit: model %r: %s", name, model.error)
                 return
             model.error = None
             model.version_errors = {}
@@ -311,19 +311,36 @@ class ModelRepository:
                         model.version_errors[str(v)] = f"version {v} is not in {self.path / name}"
             if not wanted and not model.version_errors:
                 model.error = f"{self.path / name}: no version folder (1, 2, ...) to serve"
-            current = {s.served.version: s for s in model.slots}
+            # A version served with another configuration is loaded again with this one, and
+            # one whose lazy load failed is tried again.
+            kept = {
+                s.served.version
+                for s in model.slots
+                if s.served.spec == spec and s.function.error is None
+            }
             fresh = []
             for v in wanted:
-                if str(v) in current:
-                    continue
-                version = await self._prepare(model, spec, files[v], str(v))
-                if version is not None:
-                    fresh.append(version)
+                if str(v) not in kept:
+                    version = await self._prepare(model, spec, files[v], str(v))
+                    if version is not None:
+                        fresh.append(version)
             ready = {str(v) for v in wanted} - set(model.version_errors)
-            stale = [s for s in model.slots if s.served.version not in ready]
+            stale = [
+                s
+                for s in model.slots
+                if s.served.version not in ready or s.served.version not in kept
+            ]
             for version in fresh:
                 await self._publish(model, spec, version, stale)
-            await self._stop(model, stale)
+            if any(s not in stale for s in model.slots):
+                await self._stop(model, stale)
+            elif stale:  # nothing new could be loaded: the old versions keep serving
+                logger.warning(
+                    "batchkit: model %r keeps serving version(s) %s: the versions to replace "
+                    "them failed to load",
+                    name,
+                    [s.served.version for s in stale],
+                )
 
     async def _prepare(
         self, model: _Model, spec: ModelSpec, path: Path, version: str
@@ -332,9 +349,9 @@ class ModelRepository:
             function = _Version(spec, path, version)
             if self.load_mode == "eager":
                 await anyio.to_thread.run_sync(function.load)
-        except ConfigurationError as exc:
-            model.version_errors[version] = str(exc)
-            logger.error("batchkit: model %r version %s: %s", model.name, version, exc)
+        except Exception as exc:  # a broken file: an index error, not a crash
+            model.version_errors[version] = _describe(exc)
+            logger.error("batchkit: model %r version %s: %s", model.name, version, _describe(exc))
             return None
         return function
 
@@ -342,10 +359,10 @@ class ModelRepository:
         self, model: _Model, spec: ModelSpec, function: _Version, stale: list[_Slot]
     ) -> None:
         for slot in stale:
-            same = (slot.function.inputs, slot.function.outputs) == (
-                function.inputs,
-                function.outputs,
-            )
+            same = slot.served.spec == spec and (
+                slot.function.inputs,
+                slot.function.outputs,
+            ) == (function.inputs, function.outputs)
             if same:  # swap in place of the version it displaces: no call fails
                 stale.remove(slot)
                 try:
@@ -463,6 +480,13 @@ def _entries(model: _Model) -> list[dict[str, Any]]:
             {"name": model.name, "version": "", "state": "UNAVAILABLE", "reason": "not loaded"}
         )
     return entries
+
+
+def _describe(exc: Exception) -> str:
+    """Return the error to show in the index: a ``ConfigurationError`` names its file already."""
+    if isinstance(exc, ConfigurationError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _runtime_in(folder: Path) -> str | None:

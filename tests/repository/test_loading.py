@@ -481,3 +481,70 @@ async def test_rows_of_different_shapes_batch_apart(tmp_path: Path, anyio_backen
             shifted = next(o for o in reply.json()["outputs"] if o["name"] == "SHIFTED")
             assert shifted["shape"] == [1, width]
             assert shifted["data"] == [width + 0.5] * width
+
+
+async def test_a_new_version_that_fails_leaves_the_old_one_serving(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    root = tmp_path / "repo"
+    mlp(root, "mlp", 1)
+    app = KServeApp(ModelRepository(root), metrics=False, admin_token="s3cret")
+    body = x_body(np.ones((1, 4)))
+    async with app.lifespan():
+        (root / "mlp" / "2").mkdir()
+        (root / "mlp" / "2" / "model.onnx").write_bytes(b"corrupt")
+        reply = await request(app, "POST", "/v2/repository/models/mlp/load", {}, headers=AUTH)
+        assert reply.status == 400
+        assert "ONNX Runtime cannot load it" in reply.error
+        assert (await request(app, "POST", "/v2/models/mlp/infer", body)).json()[
+            "model_version"
+        ] == "1"
+        index = (await request(app, "POST", "/v2/repository/index", {}, headers=AUTH)).json()
+        assert [(e["version"], e["state"]) for e in index] == [
+            ("1", "READY"),
+            ("2", "UNAVAILABLE"),
+        ]
+        mf.onnx_mlp(root / "mlp" / "2" / "model.onnx", scale=2.0)  # fixed: loads on load
+        reply = await request(app, "POST", "/v2/repository/models/mlp/load", {}, headers=AUTH)
+        assert reply.status == 200
+        reply = await request(app, "POST", "/v2/models/mlp/infer", body)
+        assert reply.json()["model_version"] == "2"
+
+
+async def test_a_changed_configuration_applies_on_load(tmp_path: Path, anyio_backend: str) -> None:
+    root = tmp_path / "repo"
+    mlp(root, "mlp")
+    app = KServeApp(ModelRepository(root), metrics=False, admin_token="s3cret")
+    async with app.lifespan():
+        config = (await request(app, "GET", "/v2/models/mlp/config")).json()
+        assert config["max_batch_size"] == 16
+        text = (root / "mlp" / "config.pbtxt").read_text()
+        (root / "mlp" / "config.pbtxt").write_text(
+            text.replace("max_batch_size: 16", "max_batch_size: 32")
+        )
+        reply = await request(app, "POST", "/v2/repository/models/mlp/load", {}, headers=AUTH)
+        assert reply.status == 200
+        config = (await request(app, "GET", "/v2/models/mlp/config")).json()
+        assert config["max_batch_size"] == 32
+        assert [s.version for s in app.models] == ["1"]
+
+
+async def test_a_failed_lazy_load_is_tried_again_on_load(
+    tmp_path: Path, anyio_backend: str
+) -> None:
+    root = tmp_path / "repo"
+    mlp(root, "mlp")
+    good = (root / "mlp" / "1" / "model.onnx").read_bytes()
+    (root / "mlp" / "1" / "model.onnx").write_bytes(b"corrupt")
+    (root / "mlp" / "config.pbtxt").write_text(mf.PBTXT_MLP.format(name="mlp"))
+    repo = ModelRepository(root, load="lazy")
+    app = KServeApp(repo, metrics=False, admin_token="s3cret")
+    body = x_body(np.ones((1, 4)))
+    async with app.lifespan():
+        assert (await request(app, "POST", "/v2/models/mlp/infer", body)).status == 500
+        assert not repo.is_ready("mlp")
+        (root / "mlp" / "1" / "model.onnx").write_bytes(good)
+        reply = await request(app, "POST", "/v2/repository/models/mlp/load", {}, headers=AUTH)
+        assert reply.status == 200
+        assert (await request(app, "POST", "/v2/models/mlp/infer", body)).status == 200
+        assert repo.is_ready("mlp")
