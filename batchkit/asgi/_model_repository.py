@@ -252,7 +252,12 @@ class ModelRepository:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[ModelRepository]:
-        """Load the models and run their engines in the current event loop for the block."""
+        """Load the models and run their engines in the current event loop for the block.
+
+        Raises ``ConfigurationError`` when the repository is running already.
+        """
+        if self._group is not None:
+            raise ConfigurationError(f"{self!r} is running already")
         async with anyio.create_task_group() as group:
             self._group = group
             try:
@@ -270,7 +275,10 @@ class ModelRepository:
     async def _poll(self, every: float) -> None:
         while True:
             await anyio.sleep(every)
-            await self.reload()
+            try:
+                await self.reload()
+            except Exception:  # the folder went away, say: keep serving, try again later
+                logger.exception("batchkit: rescanning the model repository %s failed", self.path)
 
     async def reload(self) -> None:
         """Rescan the folder: load new models and versions, drop removed ones (not the models
@@ -291,6 +299,10 @@ class ModelRepository:
         Errors are kept for ``index()`` (and logged), never raised: the versions already served
         keep serving. Raises ``ConfigurationError`` only when the folder has no such model.
         """
+        if self._group is None:
+            raise ConfigurationError(
+                f"{self!r} is not running: load models inside running() (the app's lifespan)"
+            )
         if name not in self.names():
             raise ConfigurationError(f"the model repository has no model {name!r}")
         model = self._models.setdefault(name, _Model(name))

@@ -548,3 +548,34 @@ async def test_a_failed_lazy_load_is_tried_again_on_load(
         assert reply.status == 200
         assert (await request(app, "POST", "/v2/models/mlp/infer", body)).status == 200
         assert repo.is_ready("mlp")
+
+
+async def test_the_repository_runs_once_at_a_time(tmp_path: Path, anyio_backend: str) -> None:
+    mlp(tmp_path, "mlp")
+    repo = ModelRepository(tmp_path)
+    with pytest.raises(ConfigurationError, match="not running"):
+        await repo.load_model("mlp")
+    async with repo.running():
+        with pytest.raises(ConfigurationError, match="running already"):
+            async with repo.running():
+                pass
+        assert [s.version for s in repo.served["mlp"]] == ["1"]
+    assert repo.served == {}
+
+
+async def test_polling_survives_a_folder_that_goes_away(
+    tmp_path: Path, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = tmp_path / "repo"
+    mlp(root, "mlp")
+    repo = ModelRepository(root, poll=0.01)
+    app = KServeApp(repo, metrics=False)
+    async with app.lifespan():
+        import shutil
+
+        shutil.move(root, tmp_path / "elsewhere")
+        await anyio.to_thread.run_sync(
+            wait_for, lambda: "rescanning the model repository" in caplog.text
+        )
+        reply = await request(app, "POST", "/v2/models/mlp/infer", x_body(np.ones((1, 4))))
+        assert reply.status == 200
