@@ -89,6 +89,12 @@ class Repository:
         if parts == ["index"]:
             return json_response(200, folder.index(ready=request.get("ready", False) is True))
         name, action = parts[1], parts[2]
+        params = request.get("parameters", {})
+        if not isinstance(params, dict) or params:
+            raise BadRequest(
+                "a model repository loads versions from its folder: add a version folder and "
+                f"load again, without 'parameters' (got {params!r})"
+            )
         try:
             if action == "unload":
                 await folder.unload_model(name)

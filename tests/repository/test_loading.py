@@ -370,6 +370,10 @@ async def test_unload_and_load_again(tmp_path: Path, anyio_backend: str) -> None
         reply = await request(app, "POST", "/v2/repository/models/nope/load", {}, headers=AUTH)
         assert reply.status == 404
         assert "no model 'nope'" in reply.error
+        weights = {"parameters": {"weights": "v2.pt", "version": "2"}}
+        reply = await request(app, "POST", "/v2/repository/models/mlp/load", weights, headers=AUTH)
+        assert reply.status == 400
+        assert "add a version folder" in reply.error
         ready = await request(app, "POST", "/v2/repository/index", {"ready": True}, headers=AUTH)
         assert {e["name"] for e in ready.json()} == {"mlp", "late"}
 
