@@ -96,7 +96,14 @@ def _check_batch_dim(path: Any, name: str, first: list[Any]) -> None:
         )
 
 
-_GRAPH_LEVELS = {-1: "ORT_ENABLE_BASIC", 0: "ORT_ENABLE_ALL", 1: "ORT_ENABLE_EXTENDED"}
+# Triton's optimization.graph.level: -1 basic, 1 basic and extended, 2 none, unset (0) all.
+_GRAPH_LEVELS = {
+    -1: "ORT_ENABLE_BASIC",
+    0: "ORT_ENABLE_ALL",
+    1: "ORT_ENABLE_EXTENDED",
+    2: "ORT_DISABLE_ALL",
+}
+_EXECUTION_MODES = {"0": "ORT_SEQUENTIAL", "1": "ORT_PARALLEL"}
 
 
 class OnnxRuntime:
@@ -119,10 +126,17 @@ class OnnxRuntime:
         level = _GRAPH_LEVELS.get(spec.graph_level)
         if level is None:
             raise ConfigurationError(
-                f"{spec.source}: optimization.graph.level: must be -1, 0 or 1, got "
+                f"{spec.source}: optimization.graph.level: must be -1, 0, 1 or 2, got "
                 f"{spec.graph_level}"
             )
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+        mode = params.get("execution_mode", "0")
+        if mode not in _EXECUTION_MODES:
+            raise ConfigurationError(
+                f"{spec.source}: parameters.execution_mode: must be '0' (sequential) or '1' "
+                f"(parallel), got {mode!r}"
+            )
+        options.execution_mode = getattr(ort.ExecutionMode, _EXECUTION_MODES[mode])
         providers = ["CPUExecutionProvider"]
         if spec.gpu and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")

@@ -425,11 +425,16 @@ async def test_settings_come_from_the_configuration(tmp_path: Path, anyio_backen
     (root / "gpu" / "config.pbtxt").write_text(
         'backend: "onnxruntime"\nmax_batch_size: 4\n'
         "instance_group [{ kind: KIND_GPU count: 2 }, { kind: KIND_CPU count: 1 }]\n"
-        "optimization { graph { level: 1 } }\n"
+        "optimization { graph { level: 2 } }\n"
         'parameters { key: "inter_op_thread_count" value: { string_value: "1" } }\n'
+        'parameters { key: "execution_mode" value: { string_value: "1" } }\n'
     )
     bad = {
         "level": ("optimization { graph { level: 5 } }", "optimization.graph.level: must be"),
+        "mode": (
+            'parameters { key: "execution_mode" value: { string_value: "fast" } }',
+            "parameters.execution_mode: must be '0' (sequential) or '1' (parallel), got 'fast'",
+        ),
         "threads": (
             'parameters { key: "intra_op_thread_count" value: { string_value: "two" } }',
             "parameters.intra_op_thread_count: must be an integer >= 0, got 'two'",
