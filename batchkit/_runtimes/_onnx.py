@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import numpy as np
+
 from .._core import ConfigurationError
 from ._config import ModelSpec, TensorSpec
 
@@ -148,6 +150,7 @@ class OnnxRuntime:
         self.inputs = self._check(path, spec.inputs, self.session.get_inputs(), "input")
         self.outputs = self._check(path, spec.outputs, self.session.get_outputs(), "output")
         self._output_names = [t.name for t in self.outputs]
+        self._strings = [t.name for t in self.inputs if t.datatype == "BYTES"]
 
     @staticmethod
     def _check(
@@ -186,7 +189,14 @@ class OnnxRuntime:
         return declared
 
     def __call__(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Run one batch: arrays by input name in, arrays by output name out."""
+        """Run one batch: arrays by input name in, arrays by output name out.
+
+        BYTES inputs arrive as ``bytes``; ONNX Runtime's string tensors take ``str`` (UTF-8).
+        """
+        for name in self._strings:
+            array = inputs[name]
+            text = [b.decode() if isinstance(b, bytes) else b for b in array.reshape(-1).tolist()]
+            inputs = {**inputs, name: np.array(text, dtype=object).reshape(array.shape)}
         results = self.session.run(self._output_names, inputs)
         return dict(zip(self._output_names, results, strict=True))
 

@@ -152,3 +152,27 @@ def test_a_torch_export_program(tmp_path: Path) -> None:
         expected = program.module()(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(result.as_numpy("y"), expected, rtol=1e-6)
         client.close()
+
+
+def test_onnx_string_tensors(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    info = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"])],
+        "strings",
+        [info("text", TensorProto.STRING, ["n", 2])],
+        [info("same", TensorProto.STRING, ["n", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    (tmp_path / "repo" / "echo" / "1").mkdir(parents=True)
+    onnx.save(model, str(tmp_path / "repo" / "echo" / "1" / "model.onnx"))
+    with running_server(KServeApp(ModelRepository(tmp_path / "repo"), metrics=False)) as url:
+        client = httpclient.InferenceServerClient(url)
+        data = np.array([["héllo".encode(), b"a"], [b"", b"xyz"]], dtype=object)
+        tensor = httpclient.InferInput("text", [2, 2], "BYTES")
+        tensor.set_data_from_numpy(data)
+        np.testing.assert_array_equal(client.infer("echo", [tensor]).as_numpy("same"), data)
+        client.close()
