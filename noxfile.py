@@ -31,7 +31,11 @@ def install(session: nox.Session, *extras: str, torch: bool = False) -> None:
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
     """Run the whole test suite (typecheck included, as a test)."""
-    install(session, "dev", "numpy", "torch", "server", "metrics", "bench", "notebook", torch=True)
+    install(
+        session,
+        *("dev", "numpy", "torch", "server", "metrics", "bench", "notebook", "onnx"),
+        torch=True,
+    )
     session.run("pytest", *session.posargs)
     if session.posargs:
         return
@@ -58,7 +62,7 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """Run the benchmarks and rewrite docs/benchmarks.md from the figures measured."""
-    install(session, "dev", "numpy", "torch", "server", "metrics", "bench", torch=True)
+    install(session, "dev", "numpy", "torch", "server", "metrics", "bench", "onnx", torch=True)
     session.run(
         "pytest",
         "benchmarks",

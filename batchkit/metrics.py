@@ -219,7 +219,7 @@ class ServerMetrics:
     model metrics.
     """
 
-    def __init__(self, models: Iterable[_Exported]) -> None:
+    def __init__(self, models: Iterable[_Exported] | Callable[[], Iterable[_Exported]]) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ModelCollector(models))
         self._requests = Counter(

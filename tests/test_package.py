@@ -33,7 +33,9 @@ HEAVY = (
 
 CORE, INTEGRATIONS, ADAPTERS, CLI = 1, 2, 3, 4
 # Private integration helpers that any integration may use (ARCHITECTURE.md's "L2 private").
-L2_PRIVATE = ("_collate", "_render", "_target", "_torch_weights")
+# `_runtimes`: the model runtimes (ONNX Runtime, TorchScript, Python files) and the model
+# configuration reader of the model repository, each importing its library lazily.
+L2_PRIVATE = ("_collate", "_render", "_runtimes", "_target", "_torch_weights")
 L2_PUBLIC = ("numpy", "torch", "metrics", "triton")
 L3 = ("asgi", "pipe", "notebook")
 # The only imports that do not go down, each with its reason.

@@ -11,7 +11,7 @@ from typing import Any
 from .._core import BatchedModel, ConfigurationError
 from .._target import import_target, routed_models_of
 
-__all__ = ("add_parser", "app_for", "run")
+__all__ = ("add_parser", "app_for", "repository_app", "run")
 
 ADMIN_TOKEN_ENV = "BATCHKIT_ADMIN_TOKEN"
 
@@ -28,7 +28,25 @@ def add_parser(subparsers: Any) -> None:
         "target",
         nargs="?",
         help="MODULE:ATTR naming a BatchedModel, Deployment, ServedModel, a collection of them, "
-        "a factory, or an ASGI app",
+        "a factory, or an ASGI app; or a model file (model.onnx)",
+    )
+    repository = parser.add_argument_group("model repository (model files, no code)")
+    repository.add_argument(
+        "--model-repository",
+        metavar="DIR",
+        help="serve the model files of DIR, laid out as Triton's model repository",
+    )
+    repository.add_argument(
+        "--load",
+        choices=("eager", "lazy"),
+        default="eager",
+        help="load every model at start (eager, the default) or on its first request (lazy)",
+    )
+    repository.add_argument(
+        "--poll-repository",
+        type=float,
+        metavar="SECONDS",
+        help="rescan the repository every SECONDS for new or removed versions and models",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
@@ -44,9 +62,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def app_for(target: str | None, **options: Any) -> Any:
-    """Return the ASGI app serving ``target`` (MODULE:ATTR), or the demo model when None."""
-    from ..asgi import KServeApp, ServedModel
+    """Return the ASGI app serving ``target`` (MODULE:ATTR, or a model file), or the demo
+    model when None."""
+    from ..asgi import KServeApp, ModelRepository, ServedModel
 
+    if target is not None and os.path.isfile(target):
+        return KServeApp(ModelRepository(target), **options)
     if target is None:
         from ..asgi._demo import demo_models
 
@@ -66,6 +87,13 @@ def app_for(target: str | None, **options: Any) -> Any:
             return obj
         raise
     return KServeApp([ServedModel(m, name=n) for n, m in models.items()], **options)
+
+
+def repository_app(folder: str, load: Any, poll: float | None, options: dict[str, Any]) -> Any:
+    """Return the app serving the model repository ``folder``."""
+    from ..asgi import KServeApp, ModelRepository
+
+    return KServeApp(ModelRepository(folder, load=load, poll=poll), **options)
 
 
 def _served_of(obj: Any, served_type: type) -> list[Any] | None:
@@ -117,7 +145,12 @@ def run(args: argparse.Namespace) -> int:
         "weights_dir": args.weights_dir,
     }
     try:
-        app = app_for(args.target, **options)
+        if args.model_repository is not None:
+            if args.target is not None:
+                raise ConfigurationError("give a TARGET or --model-repository, not both")
+            app = repository_app(args.model_repository, args.load, args.poll_repository, options)
+        else:
+            app = app_for(args.target, **options)
     except ConfigurationError as exc:
         raise SystemExit(f"batchkit serve: {exc}") from None
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="auto")

@@ -19,6 +19,7 @@ from ._app import KServeApp as KServeApp
 from ._app import Receive as Receive
 from ._app import Scope as Scope
 from ._app import Send as Send
+from ._model_repository import ModelRepository as ModelRepository
 from ._served import ServedModel as ServedModel
 from ._serving import serving as serving
 from ._tensors import DATATYPES as _DATATYPES
@@ -31,6 +32,7 @@ __all__ = (
     "ASGIApp",
     "DATATYPES",
     "KServeApp",
+    "ModelRepository",
     "Receive",
     "Scope",
     "Send",

@@ -25,6 +25,7 @@ from ._http import (
     json_response,
 )
 from ._infer import infer
+from ._model_repository import ModelRepository
 from ._repository import Repository
 from ._routing import RoutingAdmin, pinned, routed_versions, with_key
 from ._served import ServedModel
@@ -41,7 +42,9 @@ class KServeApp:
     (served with the default signature: one FP32 vector ``INPUT0`` in, one FP32 vector
     ``OUTPUT0`` out). Several models may share a name with different versions. A
     ``Deployment`` serves its versions under one name (see docs/versions.md); the admin token
-    also enables its routing endpoints (``/v2/routing``).
+    also enables its routing endpoints (``/v2/routing``). Or a ``ModelRepository``: the models
+    of a folder of model files, loaded by the app's lifespan, whose repository endpoints then
+    (re)load and unload them from the folder.
 
     - ``max_body_size``: bytes an infer body may hold, after decompression (413 beyond).
     - ``metrics``: serve Prometheus metrics at ``/metrics`` (needs ``prometheus-client``;
@@ -62,17 +65,23 @@ class KServeApp:
         models: Iterable[ServedModel | BatchedModel[Any, Any] | Deployment[Any, Any]]
         | ServedModel
         | BatchedModel[Any, Any]
-        | Deployment[Any, Any],
+        | Deployment[Any, Any]
+        | ModelRepository,
         *,
         max_body_size: int = 64 * 1024 * 1024,
         metrics: bool | None = None,
         admin_token: str | None = None,
         weights_dir: str | os.PathLike[str] | None = None,
     ) -> None:
+        self._model_repository = models if isinstance(models, ModelRepository) else None
         if isinstance(models, (ServedModel, BatchedModel, Deployment)):
             models = [models]
-        served = [m if isinstance(m, ServedModel) else ServedModel(m) for m in models]
-        if not served:
+        served = (
+            []
+            if isinstance(models, ModelRepository)
+            else [m if isinstance(m, ServedModel) else ServedModel(m) for m in models]
+        )
+        if not served and self._model_repository is None:
             raise ConfigurationError("KServeApp needs at least one model")
         if (
             isinstance(max_body_size, bool)
@@ -82,7 +91,9 @@ class KServeApp:
             raise ConfigurationError(f"max_body_size must be an int >= 1, got {max_body_size!r}")
         if admin_token is not None and (not isinstance(admin_token, str) or not admin_token):
             raise ConfigurationError("admin_token must be a non-empty string or None")
-        self._served: dict[str, list[ServedModel]] = {}
+        self._served: dict[str, list[ServedModel]] = (
+            {} if self._model_repository is None else self._model_repository.served
+        )
         for s in served:
             self._served.setdefault(s.name, []).append(s)
         self._check_versions()
@@ -93,6 +104,7 @@ class KServeApp:
             admin_token=admin_token,
             weights_dir=weights_dir,
             max_body_size=max_body_size,
+            model_repository=self._model_repository,
         )
         self._routing = RoutingAdmin(self._served, self._repository._authorize, max_body_size)
         self._running = False
@@ -103,7 +115,10 @@ class KServeApp:
         if metrics:
             from ..metrics import ServerMetrics
 
-            self._metrics = ServerMetrics([(m.name, m.model) for m in served])
+            if self._model_repository is None:
+                self._metrics = ServerMetrics([(m.name, m.model) for m in served])
+            else:  # its models come and go: read them per scrape
+                self._metrics = ServerMetrics(lambda: [(m.name, m.model) for m in self.models])
 
     @property
     def models(self) -> list[ServedModel]:
@@ -124,7 +139,9 @@ class KServeApp:
     async def lifespan(self) -> Any:
         """Run every model's engine in the current event loop for the duration of the block."""
         async with AsyncExitStack() as stack:
-            for served in self.models:
+            if self._model_repository is not None:
+                await stack.enter_async_context(self._model_repository.running())
+            for served in self.models if self._model_repository is None else ():
                 await stack.enter_async_context(served.model)
             self._running, self._stopping = True, False
             try:
@@ -239,6 +256,11 @@ class KServeApp:
             # ready answers "not ready"; metadata, config and infer: no such model (as Triton)
             raise HTTPError(f"model {name!r} is unloaded", status=503 if action == "ready" else 404)
         if action == "ready":
+            repository = self._model_repository
+            if repository is not None and not repository.is_ready(name):
+                raise HTTPError(
+                    f"model {name!r} is not ready; the repository index has its error", status=503
+                )
             return Response(200, JSON, b"")
         if action == "config":
             return json_response(200, served.config())

@@ -1,7 +1,9 @@
 """The model repository endpoints (admin): index, load a new version from weights, unload.
 
-They need the admin token (``Authorization: Bearer <token>``), compared in constant time; weight
-paths stay inside the configured weights directory.
+Over a ``ModelRepository`` (a folder of model files), load (re)reads the model from the
+folder and unload stops serving it. They need the admin token (``Authorization: Bearer
+<token>``), compared in constant time; weight paths stay inside the configured weights
+directory.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .._core import BatchedModel, ForbiddenPath, SwapError
+from .._core import BatchedModel, ConfigurationError, ForbiddenPath, SwapError
 from ._errors import BadRequest, HTTPError
 from ._http import (
     JSON,
@@ -25,6 +27,7 @@ from ._http import (
     json_response,
     read_body,
 )
+from ._model_repository import ModelRepository
 from ._served import ServedModel
 
 __all__ = ("Repository",)
@@ -43,8 +46,10 @@ class Repository:
         admin_token: str | None,
         weights_dir: str | os.PathLike[str] | None,
         max_body_size: int,
+        model_repository: ModelRepository | None = None,
     ) -> None:
         self._served = served
+        self._folder = model_repository
         self._find = find
         self.admin_token = admin_token
         self._weights_dir = None if weights_dir is None else os.path.realpath(weights_dir)
@@ -64,6 +69,8 @@ class Repository:
         self._authorize(headers)
         body = await read_body(receive, headers, self._max_body_size)
         request = json_object(body)
+        if self._folder is not None:
+            return await self._folder_route(self._folder, parts, request)
         if parts == ["index"]:
             return json_response(200, self._index(request))
         name = parts[1]
@@ -74,6 +81,33 @@ class Repository:
             logger.info("batchkit: model %r unloaded", name)
             return Response(200, JSON, b"")
         await self._load(name, request)
+        return Response(200, JSON, b"")
+
+    async def _folder_route(
+        self, folder: ModelRepository, parts: list[str], request: dict[str, Any]
+    ) -> Response:
+        if parts == ["index"]:
+            return json_response(200, folder.index(ready=request.get("ready", False) is True))
+        name, action = parts[1], parts[2]
+        params = request.get("parameters", {})
+        if not isinstance(params, dict) or params:
+            raise BadRequest(
+                "a model repository loads versions from its folder: add a version folder and "
+                f"load again, without 'parameters' (got {params!r})"
+            )
+        try:
+            if action == "unload":
+                await folder.unload_model(name)
+                logger.info("batchkit: model %r unloaded", name)
+                return Response(200, JSON, b"")
+            await folder.load_model(name)
+        except ConfigurationError as exc:
+            raise HTTPError(str(exc), status=404) from None
+        failed = [e for e in folder.index() if e["name"] == name and e["state"] != "READY"]
+        if failed:
+            reasons = "; ".join(e["reason"] for e in failed)
+            raise HTTPError(f"loading model {name!r} failed: {reasons}", status=400)
+        logger.info("batchkit: model %r loaded from the repository", name)
         return Response(200, JSON, b"")
 
     def _authorize(self, headers: Mapping[str, str]) -> None:
