@@ -541,6 +541,11 @@ class Engine:
         """Count ``batch``, which a model thread ran, and settle its callers; on the loop, in a
         callback of its own (not a task), so callers waiting on the plain lane resume from it."""
         if batch.settled:  # the host cancelled its worker first, which settled it
+            if batch.called and not batch.recorded:  # ...before this thread began the model
+                n = len(batch) if batch.ran is None else sum(batch.ran)
+                if n:
+                    batch.recorded = True
+                    self._ledger.record_batch(n, batch.began_at, self._clock())
             return
         batch.settled = True
         self._in_flight -= 1
@@ -593,13 +598,14 @@ class Engine:
             return None if ahead is None else self._begun(ahead, end)
         except BaseException:
             # The host cancelled the engine mid-batch: nobody else will settle these callers.
-            # The model was called: the batch counts, with the callers it ran.
+            # If the model was called, the batch counts, with the callers it ran.
             self._abandoned = True
             if not batch.settled:
                 batch.settled = True
                 self._in_flight -= 1
                 live = self._ran(batch)
-                if live:
+                if live and batch.called:
+                    batch.recorded = True
                     self._ledger.record_batch(len(live), start, self._clock())
                 self._fail_all(live)
             if ahead is not None:

@@ -45,7 +45,17 @@ class Batch(list[Any]):
     first); ``began_at``: when a model thread started it.
     """
 
-    __slots__ = ("after", "began_at", "begun", "closed", "ended", "ran", "settled")
+    __slots__ = (
+        "after",
+        "began_at",
+        "begun",
+        "called",
+        "closed",
+        "ended",
+        "ran",
+        "recorded",
+        "settled",
+    )
 
     def __init__(self, requests: Iterable[Any] = ()) -> None:
         super().__init__(requests)
@@ -54,6 +64,8 @@ class Batch(list[Any]):
         self.closed = False
         self.settled = False
         self.began_at = 0.0
+        self.called = False  # the model was called on it (a host cancel may come first)
+        self.recorded = False  # counted in the statistics as a batch the model ran
         # With several model threads, a staged batch waits in its thread for the batch before
         # it (`after`, that batch's `ended`): else it could start in an idle thread at once.
         self.after: threading.Event | None = None
@@ -150,6 +162,7 @@ class Invoker:
         items = [req.item for req in live]
         collate = self.settings.collate
         model_input = collate(items) if collate is not None else items
+        batch.called = True
         try:
             if installed.with_info is None:
                 out = await installed.model(model_input)
@@ -176,6 +189,7 @@ class Invoker:
             if not live:
                 return ()
             info = None if installed.with_info is None else batch_info(live, started)
+            batch.called = True
             return self.run_sync([req.item for req in live], installed, info)
         finally:
             if batch.ended is not None:
