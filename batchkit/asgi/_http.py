@@ -159,7 +159,7 @@ def _clip(value: str) -> str:
     return text if len(text) <= 40 else f"{text[:37]}... ({len(value)} characters)"
 
 
-def json_object(body: bytes) -> dict[str, Any]:
+def json_object(body: bytes | bytearray) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:

@@ -60,13 +60,15 @@ async def _infer(
     served: ServedModel, scope: Scope, receive: Receive, max_body_size: int, claim: Claim | None
 ) -> Response:
     headers = headers_of(scope)
-    body = await read_body(receive, headers, max_body_size, claim)
+    received = await read_body(receive, headers, max_body_size, claim)
     header_length = headers.get("inference-header-content-length")
-    if len(body) > OFFLOAD_BYTES:
-        request = await anyio.to_thread.run_sync(parse_request, served, body, header_length, claim)
+    if len(received) > OFFLOAD_BYTES:
+        request = await anyio.to_thread.run_sync(
+            parse_request, served, received, header_length, claim
+        )
     else:
-        request = parse_request(served, body, header_length, claim)
-    del body  # binary inputs are views of their own copy; the rest is parsed
+        request = parse_request(served, received, header_length, claim)
+    del received  # parsed; binary inputs are views of it
     model = served.model
     items = served.items(request.arrays, request.rows)
     try:

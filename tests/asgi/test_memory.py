@@ -1,0 +1,278 @@
+"""The server's memory is bounded in bytes: what parsing costs is charged before it is done, to
+one budget shared by every request (``max_inflight_bytes``); 503 with Retry-After beyond it."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import tracemalloc
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+
+from batchkit import BatchedModel
+from batchkit.asgi import KServeApp, ServedModel, Tensor
+from batchkit.asgi._budget import MemoryBudget, cost_of_json
+from batchkit.asgi._errors import BadRequest
+from batchkit.asgi._protocol import parse_request
+
+from ..support.asgi import identity, identity_model, request
+
+MiB = 1 << 20
+
+
+def json_body(data: str, datatype: str = "FP32", shape: list[int] | None = None) -> bytes:
+    count = data.count(",") + 1
+    tensor = f'"name":"X","datatype":"{datatype}","shape":{json.dumps(shape or [1, count])}'
+    return ('{"inputs":[{' + tensor + ',"data":[' + data + "]}]}").encode()
+
+
+def in_parameters(value: str) -> bytes:
+    # Junk the server parses and ignores: Triton ignores parameters it does not know.
+    good = '{"name":"X","datatype":"FP32","shape":[1,3],"data":[1,2,3]}'
+    return ('{"parameters":{"junk":' + value + '},"inputs":[' + good + "]}").encode()
+
+
+def repeat(item: str, count: int) -> str:
+    return ",".join([item] * count)
+
+
+N = 100_000
+# What a client can send to make parsing cost the most per byte: each is charged before parsing.
+BODIES: dict[str, Callable[[], tuple[str, bytes]]] = {
+    "floats": lambda: ("vec_fp32", json_body(repeat("0.5", N))),
+    "large ints": lambda: ("vec_int64", json_body(repeat("100000", N), "INT64")),
+    "uint64 past int64": lambda: ("vec_uint64", json_body(repeat(str(2**64 - 1), N), "UINT64")),
+    "ints as floats": lambda: ("vec_int64", json_body(repeat("1.0", N), "INT64")),
+    "nested rows": lambda: ("mat_fp32", json_body("[" + repeat("[0.5]", N) + "]", shape=[1, N, 1])),
+    "strings": lambda: ("vec_bytes", json_body(repeat('"abcdefgh"', N), "BYTES")),
+    "astral strings": lambda: ("vec_bytes", json_body(repeat('"\\ud83d\\ude00a"', N), "BYTES")),
+    "empty lists": lambda: ("vec_fp32", in_parameters("[" + repeat("[]", N) + "]")),
+    "empty objects": lambda: ("vec_fp32", in_parameters("[" + repeat("{}", N) + "]")),
+    "one-member objects": lambda: ("vec_fp32", in_parameters("[" + repeat('{"a":0}', N) + "]")),
+    "unique keys": lambda: (
+        "vec_fp32",
+        in_parameters("{" + ",".join(f'"k{i}":0' for i in range(N)) + "}"),
+    ),
+    "deep lists": lambda: (
+        "vec_fp32",
+        in_parameters("[" + repeat("[[[[[[[[0]]]]]]]]", N // 8) + "]"),
+    ),
+    "one long astral string": lambda: (
+        "vec_fp32",
+        in_parameters('"\U0001f600' + "a" * N * 8 + '"'),
+    ),
+}
+
+
+def served_models() -> dict[str, ServedModel]:
+    def vec(name: str, datatype: str, shape: tuple[int, ...] = (-1,)) -> ServedModel:
+        model = BatchedModel(identity, name=name)
+        return ServedModel(
+            model, inputs=[Tensor("X", datatype, shape)], outputs=[Tensor("Y", datatype, shape)]
+        )
+
+    return {
+        "vec_fp32": vec("vec_fp32", "FP32"),
+        "vec_int64": vec("vec_int64", "INT64"),
+        "vec_uint64": vec("vec_uint64", "UINT64"),
+        "vec_bytes": vec("vec_bytes", "BYTES"),
+        "mat_fp32": vec("mat_fp32", "FP32", (-1, -1)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(BODIES))
+def test_parsing_and_decoding_never_allocate_more_than_they_are_charged(kind: str) -> None:
+    name, body = BODIES[kind]()
+    served = served_models()[name]
+    claim = MemoryBudget(1 << 40).claim()
+    tracemalloc.start()
+    try:
+        try:
+            assert parse_request(served, body, None, claim).rows == 1
+        except BadRequest:
+            assert kind == "ints as floats"  # refused once decoded: INT64 data must be integers
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= claim.size, f"{kind}: peak {peak} > charged {claim.size}"
+    assert claim.size >= cost_of_json(body)
+
+
+@pytest.mark.anyio
+async def test_a_gzip_bomb_is_refused_before_its_json_is_parsed() -> None:
+    # 16 MiB of floats from 16 KiB of gzip: parsing it would take ~600 MB.
+    bomb = gzip.compress(json_body(repeat("0.5", 4 * MiB)), 9)
+    assert len(bomb) < 64 * 1024
+    app = KServeApp(
+        identity_model("FP32", (-1,)), max_body_size=32 * MiB, max_inflight_bytes=48 * MiB
+    )
+    async with app.lifespan():
+        tracemalloc.start()
+        try:
+            reply = await request(
+                app, "POST", "/v2/models/id_fp32/infer", bomb, headers={"Content-Encoding": "gzip"}
+            )
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert reply.status == 413, reply.body
+        assert "max_inflight_bytes" in reply.error
+        assert peak <= 48 * MiB, peak
+        assert app.budget.used == 0
+
+
+class Gate:
+    """A model that holds its batch until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.open = threading.Event()
+
+    def __call__(self, items: list[Any]) -> list[Any]:
+        self.entered.set()
+        assert self.open.wait(20)
+        return items
+
+
+@pytest.mark.anyio
+async def test_requests_over_the_budget_get_503_with_retry_after_until_it_frees() -> None:
+    gate = Gate()
+    served = ServedModel(
+        BatchedModel(gate, name="gated"),
+        inputs=[Tensor("X", "FP32", (-1,))],
+        outputs=[Tensor("Y", "FP32", (-1,))],
+    )
+    body = json_body(repeat("0.5", 20_000))
+    one = 2 * len(body) + cost_of_json(body)  # what one request is charged
+    free = identity_model("FP32", (-1,))
+    app = KServeApp([served, free], max_inflight_bytes=one + one // 2, metrics=False)
+    path = "/v2/models/gated/infer"
+    replies: list[Any] = []
+    async with app.lifespan(), anyio.create_task_group() as tg:
+
+        async def first() -> None:
+            replies.append(await request(app, "POST", path, body))
+
+        tg.start_soon(first)
+        await anyio.to_thread.run_sync(gate.entered.wait, 20)
+        assert one <= app.budget.used <= one + one // 2
+        busy = await request(app, "POST", path, body)
+        assert busy.status == 503, busy.body
+        assert busy.headers["retry-after"] == "1"
+        assert "busy" in busy.error
+        small = json_body("1")  # a small request still fits beside the first one
+        reply = await request(app, "POST", "/v2/models/id_fp32/infer", small)
+        assert reply.status == 200, reply.body
+        gate.open.set()
+    assert replies[0].status == 200
+    assert app.budget.used == 0
+    async with app.lifespan():  # the budget is free again: the same request is served
+        assert (await request(app, "POST", path, body)).status == 200
+
+
+# -- the worst case, measured on a real server process -------------------------------------------
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.fixture
+def server_process() -> Iterator[tuple[int, int]]:
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs /proc to read a process's peak memory")
+    with socket_port() as port:
+        pass
+    budget = 64 * MiB
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-W", "error", "-m", "batchkit", "serve",
+            "--port", str(port), "--no-metrics",
+            "--max-body-size", str(16 * MiB), "--max-inflight-bytes", str(budget),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # uvicorn logs this line once it listens
+            if "Uvicorn running on" in line:
+                break
+        else:
+            pytest.fail(f"the server exited: {proc.wait()}")
+        yield proc.pid, port
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+class socket_port:
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def post(port: int, body: bytes, headers: dict[str, str]) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/v2/models/demo/infer", body=body, headers=headers)
+        reply = conn.getresponse()
+        reply.read()
+        return reply.status
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_gzip_bombs_stay_within_the_documented_worst_case(
+    server_process: tuple[int, int],
+) -> None:
+    pid, port = server_process
+    budget = 64 * MiB
+    good = json.dumps(
+        {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 16], "data": [1] * 16}]}
+    ).encode()
+    assert post(port, good, {}) == 200  # warm: imports, the engine thread, first allocations
+    at_rest = peak_rss(pid)
+    gz = {"Content-Encoding": "gzip"}
+    # Each decompresses to 14 MB of floats (~500 MB to parse), or 2 MiB (~60 MB, under the
+    # budget alone: several at once must share it).
+    big = gzip.compress(json_body(repeat("0.5", 3_500_000)).replace(b'"X"', b'"INPUT0"'), 9)
+    small = gzip.compress(json_body(repeat("0.5", MiB // 2)).replace(b'"X"', b'"INPUT0"'), 9)
+    bodies = [big] * 4 + [small] * 12
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        statuses = list(pool.map(lambda b: post(port, b, gz), bodies))
+    # 400: the data does not fit the demo model's [16] (once parsed); 413: a request that needs
+    # more than the whole budget; 503: the budget is held by others (retry later)
+    assert set(statuses) <= {400, 413, 503}, statuses
+    assert set(statuses[:4]) <= {413, 503}, statuses  # never parsed
+    assert post(port, good, {}) == 200
+    # The documented worst case (docs/serving.md): at rest + max_inflight_bytes + 2 MiB per
+    # request in flight (uvicorn's buffers, a worker thread, the allocator's slack) + what the
+    # model and its outputs hold (nothing here).
+    growth = peak_rss(pid) - at_rest
+    assert growth <= budget + len(bodies) * 2 * MiB, f"grew {growth / MiB:.0f} MiB"
