@@ -63,7 +63,8 @@ class KServeApp:
       bodies are read, decompressed, parsed and decoded, and until they are answered (each
       request's share is charged as it goes, from a scan of its bytes before anything is
       built); a request that does not fit now is a 503 with Retry-After, one that could never
-      fit a 413. See docs/serving.md for the server's worst-case memory.
+      fit a 413. ``app.budget.used`` and ``app.budget.peak`` report the bytes charged now and
+      at most. See docs/serving.md for the server's worst-case memory.
     - ``metrics``: serve Prometheus metrics at ``/metrics`` (needs ``prometheus-client``;
       None, the default, serves them when it is installed).
     - ``admin_token``: enables the model repository endpoints (load a new version, unload),

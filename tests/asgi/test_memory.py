@@ -177,6 +177,7 @@ async def test_requests_over_the_budget_get_503_with_retry_after_until_it_frees(
         gate.open.set()
     assert replies[0].status == 200
     assert app.budget.used == 0
+    assert one <= app.budget.peak <= one + one // 2
     async with app.lifespan():  # the budget is free again: the same request is served
         assert (await request(app, "POST", path, body)).status == 200
 
@@ -276,3 +277,11 @@ def test_concurrent_gzip_bombs_stay_within_the_documented_worst_case(
     # model and its outputs hold (nothing here).
     growth = peak_rss(pid) - at_rest
     assert growth <= budget + len(bodies) * 2 * MiB, f"grew {growth / MiB:.0f} MiB"
+
+
+def test_a_json_request_is_charged_10_to_50_times_its_size() -> None:
+    # as docs/serving.md says: short numbers cost the most; reading charges twice the body
+    for number, low, high in (("1", 40, 50), ("0.5", 25, 35), ("0.12345678901234567", 10, 16)):
+        body = json_body(repeat(number, 100_000))
+        ratio = (2 * len(body) + cost_of_json(body)) / len(body)
+        assert low <= ratio <= high, (number, ratio)
