@@ -28,6 +28,7 @@ from ._tensors import (
 
 __all__ = (
     "DEFAULT_PRIORITY",
+    "HEADER_VALUES",
     "InferRequest",
     "RequestedOutput",
     "encode_response",
@@ -40,6 +41,8 @@ _MAX_UINT64 = 2**64 - 1
 DEFAULT_PRIORITY = 2**64
 _MAX_DIM = 2**63 - 1  # Triton's dims are int64
 _MAX_HEADER_DIGITS = 19
+# The JSON values a request may hold beyond its tensor elements (names, shapes, parameters).
+HEADER_VALUES = 65536
 
 _UNSUPPORTED_PARAMETERS = (
     "shared_memory_region",
@@ -99,6 +102,7 @@ def parse_request(
         if size == 0:
             return _raw_request(served, memoryview(writable), claim)
         header, binary = body[:size], memoryview(writable)[size:]
+    _check_values(served, header)
     if claim is not None:
         claim.take(cost_of_json(header))
     request = _load_json(header)
@@ -131,6 +135,23 @@ def _raw_request(served: ServedModel, data: memoryview, claim: Claim | None) -> 
     array = decode_raw(tensor.name, tensor.datatype, tensor.shape, data)
     outputs = [RequestedOutput(t, True) for t in served.outputs]
     return InferRequest(None, {tensor.name: array}, 1, outputs, DEFAULT_PRIORITY, None)
+
+
+def _check_values(served: ServedModel, header: bytes | bytearray) -> None:
+    # A model whose inputs all have fixed shapes takes at most max_elements tensor elements a
+    # request: a JSON document with far more values is refused before it is parsed.
+    limit = served.max_elements
+    if limit is None:
+        return
+    # elements, and members, are separated by commas (nesting alone adds none: json.loads
+    # refuses it past a thousand levels)
+    values = 1 + header.count(b",") + header.count(b":")
+    if values > limit + HEADER_VALUES:
+        raise BadRequest(
+            f"the request's JSON holds up to {values} values, but model {served.name!r} takes at "
+            f"most {limit} tensor elements a request ({served.max_rows} rows of its inputs' "
+            f"shapes), and {HEADER_VALUES} more values for the rest of the request"
+        )
 
 
 def _load_json(header: bytes | bytearray) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -74,6 +75,20 @@ class ServedModel:
 
     def __repr__(self) -> str:
         return f"<ServedModel {self.name!r} version {self.version!r}>"
+
+    @property
+    def max_elements(self) -> int | None:
+        """Return the most tensor elements one request may carry, or None when unbounded.
+
+        ``max_rows`` times the elements of each input's declared shape, when every input has a
+        fixed shape and none is BYTES (whose strings are data of any length); else None.
+        """
+        total = 0
+        for tensor in self.inputs:
+            if tensor.datatype == "BYTES" or -1 in tensor.shape:
+                return None
+            total += math.prod(tensor.shape)
+        return self.max_rows * total
 
     @property
     def version(self) -> str:

@@ -14,6 +14,7 @@ import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -132,6 +133,29 @@ async def test_a_gzip_bomb_is_refused_before_its_json_is_parsed() -> None:
         assert app.budget.used == 0
 
 
+@pytest.mark.anyio
+async def test_more_values_than_a_fixed_shape_model_takes_are_refused_before_parsing() -> None:
+    served = identity_model("FP32", (16,))  # at most 64 rows of 16 elements: 1024
+    assert served.max_elements == 64 * 16
+    app = KServeApp(served, metrics=False)
+    body = json_body(repeat("0.5", 200_000), shape=[1, 16])
+    async with app.lifespan():
+        tracemalloc.start()
+        try:
+            reply = await request(app, "POST", "/v2/models/id_fp32/infer", body)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert reply.status == 400, reply.body
+        assert "takes at most 1024 tensor elements" in reply.error
+        assert peak < 4 * len(body)  # parsing would hold ~10 MB of floats
+        # the same data as its shape says is served: the limit is the model's, with room
+        ok = json_body(repeat("0.5", 16 * 64), shape=[64, 16])
+        assert (await request(app, "POST", "/v2/models/id_fp32/infer", ok)).status == 200
+    assert identity_model("FP32", (-1,)).max_elements is None
+    assert identity_model("BYTES", (3,)).max_elements is None
+
+
 class Gate:
     """A model that holds its batch until the test opens the gate."""
 
@@ -193,22 +217,41 @@ def peak_rss(pid: int) -> int:
     raise AssertionError("no VmHWM")
 
 
+TARGET = """
+from batchkit import BatchedModel
+from batchkit.asgi import ServedModel, Tensor
+
+def identity(items):
+    return items
+
+models = [
+    ServedModel(
+        BatchedModel(identity, name="any"),
+        inputs=[Tensor("INPUT0", "FP32", [-1])],
+        outputs=[Tensor("OUTPUT0", "FP32", [-1])],
+    )
+]
+"""
+
+
 @pytest.fixture
-def server_process() -> Iterator[tuple[int, int]]:
+def server_process(tmp_path: Path) -> Iterator[tuple[int, int]]:
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs /proc to read a process's peak memory")
+    (tmp_path / "bomb_target.py").write_text(TARGET)
+    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
     with socket_port() as port:
         pass
     budget = 64 * MiB
     proc = subprocess.Popen(
         [
-            sys.executable, "-W", "error", "-m", "batchkit", "serve",
+            sys.executable, "-W", "error", "-m", "batchkit", "serve", "bomb_target:models",
             "--port", str(port), "--no-metrics",
             "--max-body-size", str(16 * MiB), "--max-inflight-bytes", str(budget),
         ],
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path},
     )  # fmt: skip
     try:
         assert proc.stderr is not None
@@ -240,7 +283,7 @@ class socket_port:
 def post(port: int, body: bytes, headers: dict[str, str]) -> int:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
-        conn.request("POST", "/v2/models/demo/infer", body=body, headers=headers)
+        conn.request("POST", "/v2/models/any/infer", body=body, headers=headers)
         reply = conn.getresponse()
         reply.read()
         return reply.status
@@ -260,16 +303,22 @@ def test_concurrent_gzip_bombs_stay_within_the_documented_worst_case(
     assert post(port, good, {}) == 200  # warm: imports, the engine thread, first allocations
     at_rest = peak_rss(pid)
     gz = {"Content-Encoding": "gzip"}
+
     # Each decompresses to 14 MB of floats (~500 MB to parse), or 2 MiB (~60 MB, under the
     # budget alone: several at once must share it).
-    big = gzip.compress(json_body(repeat("0.5", 3_500_000)).replace(b'"X"', b'"INPUT0"'), 9)
-    small = gzip.compress(json_body(repeat("0.5", MiB // 2)).replace(b'"X"', b'"INPUT0"'), 9)
+    def bomb(count: int) -> bytes:  # outputs as binary data: their encoding costs nothing
+        body = json_body(repeat("0.5", count)).replace(b'"X"', b'"INPUT0"')
+        return gzip.compress(
+            body.replace(b"{", b'{"parameters":{"binary_data_output":true},', 1), 9
+        )
+
+    big, small = bomb(3_500_000), bomb(MiB // 2)
     bodies = [big] * 4 + [small] * 12
     with ThreadPoolExecutor(len(bodies)) as pool:
         statuses = list(pool.map(lambda b: post(port, b, gz), bodies))
-    # 400: the data does not fit the demo model's [16] (once parsed); 413: a request that needs
-    # more than the whole budget; 503: the budget is held by others (retry later)
-    assert set(statuses) <= {400, 413, 503}, statuses
+    # 200: served; 413: a request that needs more than the whole budget; 503: the budget is held
+    # by others (retry later)
+    assert set(statuses) <= {200, 413, 503}, statuses
     assert set(statuses[:4]) <= {413, 503}, statuses  # never parsed
     assert post(port, good, {}) == 200
     # The documented worst case (docs/serving.md): at rest + max_inflight_bytes + 2 MiB per
