@@ -3,10 +3,12 @@ error, never a 5xx, nothing is logged as a server error, and the server keeps se
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import logging
 import struct
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +28,7 @@ pytest.importorskip("uvicorn")
 INFER = "/v2/models/id_fp32/infer"
 VEC = "/v2/models/vec_fp32/infer"
 RAW = {"Inference-Header-Content-Length": "0"}
+TOKEN = "s3cret"
 ANY = "/v2/models/any_fp32/infer"
 GOOD = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
 # The server's loggers: a 5xx for a client's input writes a traceback to one of them.
@@ -57,6 +60,7 @@ def server() -> Iterator[str]:
         ],
         max_body_size=1 << 20,
         metrics=False,
+        admin_token=TOKEN,
     )
     with running_server(app) as url:
         # Each model's engine thread starts on its first call: make them all before any test.
@@ -490,8 +494,12 @@ paths = st.sampled_from(
         "/v2/models/id_bytes/infer",
         "/v2/models/two_inputs/infer",
         "/v2/models/deep/infer",
+        "/v2/models/id_fp32/versions/%C2%B2/infer",  # version "²"
+        "/v2/repository/index",
+        "/v2/repository/models/id_fp32/load",  # (never unload: the server must keep serving)
     ]
 )
+encodings = st.sampled_from([None, "gzip", "deflate", "br", "gzip, gzip"])
 
 
 @settings(
@@ -504,6 +512,7 @@ paths = st.sampled_from(
     path=paths,
     header_length=st.none() | header_value,
     tail=st.binary(max_size=24),
+    encoding=encodings,
 )
 def test_no_request_a_client_can_send_gets_a_5xx(
     server: str,
@@ -512,12 +521,19 @@ def test_no_request_a_client_can_send_gets_a_5xx(
     path: str,
     header_length: str | None,
     tail: bytes,
+    encoding: str | None,
 ) -> None:
     data = json.dumps(body).encode()
-    headers = {}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
     if header_length is not None:
         data += tail
         headers["Inference-Header-Content-Length"] = header_length
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding
+        if encoding == "gzip":
+            data = gzip.compress(data)
+        elif encoding == "deflate":
+            data = zlib.compress(data)
     status, reply, _ = post(server, path, data, headers)
     assert status < 500 or status == 504, (status, reply)  # 504: a valid, too short timeout
     if status >= 400:
