@@ -128,10 +128,11 @@ class MemoryBudget:
             self._peak = max(self._peak, self._used)
             claim.size += size
 
-    def _give_back(self, claim: Claim) -> None:
+    def _give_back(self, claim: Claim, size: int) -> None:
         with self._lock:
-            self._used -= claim.size
-            claim.size = 0
+            size = min(size, claim.size)
+            self._used -= size
+            claim.size -= size
 
 
 class Claim:
@@ -148,9 +149,14 @@ class Claim:
         if size > 0:
             self._budget._take(self, size)
 
+    def refund(self, size: int) -> None:
+        """Give back ``size`` of the bytes charged (charged for more than was used)."""
+        if size > 0:
+            self._budget._give_back(self, size)
+
     def release(self) -> None:
         """Give back everything this claim charged."""
-        self._budget._give_back(self)
+        self._budget._give_back(self, self.size)
 
     def __enter__(self) -> Claim:
         return self

@@ -50,6 +50,7 @@ _OFFLOAD_COMPRESSED = 4096
 # Bodies are decompressed this many bytes at a time, each piece charged to the budget first.
 _DECOMPRESS_FIRST_STEP = 1 << 16
 _DECOMPRESS_STEP = 1 << 20
+_DECOMPRESS_INPUT = 1 << 16  # compressed bytes fed at a time
 # A numeric header holds at most an int64 (19 digits).
 _MAX_HEADER_DIGITS = 19
 
@@ -179,39 +180,49 @@ def decompress(
     """Decompress a gzip (every member, as ``gzip.decompress``) or deflate (zlib) body.
 
     Raises ``BadRequest`` for bad, truncated or trailing data, 413 past ``limit`` bytes. With a
-    ``claim``, each piece is charged before it is decompressed (and the joined body again).
+    ``claim``, each piece is charged before it is decompressed, twice (the piece, and its copy in
+    the joined body), and what it did not use is refunded.
     """
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    view = memoryview(body)
     parts: list[bytes] = []
-    size, rest, step = 0, memoryview(body), _DECOMPRESS_FIRST_STEP
-    while True:
+    size, position, step = 0, 0, _DECOMPRESS_FIRST_STEP
+    while True:  # one gzip member (or the deflate stream) a turn
         decompressor = zlib.decompressobj(wbits)
-        while True:
+        pending: bytes | memoryview = b""
+        full = False  # the last piece filled its step: more output may wait without input
+        while not decompressor.eof:
+            if not pending:
+                if position < len(view):  # fed a slice at a time: unconsumed_tail stays small
+                    pending = view[position : position + _DECOMPRESS_INPUT]
+                    position += len(pending)
+                elif not full:
+                    raise BadRequest(f"the {encoding} body is truncated")
             step = min(step, limit + 1 - size)
             if claim is not None:
                 claim.take(2 * step)  # the piece, and its copy in the joined body
             try:
-                data = decompressor.decompress(rest, step)
+                data = decompressor.decompress(pending, step)
             except zlib.error as exc:
                 raise BadRequest(f"the body is not valid {encoding} data: {exc}") from None
+            if claim is not None:
+                claim.refund(2 * (step - len(data)))
             size += len(data)
             if size > limit:
                 raise HTTPError(
                     f"the decompressed body is more than the {limit} bytes allowed", status=413
                 )
             parts.append(data)
-            rest = memoryview(decompressor.unconsumed_tail)
-            if decompressor.eof or (not rest and len(data) < step):
-                break  # the end of this member, or of the input
+            pending = decompressor.unconsumed_tail
+            full = len(data) == step
             step = min(2 * step, _DECOMPRESS_STEP)
-        if not decompressor.eof:
-            raise BadRequest(f"the {encoding} body is truncated")
-        tail = decompressor.unused_data
-        if not tail:
+        position -= len(decompressor.unused_data)  # the next member starts there
+        if position == len(view):
             return bytearray().join(parts)
-        if encoding != "gzip" or not tail.startswith(b"\x1f\x8b"):
-            raise BadRequest(f"the {encoding} body has {len(tail)} bytes after the compressed data")
-        rest = memoryview(tail)
+        if encoding != "gzip" or bytes(view[position : position + 2]) != b"\x1f\x8b":
+            raise BadRequest(
+                f"the {encoding} body has {len(view) - position} bytes after the compressed data"
+            )
 
 
 def accepted_encoding(header: str | None, *, small: bool = False) -> str | None:

@@ -86,8 +86,8 @@ def parse_request(
 
     Binary input data is decoded from a writable buffer (the body itself when it is a
     ``bytearray``, else a copy), so the model may change its inputs in place whether they came
-    as JSON or binary. ``header_length`` ``"0"`` is
-    Triton's raw binary request: the body is the one input's binary data, outputs are binary.
+    as JSON or binary. A ``header_length`` of ``"0"`` is Triton's raw binary request: the body
+    is all the binary data of the model's one input, and every output is binary.
 
     With a ``claim``, what parsing and decoding will allocate is charged to its budget first:
     the JSON by a scan of its bytes before ``json.loads`` builds any list, each tensor by its
@@ -130,8 +130,9 @@ def _raw_request(served: ServedModel, data: memoryview, claim: Claim | None) -> 
             f"input; model {served.name!r} has {len(served.inputs)}"
         )
     tensor = served.inputs[0]
-    if claim is not None:
-        claim.take(cost_of_decode(tensor.datatype, 1, len(data)) + len(data))
+    if claim is not None:  # BYTES: one element, the whole body; else at most a byte each
+        elements = 1 if tensor.datatype == "BYTES" else len(data)
+        claim.take(cost_of_decode(tensor.datatype, elements, len(data)))
     array = decode_raw(tensor.name, tensor.datatype, tensor.shape, data)
     outputs = [RequestedOutput(t, True) for t in served.outputs]
     return InferRequest(None, {tensor.name: array}, 1, outputs, DEFAULT_PRIORITY, None)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +25,8 @@ import pytest
 from batchkit import BatchedModel
 from batchkit.asgi import KServeApp, ServedModel, Tensor
 from batchkit.asgi._budget import MemoryBudget, cost_of_json
-from batchkit.asgi._errors import BadRequest
+from batchkit.asgi._errors import BadRequest, HTTPError
+from batchkit.asgi._http import decompress
 from batchkit.asgi._protocol import parse_request
 
 from ..support.asgi import identity, identity_model, request
@@ -334,3 +336,22 @@ def test_a_json_request_is_charged_10_to_50_times_its_size() -> None:
         body = json_body(repeat(number, 100_000))
         ratio = (2 * len(body) + cost_of_json(body)) / len(body)
         assert low <= ratio <= high, (number, ratio)
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+def test_decompression_is_charged_piece_by_piece_before_it_is_done(encoding: str) -> None:
+    data = os.urandom(3 * MiB) + b"a" * (5 * MiB)  # incompressible, then a bomb's worth
+    compress = gzip.compress if encoding == "gzip" else zlib.compress
+    body = compress(data)
+    if encoding == "gzip":  # every member is decoded
+        body = gzip.compress(b"first,") + gzip.compress(b"") + body
+        data = b"first," + data
+    claim = MemoryBudget(1 << 40).claim()
+    assert decompress(body, encoding, 16 * MiB, claim) == data
+    # twice what came out (the pieces and the joined body), and at most one piece more
+    assert 2 * len(data) <= claim.size <= 2 * len(data) + 2 * MiB + 6 * 64 * 1024
+    small = MemoryBudget(4 * MiB).claim()
+    with pytest.raises(HTTPError) as refused:
+        decompress(body, encoding, 16 * MiB, small)
+    assert refused.value.status == 413
+    assert small.size <= 4 * MiB  # stopped before decompressing past the budget
