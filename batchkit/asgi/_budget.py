@@ -1,17 +1,19 @@
 """A server-wide byte budget for the work requests do before the model sees them.
 
 Every infer request charges what reading, decompressing, parsing and decoding its body costs
-(``cost_of_json``, ``cost_of_decode``) to one ``MemoryBudget`` shared by all requests, and gives
-it back when the request ends. A charge the budget cannot take now is a 503 with Retry-After (the
-bytes are held by other requests: try again); a request whose own charges exceed the whole
-budget is a 413 (it can never fit). Nothing here knows HTTP beyond the status it answers with,
-so another transport can charge the same budget.
-"""
+(``cost_of_json``, ``cost_of_decode``) to one ``MemoryBudget`` shared by all requests before
+doing it; once parsed it keeps charged what stays alive (``retained_bytes``: its body and its
+arrays), and gives that back when it is answered. A charge the budget cannot take now is a 503
+with Retry-After (the bytes are held by other requests: try again); a request whose own charges
+exceed the whole budget is a 413 (it can never fit). Nothing here knows HTTP beyond the status
+it answers with, so another transport can charge the same budget."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from types import TracebackType
+from typing import Any
 
 from ._errors import HTTPError
 
@@ -24,6 +26,7 @@ __all__ = (
     "cost_of_decode",
     "cost_of_json",
     "json_values",
+    "retained_bytes",
 )
 
 # What parsing a JSON document and decoding its tensors hold at their peak: per byte of the
@@ -78,6 +81,17 @@ def cost_of_decode(datatype: str, elements: int, data_bytes: int) -> int:
     if datatype == "BF16":
         return 8 * min(elements, data_bytes // 2)
     return 8 * min(elements, data_bytes) if datatype == "BOOL" else 0
+
+
+def retained_bytes(body_bytes: int, arrays: Mapping[str, Any]) -> int:
+    """Return an upper bound of what a parsed request holds until it is answered: its body and
+    its decoded arrays (BYTES elements are a bytes object each, their data within the body's)."""
+    total = body_bytes
+    for array in arrays.values():
+        total += array.nbytes
+        if array.dtype.kind == "O":
+            total += 33 * array.size + body_bytes
+    return total
 
 
 class MemoryBudget:

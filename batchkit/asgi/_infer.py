@@ -20,7 +20,7 @@ from .._core import (
     RemoteRejected,
     RemoteUnavailable,
 )
-from ._budget import Claim, MemoryBudget
+from ._budget import Claim, MemoryBudget, retained_bytes
 from ._errors import HTTPError
 from ._http import JSON, OCTETS, Receive, Response, Scope, accepted_encoding, headers_of, read_body
 from ._protocol import InferRequest, encode_response, parse_request
@@ -68,6 +68,8 @@ async def _infer(
         )
     else:
         request = parse_request(served, received, header_length, claim)
+    if claim is not None:  # parsed: keep charged only what stays alive until the answer
+        claim.refund(claim.size - retained_bytes(len(received), request.arrays))
     del received  # parsed; binary inputs are views of it
     model = served.model
     items = served.items(request.arrays, request.rows)

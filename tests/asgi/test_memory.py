@@ -20,11 +20,12 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+import numpy as np
 import pytest
 
 from batchkit import BatchedModel
 from batchkit.asgi import KServeApp, ServedModel, Tensor
-from batchkit.asgi._budget import MemoryBudget, cost_of_json
+from batchkit.asgi._budget import MemoryBudget, cost_of_json, retained_bytes
 from batchkit.asgi._errors import BadRequest, HTTPError
 from batchkit.asgi._http import decompress
 from batchkit.asgi._protocol import parse_request
@@ -180,9 +181,13 @@ async def test_requests_over_the_budget_get_503_with_retry_after_until_it_frees(
         outputs=[Tensor("Y", "FP32", (-1,))],
     )
     body = json_body(repeat("0.5", 20_000))
-    one = 2 * len(body) + cost_of_json(body)  # what one request is charged
+    one = 2 * len(body) + cost_of_json(body)  # what one request is charged to parse
+    # what it keeps charged while the model runs: its body and its array
+    held = retained_bytes(len(body), {"X": np.zeros((1, 20_000), np.float32)})
+    assert held < one // 4
+    limit = one + held // 2  # one request fits alone, not beside another that is running
     free = identity_model("FP32", (-1,))
-    app = KServeApp([served, free], max_inflight_bytes=one + one // 2, metrics=False)
+    app = KServeApp([served, free], max_inflight_bytes=limit, metrics=False)
     path = "/v2/models/gated/infer"
     replies: list[Any] = []
     async with app.lifespan(), anyio.create_task_group() as tg:
@@ -192,18 +197,19 @@ async def test_requests_over_the_budget_get_503_with_retry_after_until_it_frees(
 
         tg.start_soon(first)
         await anyio.to_thread.run_sync(gate.entered.wait, 20)
-        assert one <= app.budget.used <= one + one // 2
+        assert app.budget.used == held
         busy = await request(app, "POST", path, body)
         assert busy.status == 503, busy.body
         assert busy.headers["retry-after"] == "1"
         assert "busy" in busy.error
+        assert app.budget.used == held  # the refused request gave back what it charged
         small = json_body("1")  # a small request still fits beside the first one
         reply = await request(app, "POST", "/v2/models/id_fp32/infer", small)
         assert reply.status == 200, reply.body
         gate.open.set()
     assert replies[0].status == 200
     assert app.budget.used == 0
-    assert one <= app.budget.peak <= one + one // 2
+    assert one <= app.budget.peak <= limit
     async with app.lifespan():  # the budget is free again: the same request is served
         assert (await request(app, "POST", path, body)).status == 200
 
