@@ -117,6 +117,17 @@ def assert_client_error(status: int, body: bytes, expected: int = 400) -> None:
     assert set(json.loads(body)) == {"error"}, body
 
 
+@pytest.fixture(autouse=True)
+def uvicorn_logs_too(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Capture uvicorn's loggers as well: its logging config stops them at "uvicorn"."""
+    logger = logging.getLogger("uvicorn")
+    logger.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
 def no_server_errors(caplog: pytest.LogCaptureFixture) -> None:
     bad = [
         r
