@@ -31,12 +31,13 @@ __all__ = (
 
 # What parsing a JSON document and decoding its tensors hold at their peak: per byte of the
 # document (json.loads decodes it to str, up to 4 bytes a character, and the strings it holds
-# take as much again), per value (a float or int object and its slot in a list or dict, 32 to 40
-# bytes, a key's string too; then the float64/int64 array numpy builds from data and the cast
-# to the datatype, or for BYTES an object array, a list and a bytes object per element), and
-# per list or dict on top of that (an empty list is 56 bytes, a dict of one member 184).
-# Measured on CPython 3.11 with tracemalloc, with a margin; tests/asgi/test_memory.py checks them.
-JSON_BYTE_COST = 8
+# take as much again: 8, and 2 to spare), per value (a float or int object and its slot in a
+# list or dict, 32 to 40 bytes, a key's string too; then the float64/int64 array numpy builds
+# from data and the cast to the datatype, or for BYTES an object array, a list and a bytes object
+# per element), and per list or dict on top of that (an empty list is 56 bytes, a dict of one
+# member 184). Measured on CPython 3.11 with tracemalloc, with a margin; tests/asgi/test_memory.py
+# checks them.
+JSON_BYTE_COST = 10
 JSON_VALUE_COST = 80
 JSON_CONTAINER_COST = 64
 # Decoding binary data: BYTES elements are an object array slot and a bytes object (33 bytes
@@ -48,7 +49,7 @@ _RETRY_AFTER = "1"
 
 def cost_of_json(document: bytes | bytearray) -> int:
     """Return an upper bound of the bytes parsing ``document`` and decoding its JSON tensors hold
-    at their peak: ``8 * bytes + 80 * values + 64 * containers`` (see ``json_values``)."""
+    at their peak: ``10 * bytes + 80 * values + 64 * containers`` (see ``json_values``)."""
     values, containers = json_values(document)
     return (
         JSON_BYTE_COST * len(document) + JSON_VALUE_COST * values + JSON_CONTAINER_COST * containers
