@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from .._core import BatchedModel, ConfigurationError, Deployment
-from ._tensors import Tensor, as_output
+from ._tensors import MAX_DIMS, Tensor, as_output
 
 __all__ = ("DEFAULT_INPUTS", "DEFAULT_MAX_ROWS", "DEFAULT_OUTPUTS", "ServedModel")
 
@@ -41,7 +41,8 @@ class ServedModel:
     ``max_batch_size``. Default: ``max(max_batch_size, 64)``, so that a small request cannot
     queue millions of items (``shape [1000000, 0]`` holds no data at all).
 
-    Raises ``ConfigurationError`` for an empty or duplicated tensor list or a bad ``max_rows``.
+    Raises ``ConfigurationError`` for an empty or duplicated tensor list, a tensor of more than
+    31 dimensions (32 with the batch dimension) or a bad ``max_rows``.
     """
 
     def __init__(
@@ -186,6 +187,12 @@ def _tensors(what: str, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
     result = tuple(tensors)
     if not result or not all(isinstance(t, Tensor) for t in result):
         raise ConfigurationError(f"{what} must be a non-empty sequence of Tensor, got {tensors!r}")
+    for tensor in result:  # numpy 1 builds no array of more than MAX_DIMS dimensions
+        if len(tensor.shape) >= MAX_DIMS:
+            raise ConfigurationError(
+                f"tensor {tensor.name!r}: shape has {len(tensor.shape)} dimensions; with the "
+                f"batch dimension a served tensor may have at most {MAX_DIMS}"
+            )
     names = [t.name for t in result]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

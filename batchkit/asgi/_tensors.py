@@ -74,8 +74,7 @@ class Tensor:
     configuration); -1 marks a dimension of any size. ``datatype`` is a KServe v2 datatype:
     BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, FP32, FP64, BF16 or
     BYTES. The model sees numpy arrays of the matching dtype (BF16 as float32, BYTES as an
-    object array of ``bytes``). Raises ``ConfigurationError`` for a bad name, datatype or shape
-    (at most ``MAX_DIMS - 1`` dimensions: numpy 1 builds no array of more than 32).
+    object array of ``bytes``). Raises ``ConfigurationError`` for a bad name, datatype or shape.
     """
 
     name: str
@@ -96,11 +95,6 @@ class Tensor:
         ):
             raise ConfigurationError(
                 f"tensor {self.name!r}: shape must be a sequence of ints >= -1, got {self.shape!r}"
-            )
-        if len(shape) >= MAX_DIMS:
-            raise ConfigurationError(
-                f"tensor {self.name!r}: shape has {len(shape)} dimensions; with the batch "
-                f"dimension a tensor may have at most {MAX_DIMS}"
             )
         object.__setattr__(self, "shape", shape)
 
