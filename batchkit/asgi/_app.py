@@ -135,7 +135,9 @@ class KServeApp:
             model_repository=self._model_repository,
             budget=self.budget,
         )
-        self._routing = RoutingAdmin(self._served, self._repository._authorize, max_body_size)
+        self._routing = RoutingAdmin(
+            self._served, self._repository._authorize, max_body_size, self.budget
+        )
         self._running = False
         self._stopping = False
         self._metrics: Any = None

@@ -551,3 +551,57 @@ def test_no_request_a_client_can_send_gets_a_5xx(
         assert set(json.loads(reply)) == {"error"}
     still_serving(server)
     no_server_errors(caplog)
+
+
+# -- the routing admin of a Deployment ------------------------------------------------------------
+
+DEEP = "[" * 990 + "]" * 990
+ROUTING_VALUES = [
+    DEEP,
+    '{"1": ' + DEEP + "}",
+    '{"1": 1e400, "2": 0}',
+    '{"1": -1, "2": 2}',
+    '{"1": NaN}',
+    '{"1": true}',
+    '{"nope": 1}',
+    '{"1": 99999999999999999999999999999}',
+    '{"version": ' + DEEP + "}",
+    '{"version": "1", "fraction": ' + DEEP + "}",
+    '{"version": "1", "fraction": 1e400}',
+    '{"version": "1", "fraction": -1}',
+    '{"version": "nope"}',
+    '"²"',
+    '"' + "x" * 200_000 + '"',
+    "[" + "1," * 100_000 + "1]",
+    "null",
+    "12",
+    "false",
+]
+
+
+@pytest.mark.anyio
+async def test_routing_changes_a_client_can_send_are_never_a_5xx(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from batchkit import Deployment
+
+    versions = {v: BatchedModel(identity, name="dep", version=v) for v in ("1", "2")}
+    deployment = Deployment(versions, weights={"1": 1.0})
+    app = KServeApp([ServedModel(deployment, **SIGNATURE)], admin_token=TOKEN, metrics=False)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with app.lifespan():
+        deep = [
+            template.replace("DEEP", "[" * depth + "]" * depth)
+            for depth in range(900, 1001)
+            for template in ("DEEP", '{"1": DEEP}', '{"version": DEEP}')
+        ]
+        for what in ("weights", "shadow", "promote", "rollback"):
+            for value in ROUTING_VALUES + deep:
+                body = f'{{"{what}": {value}}}'.encode()
+                reply = await request(app, "POST", "/v2/routing/models/dep", body, headers=auth)
+                assert reply.status < 500, (what, value[:40], reply.body)
+                if reply.status >= 400:  # an error echoes a short part of a value, if any
+                    assert 0 < len(reply.error) < 1000, (what, value[:40], reply.body[:200])
+        infer = {"inputs": [{"name": "X", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]}
+        assert (await request(app, "POST", "/v2/models/dep/infer", infer)).status == 200
+    no_server_errors(caplog)
