@@ -51,7 +51,17 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
     parser.add_argument(
-        "--max-body-size", type=int, default=64 * 1024 * 1024, help="largest infer body in bytes"
+        "--max-body-size",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest infer body in bytes, after decompression (default: 64 MiB)",
+    )
+    parser.add_argument(
+        "--max-inflight-bytes",
+        type=int,
+        default=1024 * 1024 * 1024,
+        help="memory all requests together may hold while being read, decompressed, parsed and "
+        "decoded; beyond it, 503 with Retry-After (default: 1 GiB)",
     )
     parser.add_argument(
         "--weights-dir", help="directory the repository load endpoint may read weights from"
@@ -140,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("batchkit serve needs uvicorn: pip install 'batchkit[server]'") from None
     options: dict[str, Any] = {
         "max_body_size": args.max_body_size,
+        "max_inflight_bytes": args.max_inflight_bytes,
         "metrics": False if args.no_metrics else None,
         "admin_token": os.environ.get(ADMIN_TOKEN_ENV) or None,
         "weights_dir": args.weights_dir,

@@ -12,6 +12,7 @@ from typing import Any
 
 from .._core import BatchedModel, ConfigurationError, Deployment
 from .._version import __version__
+from ._budget import MemoryBudget
 from ._errors import HTTPError
 from ._http import (
     JSON,
@@ -30,7 +31,18 @@ from ._repository import Repository
 from ._routing import RoutingAdmin, pinned, routed_versions, with_key
 from ._served import ServedModel
 
-__all__ = ("ASGIApp", "KServeApp", "Receive", "Scope", "Send")
+__all__ = (
+    "DEFAULT_MAX_BODY_SIZE",
+    "DEFAULT_MAX_INFLIGHT_BYTES",
+    "ASGIApp",
+    "KServeApp",
+    "Receive",
+    "Scope",
+    "Send",
+)
+
+DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT_BYTES = 1024 * 1024 * 1024
 
 logger = logging.getLogger("batchkit.asgi")
 
@@ -47,6 +59,12 @@ class KServeApp:
     (re)load and unload them from the folder.
 
     - ``max_body_size``: bytes an infer body may hold, after decompression (413 beyond).
+    - ``max_inflight_bytes``: bytes of memory that all requests together may hold while their
+      bodies are read, decompressed, parsed and decoded, and until they are answered (each
+      request's share is charged as it goes, from a scan of its bytes before anything is
+      built); a request that does not fit now is a 503 with Retry-After, one that could never
+      fit a 413. ``app.budget.used`` and ``app.budget.peak`` report the bytes charged now and
+      at most. See docs/serving.md for the server's worst-case memory.
     - ``metrics``: serve Prometheus metrics at ``/metrics`` (needs ``prometheus-client``;
       None, the default, serves them when it is installed).
     - ``admin_token``: enables the model repository endpoints (load a new version, unload),
@@ -68,7 +86,8 @@ class KServeApp:
         | Deployment[Any, Any]
         | ModelRepository,
         *,
-        max_body_size: int = 64 * 1024 * 1024,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
         metrics: bool | None = None,
         admin_token: str | None = None,
         weights_dir: str | os.PathLike[str] | None = None,
@@ -89,6 +108,14 @@ class KServeApp:
             or max_body_size < 1
         ):
             raise ConfigurationError(f"max_body_size must be an int >= 1, got {max_body_size!r}")
+        if (
+            isinstance(max_inflight_bytes, bool)
+            or not isinstance(max_inflight_bytes, int)
+            or max_inflight_bytes < 1
+        ):
+            raise ConfigurationError(
+                f"max_inflight_bytes must be an int >= 1, got {max_inflight_bytes!r}"
+            )
         if admin_token is not None and (not isinstance(admin_token, str) or not admin_token):
             raise ConfigurationError("admin_token must be a non-empty string or None")
         self._served: dict[str, list[ServedModel]] = (
@@ -98,6 +125,7 @@ class KServeApp:
             self._served.setdefault(s.name, []).append(s)
         self._check_versions()
         self.max_body_size = max_body_size
+        self.budget = MemoryBudget(max_inflight_bytes)
         self._repository = Repository(
             self._served,
             self._find,
@@ -105,8 +133,11 @@ class KServeApp:
             weights_dir=weights_dir,
             max_body_size=max_body_size,
             model_repository=self._model_repository,
+            budget=self.budget,
         )
-        self._routing = RoutingAdmin(self._served, self._repository._authorize, max_body_size)
+        self._routing = RoutingAdmin(
+            self._served, self._repository._authorize, max_body_size, self.budget
+        )
         self._running = False
         self._stopping = False
         self._metrics: Any = None
@@ -247,7 +278,7 @@ class KServeApp:
             try:
                 if name in self._repository.unloaded:
                     raise HTTPError(f"model {name!r} is unloaded", status=404, headers={})
-                return await infer(served, scope, receive, self.max_body_size)
+                return await infer(served, scope, receive, self.max_body_size, self.budget)
             except HTTPError as exc:
                 # counted in the model's request metrics
                 exc.model, exc.version = served.name, served.version
@@ -306,5 +337,11 @@ class KServeApp:
         return Response(200, [(b"content-type", content_type.encode())], body)
 
 
-def _version_key(version: str) -> tuple[int, int, str]:
-    return (1, int(version), "") if version.isdigit() else (0, 0, version)
+def _version_key(version: str) -> tuple[int, int, str, str]:
+    # Versions of ASCII digits sort as numbers (by length without leading zeros, then text: no
+    # int(), which refuses thousands of digits), after every other version. Not str.isdigit:
+    # it accepts '²', which int() refuses.
+    if version.isascii() and version.isdigit():
+        digits = version.lstrip("0")
+        return (1, len(digits), digits, version)
+    return (0, 0, "", version)

@@ -12,6 +12,7 @@ from typing import Any
 
 import anyio.to_thread
 
+from ._budget import Claim
 from ._errors import BadRequest, HTTPError
 
 __all__ = (
@@ -25,6 +26,7 @@ __all__ = (
     "Send",
     "accepted_encoding",
     "allow",
+    "decimal_header",
     "decompress",
     "error_response",
     "headers_of",
@@ -45,6 +47,12 @@ OCTETS = [(b"content-type", b"application/octet-stream")]
 # A compressed body this big may decompress to a megabyte and more: decompress it in a worker
 # thread, so that the event loop keeps answering other requests meanwhile.
 _OFFLOAD_COMPRESSED = 4096
+# Bodies are decompressed this many bytes at a time, each piece charged to the budget first.
+_DECOMPRESS_FIRST_STEP = 1 << 16
+_DECOMPRESS_STEP = 1 << 20
+_DECOMPRESS_INPUT = 1 << 16  # compressed bytes fed at a time
+# A numeric header holds at most an int64 (19 digits).
+_MAX_HEADER_DIGITS = 19
 
 
 class Response:
@@ -92,10 +100,17 @@ def headers_of(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
 
-async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
-    """Return the request body, decompressed; 413 past ``limit`` bytes, 400 for bad data."""
+async def read_body(
+    receive: Receive, headers: Mapping[str, str], limit: int, claim: Claim | None = None
+) -> bytearray:
+    """Return the request body, decompressed; 413 past ``limit`` bytes, 400 for bad data.
+
+    With a ``claim``, every byte read and decompressed is charged to its budget as it comes
+    (twice: the pieces, then the body joined from them), so a request over the server's budget
+    stops reading at once (503, or 413 when it could never fit).
+    """
     declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and decimal_header("Content-Length", declared) > limit:
         raise HTTPError(f"the body has {declared} bytes, more than the {limit} allowed", status=413)
     chunks: list[bytes] = []
     size = 0
@@ -108,21 +123,44 @@ async def read_body(receive: Receive, headers: Mapping[str, str], limit: int) ->
             size += len(chunk)
             if size > limit:
                 raise HTTPError(f"the body is more than the {limit} bytes allowed", status=413)
+            if claim is not None:
+                claim.take(2 * len(chunk))
             chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    body = bytearray().join(chunks)
+    del chunks
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("identity", ""):
         return body
     if encoding not in ("gzip", "deflate"):
         raise BadRequest(f"unsupported Content-Encoding {encoding!r}; use gzip or deflate")
     if len(body) > _OFFLOAD_COMPRESSED:
-        return await anyio.to_thread.run_sync(decompress, body, encoding, limit)
-    return decompress(body, encoding, limit)
+        return await anyio.to_thread.run_sync(decompress, body, encoding, limit, claim)
+    return decompress(body, encoding, limit, claim)
 
 
-def json_object(body: bytes) -> dict[str, Any]:
+def decimal_header(name: str, value: str) -> int:
+    """Return the value of a numeric header: ASCII digits, at most 19 of them (int64); else 400.
+
+    ``str.isdigit`` accepts more than ``int`` does (superscripts), and ``int`` refuses
+    thousands of digits; both are checked before converting.
+    """
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > _MAX_HEADER_DIGITS:
+        raise BadRequest(
+            f"{name} must be a decimal integer of at most {_MAX_HEADER_DIGITS} digits, "
+            f"got {_clip(value)}"
+        )
+    return int(text)
+
+
+def _clip(value: str) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}... ({len(value)} characters)"
+
+
+def json_object(body: bytes | bytearray) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
@@ -136,33 +174,55 @@ def json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
-def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+def decompress(
+    body: bytes | bytearray, encoding: str, limit: int, claim: Claim | None = None
+) -> bytearray:
     """Decompress a gzip (every member, as ``gzip.decompress``) or deflate (zlib) body.
 
-    Raises ``BadRequest`` for bad, truncated or trailing data, 413 past ``limit`` bytes.
+    Raises ``BadRequest`` for bad, truncated or trailing data, 413 past ``limit`` bytes. With a
+    ``claim``, each piece is charged before it is decompressed, twice (the piece, and its copy in
+    the joined body), and what it did not use is refunded.
     """
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS
+    view = memoryview(body)
     parts: list[bytes] = []
-    size, rest = 0, body
-    while True:
+    size, position, step = 0, 0, _DECOMPRESS_FIRST_STEP
+    while True:  # one gzip member (or the deflate stream) a turn
         decompressor = zlib.decompressobj(wbits)
-        try:
-            data = decompressor.decompress(rest, limit + 1 - size)
-        except zlib.error as exc:
-            raise BadRequest(f"the body is not valid {encoding} data: {exc}") from None
-        size += len(data)
-        if size > limit or decompressor.unconsumed_tail:
-            raise HTTPError(
-                f"the decompressed body is more than the {limit} bytes allowed", status=413
+        pending: bytes | memoryview = b""
+        full = False  # the last piece filled its step: more output may wait without input
+        while not decompressor.eof:
+            if not pending:
+                if position < len(view):  # fed a slice at a time: unconsumed_tail stays small
+                    pending = view[position : position + _DECOMPRESS_INPUT]
+                    position += len(pending)
+                elif not full:
+                    raise BadRequest(f"the {encoding} body is truncated")
+            step = min(step, limit + 1 - size)
+            if claim is not None:
+                claim.take(2 * step)  # the piece, and its copy in the joined body
+            try:
+                data = decompressor.decompress(pending, step)
+            except zlib.error as exc:
+                raise BadRequest(f"the body is not valid {encoding} data: {exc}") from None
+            if claim is not None:
+                claim.refund(2 * (step - len(data)))
+            size += len(data)
+            if size > limit:
+                raise HTTPError(
+                    f"the decompressed body is more than the {limit} bytes allowed", status=413
+                )
+            parts.append(data)
+            pending = decompressor.unconsumed_tail
+            full = len(data) == step
+            step = min(2 * step, _DECOMPRESS_STEP)
+        position -= len(decompressor.unused_data)  # the next member starts there
+        if position == len(view):
+            return bytearray().join(parts)
+        if encoding != "gzip" or bytes(view[position : position + 2]) != b"\x1f\x8b":
+            raise BadRequest(
+                f"the {encoding} body has {len(view) - position} bytes after the compressed data"
             )
-        if not decompressor.eof:
-            raise BadRequest(f"the {encoding} body is truncated")
-        parts.append(data)
-        rest = decompressor.unused_data
-        if not rest:
-            return parts[0] if len(parts) == 1 else b"".join(parts)
-        if encoding != "gzip" or not rest.startswith(b"\x1f\x8b"):
-            raise BadRequest(f"the {encoding} body has {len(rest)} bytes after the compressed data")
 
 
 def accepted_encoding(header: str | None, *, small: bool = False) -> str | None:

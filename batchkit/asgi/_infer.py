@@ -20,6 +20,7 @@ from .._core import (
     RemoteRejected,
     RemoteUnavailable,
 )
+from ._budget import Claim, MemoryBudget, retained_bytes
 from ._errors import HTTPError
 from ._http import JSON, OCTETS, Receive, Response, Scope, accepted_encoding, headers_of, read_body
 from ._protocol import InferRequest, encode_response, parse_request
@@ -38,16 +39,38 @@ COMPRESS_BYTES = 1024
 
 
 async def infer(
-    served: ServedModel, scope: Scope, receive: Receive, max_body_size: int
+    served: ServedModel,
+    scope: Scope,
+    receive: Receive,
+    max_body_size: int,
+    budget: MemoryBudget | None = None,
 ) -> Response:
-    """Run one infer request on ``served`` and return its response (``HTTPError`` for errors)."""
+    """Run one infer request on ``served`` and return its response (``HTTPError`` for errors).
+
+    With a ``budget``, reading, decompressing, parsing and decoding the body are charged to it
+    as they go, and given back when the request ends.
+    """
+    if budget is None:
+        return await _infer(served, scope, receive, max_body_size, None)
+    with budget.claim() as claim:
+        return await _infer(served, scope, receive, max_body_size, claim)
+
+
+async def _infer(
+    served: ServedModel, scope: Scope, receive: Receive, max_body_size: int, claim: Claim | None
+) -> Response:
     headers = headers_of(scope)
-    body = await read_body(receive, headers, max_body_size)
+    received = await read_body(receive, headers, max_body_size, claim)
     header_length = headers.get("inference-header-content-length")
-    if len(body) > OFFLOAD_BYTES:
-        request = await anyio.to_thread.run_sync(parse_request, served, body, header_length)
+    if len(received) > OFFLOAD_BYTES:
+        request = await anyio.to_thread.run_sync(
+            parse_request, served, received, header_length, claim
+        )
     else:
-        request = parse_request(served, body, header_length)
+        request = parse_request(served, received, header_length, claim)
+    if claim is not None:  # parsed: keep charged only what stays alive until the answer
+        claim.refund(claim.size - retained_bytes(len(received), request.arrays))
+    del received  # parsed; binary inputs are views of it
     model = served.model
     items = served.items(request.arrays, request.rows)
     try:

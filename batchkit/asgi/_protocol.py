@@ -7,24 +7,28 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
+from ._budget import Claim, cost_of_decode, cost_of_json
 from ._errors import BadRequest
 from ._served import ServedModel
 from ._tensors import (
     CLASSIFIABLE,
     Tensor,
+    check_shape,
     classify,
     decode_binary,
     decode_json,
+    decode_raw,
+    describe,
     encode_binary,
     encode_json,
 )
 
 __all__ = (
     "DEFAULT_PRIORITY",
+    "HEADER_VALUES",
     "InferRequest",
     "RequestedOutput",
     "encode_response",
@@ -36,6 +40,9 @@ __all__ = (
 _MAX_UINT64 = 2**64 - 1
 DEFAULT_PRIORITY = 2**64
 _MAX_DIM = 2**63 - 1  # Triton's dims are int64
+_MAX_HEADER_DIGITS = 19
+# The JSON values a request may hold beyond its tensor elements (names, shapes, parameters).
+HEADER_VALUES = 65536
 
 _UNSUPPORTED_PARAMETERS = (
     "shared_memory_region",
@@ -70,12 +77,21 @@ class InferRequest:
 
 
 def parse_request(
-    served: ServedModel, body: bytes | bytearray, header_length: str | None
+    served: ServedModel,
+    body: bytes | bytearray,
+    header_length: str | None,
+    claim: Claim | None = None,
 ) -> InferRequest:
     """Parse and validate an infer body against ``served``'s signature; raise ``BadRequest``.
 
-    Binary input data is decoded from a writable copy of the body, so the model may change
-    its inputs in place whether they came as JSON or binary.
+    Binary input data is decoded from a writable buffer (the body itself when it is a
+    ``bytearray``, else a copy), so the model may change its inputs in place whether they came
+    as JSON or binary. A ``header_length`` of ``"0"`` is Triton's raw binary request: the body
+    is all the binary data of the model's one input, and every output is binary.
+
+    With a ``claim``, what parsing and decoding will allocate is charged to its budget first:
+    the JSON by a scan of its bytes before ``json.loads`` builds any list, each tensor by its
+    declared shape before it is decoded (``HTTPError`` 503 or 413 when the budget refuses).
     """
     binary: memoryview
     if header_length is None:
@@ -83,7 +99,12 @@ def parse_request(
     else:
         size = _header_size(header_length, len(body))
         writable = body if isinstance(body, bytearray) else bytearray(body)
+        if size == 0:
+            return _raw_request(served, memoryview(writable), claim)
         header, binary = body[:size], memoryview(writable)[size:]
+    _check_values(served, header)
+    if claim is not None:
+        claim.take(cost_of_json(header))
     request = _load_json(header)
     if not isinstance(request, dict):
         raise BadRequest(f"the request must be a JSON object, got {_short(request)}")
@@ -94,11 +115,44 @@ def parse_request(
     for key in _SEQUENCE_PARAMETERS:
         if parameters.get(key) not in (None, 0, "", False):
             raise BadRequest(f"model {served.name!r} is not a sequence model ({key!r} given)")
-    arrays, rows = _inputs(served, request.get("inputs"), binary, header_length is not None)
+    arrays, rows = _inputs(served, request.get("inputs"), binary, header_length is not None, claim)
     outputs = _outputs(served, request.get("outputs"), parameters.get("binary_data_output", False))
     return InferRequest(
         request_id, arrays, rows, outputs, _priority(parameters), _timeout(parameters)
     )
+
+
+def _raw_request(served: ServedModel, data: memoryview, claim: Claim | None) -> InferRequest:
+    # Triton's raw binary request: no JSON header, one input of one row, every output binary.
+    if len(served.inputs) != 1:
+        raise BadRequest(
+            "a raw binary request (Inference-Header-Content-Length: 0) needs a model with one "
+            f"input; model {served.name!r} has {len(served.inputs)}"
+        )
+    tensor = served.inputs[0]
+    if claim is not None:  # BYTES: one element, the whole body; else at most a byte each
+        elements = 1 if tensor.datatype == "BYTES" else len(data)
+        claim.take(cost_of_decode(tensor.datatype, elements, len(data)))
+    array = decode_raw(tensor.name, tensor.datatype, tensor.shape, data)
+    outputs = [RequestedOutput(t, True) for t in served.outputs]
+    return InferRequest(None, {tensor.name: array}, 1, outputs, DEFAULT_PRIORITY, None)
+
+
+def _check_values(served: ServedModel, header: bytes | bytearray) -> None:
+    # A model whose inputs all have fixed shapes takes at most max_elements tensor elements a
+    # request: a JSON document with far more values is refused before it is parsed.
+    limit = served.max_elements
+    if limit is None:
+        return
+    # elements, and members, are separated by commas (nesting alone adds none: json.loads
+    # refuses it past a thousand levels)
+    values = 1 + header.count(b",") + header.count(b":")
+    if values > limit + HEADER_VALUES:
+        raise BadRequest(
+            f"the request's JSON holds up to {values} values, but model {served.name!r} takes at "
+            f"most {limit} tensor elements a request ({served.max_rows} rows of its inputs' "
+            f"shapes), and {HEADER_VALUES} more values for the rest of the request"
+        )
 
 
 def _load_json(header: bytes | bytearray) -> Any:
@@ -111,11 +165,13 @@ def _load_json(header: bytes | bytearray) -> Any:
 
 
 def _header_size(value: str, body_size: int) -> int:
-    if not (value.isascii() and value.isdigit()):
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > _MAX_HEADER_DIGITS:
         raise BadRequest(
-            f"Inference-Header-Content-Length must be a decimal integer, got {value!r}"
+            "Inference-Header-Content-Length must be a decimal integer of at most "
+            f"{_MAX_HEADER_DIGITS} digits, got {_short(value)}"
         )
-    size = int(value)
+    size = int(text)
     if not 0 <= size <= body_size:
         raise BadRequest(
             f"Inference-Header-Content-Length is {size}, but the body has {body_size} bytes"
@@ -124,7 +180,11 @@ def _header_size(value: str, body_size: int) -> int:
 
 
 def _inputs(
-    served: ServedModel, inputs: Any, binary: memoryview, has_binary: bool
+    served: ServedModel,
+    inputs: Any,
+    binary: memoryview,
+    has_binary: bool,
+    claim: Claim | None = None,
 ) -> tuple[dict[str, Any], int]:
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest(f"'inputs' must be a non-empty list, got {_short(inputs)}")
@@ -133,6 +193,7 @@ def _inputs(
     offset = 0
     for entry in inputs:
         tensor, shape = _input_header(served, entry, arrays)
+        count = check_shape(tensor.name, shape)
         if rows is None:
             rows = shape[0]
         elif shape[0] != rows:
@@ -164,8 +225,10 @@ def _inputs(
                 raise BadRequest(f"input {tensor.name!r} has both 'data' and binary data")
             data = binary[offset : offset + size]
             offset += size
+            if claim is not None:
+                claim.take(cost_of_decode(tensor.datatype, count, size))
             arrays[tensor.name] = decode_binary(tensor.name, tensor.datatype, shape, data)
-        elif "data" in entry:
+        elif "data" in entry:  # its cost is in the JSON document's, charged before parsing
             arrays[tensor.name] = decode_json(tensor.name, tensor.datatype, shape, entry["data"])
         else:
             raise BadRequest(f"input {tensor.name!r} has no 'data' and no binary data")
@@ -270,8 +333,7 @@ def _classification(tensor: Tensor, params: dict[str, Any]) -> int:
         )
     if count and tensor.datatype not in CLASSIFIABLE:
         raise BadRequest(
-            f"output {tensor.name!r}: classification needs a numeric output, "
-            f"not {tensor.datatype}"
+            f"output {tensor.name!r}: classification needs a numeric output, not {tensor.datatype}"
         )
     return count
 
@@ -299,15 +361,14 @@ def _priority(parameters: dict[str, Any]) -> int:
 
 
 def _timeout(parameters: dict[str, Any]) -> float | None:
-    # Triton's request timeout is in microseconds (a uint64); 0 means none.
+    # Triton reads the request timeout as an unsigned integer of microseconds (uint64); 0 means
+    # none. A float, a bool or a negative number is not one (Triton answers 400 too).
     timeout = parameters.get("timeout", 0)
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, (int, float))
-        or not 0 <= timeout <= _MAX_UINT64
-        or (isinstance(timeout, float) and not math.isfinite(timeout))
-    ):
-        raise BadRequest(f"'timeout' must be microseconds in [0, 2**64), got {_short(timeout)}")
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 <= timeout <= _MAX_UINT64:
+        raise BadRequest(
+            "'timeout' must be an integer number of microseconds in [0, 2**64) (0: none), "
+            f"got {_short(timeout)}"
+        )
     if timeout == 0:
         return None
     return timeout / 1e6
@@ -353,13 +414,4 @@ def encode_response(
 
 
 def _short(value: Any) -> str:
-    text = json.dumps(value) if _jsonable(value) else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+    return describe(value)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._core import BatchedModel, ConfigurationError, ForbiddenPath, SwapError
+from ._budget import Claim, MemoryBudget, cost_of_json
 from ._errors import BadRequest, HTTPError
 from ._http import (
     JSON,
@@ -29,6 +30,7 @@ from ._http import (
 )
 from ._model_repository import ModelRepository
 from ._served import ServedModel
+from ._tensors import describe
 
 __all__ = ("Repository",)
 
@@ -47,6 +49,7 @@ class Repository:
         weights_dir: str | os.PathLike[str] | None,
         max_body_size: int,
         model_repository: ModelRepository | None = None,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self._served = served
         self._folder = model_repository
@@ -54,6 +57,7 @@ class Repository:
         self.admin_token = admin_token
         self._weights_dir = None if weights_dir is None else os.path.realpath(weights_dir)
         self._max_body_size = max_body_size
+        self._budget = budget
         self.unloaded: set[str] = set()
 
     async def route(self, scope: Scope, receive: Receive, parts: list[str]) -> Response:
@@ -67,8 +71,11 @@ class Repository:
             raise HTTPError(f"no route {scope['path']!r}", status=404)
         headers = headers_of(scope)
         self._authorize(headers)
-        body = await read_body(receive, headers, self._max_body_size)
-        request = json_object(body)
+        if self._budget is None:
+            request = await self._request(receive, headers, None)
+        else:
+            with self._budget.claim() as claim:
+                request = await self._request(receive, headers, claim)
         if self._folder is not None:
             return await self._folder_route(self._folder, parts, request)
         if parts == ["index"]:
@@ -93,7 +100,7 @@ class Repository:
         if not isinstance(params, dict) or params:
             raise BadRequest(
                 "a model repository loads versions from its folder: add a version folder and "
-                f"load again, without 'parameters' (got {params!r})"
+                f"load again, without 'parameters' (got {describe(params)})"
             )
         try:
             if action == "unload":
@@ -109,6 +116,14 @@ class Repository:
             raise HTTPError(f"loading model {name!r} failed: {reasons}", status=400)
         logger.info("batchkit: model %r loaded from the repository", name)
         return Response(200, JSON, b"")
+
+    async def _request(
+        self, receive: Receive, headers: Mapping[str, str], claim: Claim | None
+    ) -> dict[str, Any]:
+        body = await read_body(receive, headers, self._max_body_size, claim)
+        if claim is not None:
+            claim.take(cost_of_json(body))
+        return json_object(body)
 
     def _authorize(self, headers: Mapping[str, str]) -> None:
         token = self.admin_token
@@ -148,7 +163,7 @@ class Repository:
     async def _load(self, name: str, request: dict[str, Any]) -> None:
         params = request.get("parameters", {})
         if not isinstance(params, dict):
-            raise BadRequest(f"'parameters' must be a JSON object, got {params!r}")
+            raise BadRequest(f"'parameters' must be a JSON object, got {describe(params)}")
         weights, version = params.get("weights"), params.get("version")
         if weights is None:
             if version is not None:
@@ -159,14 +174,18 @@ class Repository:
         if not isinstance(weights, str) or not isinstance(version, str) or not version:
             raise BadRequest(
                 "'weights' (a path inside the weights directory) and 'version' (a non-empty "
-                f"string) must be strings, got weights={weights!r}, version={version!r}"
+                f"string) must be strings, got weights={describe(weights)}, "
+                f"version={describe(version)}"
             )
         if "\x00" in weights or "\x00" in version or "/" in version:
             raise BadRequest(
                 "'weights' may not hold a NUL byte, nor 'version' a NUL byte or '/', got "
-                f"weights={weights!r}, version={version!r}"
+                f"weights={describe(weights)}, version={describe(version)}"
             )
-        served = self._find(name, params.get("replace"))
+        replace = params.get("replace")
+        if replace is not None and not isinstance(replace, str):
+            raise BadRequest(f"'replace' must be a version string, got {describe(replace)}")
+        served = self._find(name, replace)
         if not isinstance(served.model, BatchedModel):
             raise HTTPError(
                 f"model {name!r} is a deployment of several versions; change its routing at "

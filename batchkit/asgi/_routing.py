@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .._core import ConfigurationError, Deployment
+from ._budget import MemoryBudget, cost_of_json
 from ._errors import BadRequest, HTTPError
 from ._http import (
     Receive,
@@ -27,6 +28,7 @@ from ._http import (
     read_body,
 )
 from ._served import ServedModel
+from ._tensors import describe
 
 __all__ = ("ROUTING_KEY_HEADER", "RoutingAdmin", "pinned", "routed_versions", "with_key")
 
@@ -74,10 +76,12 @@ class RoutingAdmin:
         served: Mapping[str, list[ServedModel]],
         authorize: Callable[[Mapping[str, str]], None],
         max_body_size: int,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self._served = served
         self._authorize = authorize
         self._max_body_size = max_body_size
+        self._budget = budget if budget is not None else MemoryBudget(2**62)
 
     async def route(self, scope: Scope, receive: Receive, parts: list[str]) -> Response:
         """Answer ``/v2/routing/<parts>``."""
@@ -95,8 +99,11 @@ class RoutingAdmin:
         name = parts[1]
         deployment = self._deployment(name)
         if method == "POST":
-            body = await read_body(receive, headers, self._max_body_size)
-            self._change(name, deployment, json_object(body))
+            with self._budget.claim() as claim:
+                body = await read_body(receive, headers, self._max_body_size, claim)
+                claim.take(cost_of_json(body))
+                request = json_object(body)
+            self._change(name, deployment, request)
         return json_response(200, self._state(name, deployment))
 
     def _all(self) -> list[tuple[str, Deployment[Any, Any]]]:
@@ -121,7 +128,7 @@ class RoutingAdmin:
         if unknown or len(given) != 1:
             raise BadRequest(
                 f"a routing change is a JSON object with exactly one of {list(_CHANGES)}, "
-                f"got {sorted(request)}"
+                f"got {describe(sorted(request))}"
             )
         (what,) = given
         value = request[what]
@@ -129,21 +136,28 @@ class RoutingAdmin:
             if what == "weights":
                 if not isinstance(value, dict):
                     raise BadRequest(
-                        f"'weights' must be an object of version: weight, got {value!r}"
+                        f"'weights' must be an object of version: weight, got {describe(value)}"
                     )
+                for version, weight in value.items():
+                    if not _is_number(weight):
+                        raise BadRequest(
+                            f"the weight of version {describe(version)} must be a number, got "
+                            f"{describe(weight)}"
+                        )
                 deployment.set_weights(value)
             elif what == "shadow":
                 self._shadow(deployment, value)
             elif what == "promote":
                 if not isinstance(value, str):
-                    raise BadRequest(f"'promote' must be a version name, got {value!r}")
+                    raise BadRequest(f"'promote' must be a version name, got {describe(value)}")
                 deployment.promote(value)
             else:
                 if value is not True:
-                    raise BadRequest(f"'rollback' must be true, got {value!r}")
+                    raise BadRequest(f"'rollback' must be true, got {describe(value)}")
                 deployment.rollback()
-        except ConfigurationError as exc:
-            raise BadRequest(str(exc)) from None
+        except ConfigurationError as exc:  # its message may quote a client's value: clip it
+            message = str(exc)
+            raise BadRequest(message if len(message) <= 500 else message[:497] + "...") from None
         logger.info("batchkit: routing of %r is now %s", name, deployment.routing.to_json())
 
     def _shadow(self, deployment: Deployment[Any, Any], value: Any) -> None:
@@ -152,12 +166,21 @@ class RoutingAdmin:
             return
         if not isinstance(value, dict) or not isinstance(value.get("version"), str):
             raise BadRequest(
-                f"'shadow' must be null or an object with 'version' (and 'fraction'), got {value!r}"
+                "'shadow' must be null or an object with 'version' (and 'fraction'), got "
+                f"{describe(value)}"
+            )
+        if "fraction" in value and not _is_number(value["fraction"]):
+            raise BadRequest(
+                f"the shadow's 'fraction' must be a number, got {describe(value['fraction'])}"
             )
         unknown = sorted(set(value) - {"version", "fraction"})
         if unknown:
-            raise BadRequest(f"'shadow' has unknown field(s) {unknown}")
+            raise BadRequest(f"'shadow' has unknown field(s) {describe(unknown)}")
         deployment.set_shadow(value["version"], fraction=value.get("fraction", 1.0))
 
     def _state(self, name: str, deployment: Deployment[Any, Any]) -> dict[str, Any]:
         return {"name": name, **deployment.statistics().summary()}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

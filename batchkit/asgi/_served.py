@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from .._core import BatchedModel, ConfigurationError, Deployment
-from ._tensors import Tensor, as_output
+from ._tensors import MAX_DIMS, Tensor, as_output
 
 __all__ = ("DEFAULT_INPUTS", "DEFAULT_MAX_ROWS", "DEFAULT_OUTPUTS", "ServedModel")
 
@@ -40,7 +41,8 @@ class ServedModel:
     ``max_batch_size``. Default: ``max(max_batch_size, 64)``, so that a small request cannot
     queue millions of items (``shape [1000000, 0]`` holds no data at all).
 
-    Raises ``ConfigurationError`` for an empty or duplicated tensor list or a bad ``max_rows``.
+    Raises ``ConfigurationError`` for an empty or duplicated tensor list, a tensor of more than
+    31 dimensions (32 with the batch dimension) or a bad ``max_rows``.
     """
 
     def __init__(
@@ -74,6 +76,20 @@ class ServedModel:
 
     def __repr__(self) -> str:
         return f"<ServedModel {self.name!r} version {self.version!r}>"
+
+    @property
+    def max_elements(self) -> int | None:
+        """Return the most tensor elements one request may carry, or None when unbounded.
+
+        ``max_rows`` times the elements of each input's declared shape, when every input has a
+        fixed shape and none is BYTES (whose strings are data of any length); else None.
+        """
+        total = 0
+        for tensor in self.inputs:
+            if tensor.datatype == "BYTES" or -1 in tensor.shape:
+                return None
+            total += math.prod(tensor.shape)
+        return self.max_rows * total
 
     @property
     def version(self) -> str:
@@ -171,6 +187,12 @@ def _tensors(what: str, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
     result = tuple(tensors)
     if not result or not all(isinstance(t, Tensor) for t in result):
         raise ConfigurationError(f"{what} must be a non-empty sequence of Tensor, got {tensors!r}")
+    for tensor in result:  # numpy 1 builds no array of more than MAX_DIMS dimensions
+        if len(tensor.shape) >= MAX_DIMS:
+            raise ConfigurationError(
+                f"tensor {tensor.name!r}: shape has {len(tensor.shape)} dimensions; with the "
+                f"batch dimension a served tensor may have at most {MAX_DIMS}"
+            )
     names = [t.name for t in result]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

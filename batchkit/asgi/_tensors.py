@@ -6,6 +6,7 @@ the app answers it as a 400 as it is.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections.abc import Sequence
@@ -19,9 +20,13 @@ from ._errors import BadRequest
 
 __all__ = (
     "DATATYPES",
+    "MAX_DIMS",
     "Tensor",
+    "check_shape",
     "decode_binary",
     "decode_json",
+    "decode_raw",
+    "describe",
     "encode_binary",
     "encode_json",
 )
@@ -127,6 +132,30 @@ def element_count(shape: Sequence[int]) -> int:
     return math.prod(shape)
 
 
+# The most dimensions a tensor may have (numpy 1's limit; numpy 2 allows 64).
+MAX_DIMS = 32
+_MAX_ARRAY_BYTES = 2**63 - 1
+
+
+def check_shape(name: str, shape: Sequence[int]) -> int:
+    """Return the element count of tensor ``name``; ``BadRequest`` if numpy cannot build it.
+
+    numpy refuses more than ``MAX_DIMS`` dimensions, and shapes whose dimensions other than
+    zeros multiply past 2**63 bytes (8 a element, the widest it decodes through), even when a
+    zero makes the tensor empty: ``[1, 0, 2**62, 2**62]`` holds no element, yet no array has it.
+    """
+    if len(shape) > MAX_DIMS:
+        raise BadRequest(
+            f"input {name!r} has {len(shape)} dimensions, more than the {MAX_DIMS} allowed"
+        )
+    if math.prod(d for d in shape if d) * 8 > _MAX_ARRAY_BYTES:
+        raise BadRequest(
+            f"input {name!r}: shape {describe(list(shape))} is too large for an array (its "
+            "dimensions other than 0 multiply past 2**63 bytes)"
+        )
+    return math.prod(shape)
+
+
 # -- decoding -------------------------------------------------------------------------------------
 
 
@@ -157,9 +186,46 @@ def decode_binary(
     return array.astype(spec.dtype, copy=False)
 
 
-def _decode_bytes(
-    name: str, shape: tuple[int, ...], count: int, data: bytes | memoryview
+def decode_raw(
+    name: str, datatype: str, item_shape: Sequence[int], data: bytes | memoryview
 ) -> Any:
+    """Decode Triton's raw binary request: ``data`` is one row of input ``name``, declared
+    ``item_shape``; return it with its batch dimension of 1.
+
+    As in Triton, the shape is deduced from the declared one: at most one -1 dimension, sized
+    by the data's length; a BYTES input must be declared ``[1]`` (or a scalar), and all of
+    ``data`` is its one element (no length prefix). Raises ``BadRequest`` otherwise.
+    """
+    declared = list(item_shape)
+    if datatype == "BYTES":
+        if declared not in ([], [1]):
+            raise BadRequest(
+                f"a raw binary request for BYTES input {name!r} needs it declared with shape "
+                f"[1], not {declared}"
+            )
+        out = np.empty(1, dtype=object)
+        out[0] = bytes(data)
+        return out.reshape((1, *declared))
+    wire = DATATYPES[datatype].wire
+    assert wire is not None
+    variable = [i for i, d in enumerate(declared) if d == -1]
+    if len(variable) > 1:
+        raise BadRequest(
+            f"a raw binary request cannot tell the shape of input {name!r}: {declared} has "
+            "more than one -1 dimension"
+        )
+    if variable:
+        row = math.prod(d for d in declared if d != -1) * wire.itemsize
+        if row == 0 or len(data) % row:
+            raise BadRequest(
+                f"input {name!r}: {len(data)} bytes of raw binary data are not a whole number "
+                f"of {datatype} items of shape {declared}"
+            )
+        declared[variable[0]] = len(data) // row
+    return decode_binary(name, datatype, (1, *declared), data)
+
+
+def _decode_bytes(name: str, shape: tuple[int, ...], count: int, data: bytes | memoryview) -> Any:
     if count > len(data) // 4:  # each element has a 4-byte length prefix
         raise BadRequest(
             f"input {name!r}: {len(data)} bytes of binary data cannot hold the {count} BYTES "
@@ -268,8 +334,58 @@ _KIND_WORDS = {"b": "booleans", "iu": "integers", "iuf": "numbers", "U": "string
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return describe(value, json_style=False)
+
+
+def describe(value: Any, width: int = 80, *, json_style: bool = True) -> str:
+    """Return at most ``width`` characters showing a client's value, for an error message.
+
+    Bounded in time and depth whatever the value holds (a list of millions, nesting a thousand
+    deep, a string of megabytes): only what fits in ``width`` is rendered. JSON spelling when
+    ``json_style`` (null, true), else Python's (None, True).
+    """
+    text = _render(value, width + 1, 8, json_style)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _render(value: Any, room: int, depth: int, json_style: bool) -> str:
+    if isinstance(value, str):
+        clipped = value[:room]
+        return _json_string(clipped) if json_style else repr(clipped)
+    if value is None or isinstance(value, bool):
+        return ("null" if value is None else str(value).lower()) if json_style else repr(value)
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= _MAX_INT_BITS else "<a huge integer>"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, (list, tuple, dict)):
+        opening, closing = ("{", "}") if isinstance(value, dict) else ("[", "]")
+        if depth == 0:
+            return f"{opening}...{closing}" if value else opening + closing
+        parts: list[str] = []
+        used = 2
+        items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+        for key, item in items:
+            if used >= room:
+                parts.append("...")
+                break
+            text = _render(item, room - used, depth - 1, json_style)
+            if key is not None:
+                text = f"{_render(key, room - used, 0, json_style)}: {text}"
+            parts.append(text)
+            used += len(text) + 2
+        return opening + ", ".join(parts) + closing
+    return f"<{type(value).__name__}>"
+
+
+_MAX_INT_BITS = 14_000  # about the 4300 digits int() and str() allow
+
+
+def _json_string(text: str) -> str:
+    try:
+        return json.dumps(text)
+    except UnicodeEncodeError:  # pragma: no cover - json.dumps escapes, it does not encode
+        return repr(text)
 
 
 def _bf16_to_float32(bits: Any) -> Any:

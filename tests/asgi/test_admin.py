@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -100,3 +101,43 @@ async def test_admin_needs_the_token(tmp_path: Path) -> None:
     reply = await request(disabled, "POST", "/v2/repository/index", b"", headers=AUTH)
     assert reply.status == 403
     assert json.loads(reply.body)["error"].startswith("the model repository API is disabled")
+
+
+@pytest.mark.parametrize("version", ["²", "١٢", "9" * 5000])
+async def test_a_loaded_version_int_cannot_read_keeps_the_model_serving(
+    tmp_path: Path, version: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # str.isdigit() accepts these, int() refuses them (or their length): metadata and infer
+    # once answered 500 until the next load.
+    app, model = linear_app(tmp_path, admin_token="s3cret")
+    async with app.lifespan():
+        load = {"parameters": {"weights": "v2.pt", "version": version}}
+        reply = await request(app, "POST", "/v2/repository/models/lin/load", load, headers=AUTH)
+        assert reply.status == 200, reply.body
+        meta = await request(app, "GET", "/v2/models/lin")
+        assert meta.status == 200, meta.body
+        assert meta.json()["versions"] == [version]
+        after = await request(app, "POST", "/v2/models/lin/infer", BODY)
+        assert after.status == 200, after.body
+        assert (after.json()["model_version"], after.json()["outputs"][0]["data"]) == (
+            version,
+            [2.0, 4.0],
+        )
+        assert (await request(app, "GET", "/v2/models/lin/config")).status == 200
+        assert (await request(app, "GET", "/v2/models/lin/ready")).status == 200
+    assert model.version == version
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_a_load_with_a_replace_that_is_not_a_string_is_a_400(tmp_path: Path) -> None:
+    app, _ = linear_app(tmp_path, admin_token="s3cret")
+    deep: Any = []
+    for _ in range(900):
+        deep = [deep]
+    async with app.lifespan():
+        for replace in (5, ["1"], deep):
+            load = {"parameters": {"weights": "v2.pt", "version": "2", "replace": replace}}
+            body = json.dumps(load).encode()
+            reply = await request(app, "POST", "/v2/repository/models/lin/load", body, headers=AUTH)
+            assert reply.status == 400, reply.body
+            assert "'replace' must be a version string" in reply.error
