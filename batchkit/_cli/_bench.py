@@ -122,6 +122,14 @@ def run(args: argparse.Namespace) -> int:
         _usage_error("give URL and --model (or --compare)")
     if args.protocol == "grpc" and args.json_tensors:
         _usage_error("--json-tensors is for HTTP: gRPC sends raw tensor contents")
+    if args.protocol == "grpc":
+        try:
+            _loadgen.client_module("grpc")
+        except ImportError as exc:
+            raise SystemExit(
+                f"batchkit bench --protocol grpc needs tritonclient[grpc] ({exc}): "
+                "pip install 'batchkit[bench,triton]'"
+            ) from None
     console = _Console(quiet=args.quiet)
     try:
         if args.compare:

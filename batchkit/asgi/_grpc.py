@@ -36,10 +36,11 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import anyio.to_thread
 
-from .._core import ConfigurationError
+from .._core import ConfigurationError, DeploymentStatistics
 from ._errors import HTTPError
 from ._grpc_tensors import encode_infer_response, parse_infer_request
 from ._infer import OFFLOAD_BYTES, run_request
+from ._routing import ROUTING_KEY_HEADER, routed_by_key
 from ._served import ServedModel
 
 __all__ = ("GRPC_CODES", "GRPCServer", "SERVICE_NAME", "open_grpc_server")
@@ -197,7 +198,12 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
             app._find(request.name, request.version)
         except HTTPError:
             return pb.ModelReadyResponse(ready=False)
-        ready = app._running and request.name not in app._repository.unloaded
+        repository = app._model_repository
+        ready = (
+            app._running
+            and request.name not in app._repository.unloaded
+            and (repository is None or repository.is_ready(request.name))
+        )
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
@@ -241,12 +247,13 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
 
     # -- inference -----------------------------------------------------------------------------
 
-    async def _infer(self, request: Any) -> Any:
+    async def _infer(self, request: Any, key: str | None) -> Any:
+        """Answer one infer request; ``key`` is the call's routing key (for a deployment)."""
         app = self._app
         start = time.perf_counter()
         served: ServedModel | None = None
         try:
-            served = app._find(request.model_name, request.model_version)
+            served = routed_by_key(app._find(request.model_name, request.model_version), key)
             if served.name in app._repository.unloaded:
                 raise HTTPError(f"model {served.name!r} is unloaded", status=404)
             big = sum(len(r) for r in request.raw_input_contents) > OFFLOAD_BYTES
@@ -281,17 +288,19 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
             metrics.observe_request(model, version, status, time.perf_counter() - start)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        return await self._run(context, "ModelInfer", self._infer(request))
+        key = _metadata(context).get(ROUTING_KEY_HEADER)
+        return await self._run(context, "ModelInfer", self._infer(request, key))
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         """Answer each request on the stream with one response, in the order they finish;
         a failed request gets a response with its ``error_message`` and the stream goes on."""
         answers: asyncio.Queue[Any] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
+        key = _metadata(context).get(ROUTING_KEY_HEADER)
 
         async def answer(request: Any) -> None:
             try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request, key))
             except HTTPError as exc:
                 reply = _stream_error(request, exc.message)
             except Exception:
@@ -330,8 +339,7 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     # -- repository ----------------------------------------------------------------------------
 
     def _authorize(self, context: Any) -> None:
-        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
-        self._app._repository._authorize(metadata)
+        self._app._repository._authorize(_metadata(context))
 
     async def RepositoryIndex(self, request: Any, context: Any) -> Any:
         async def job() -> Any:
@@ -385,6 +393,11 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         return await self._unsupported(context, "log settings")
 
 
+def _metadata(context: Any) -> dict[str, str]:
+    """Return the call's metadata (text values, lowercase keys) as a dict."""
+    return {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
 def _stream_error(request: Any, message: str) -> Any:
     response = pb.ModelInferResponse(
         id=request.id, model_name=request.model_name, model_version=request.model_version
@@ -396,6 +409,8 @@ def _statistics(served: ServedModel) -> Any:
     """Return the engine's statistics as Triton's ``ModelStatistics`` (durations are the
     recent samples' means times the counts)."""
     stats = served.model.statistics()
+    if isinstance(stats, DeploymentStatistics):  # every version of a deployment together
+        stats = stats.total
 
     def duration(count: int, mean: float) -> Any:
         return pb.StatisticDuration(count=count, ns=round(mean * count * 1e9))
