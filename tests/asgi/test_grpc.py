@@ -802,3 +802,29 @@ def test_the_python_examples_of_docs_grpc_run(index: int, tmp_path: Path) -> Non
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == ["[[2. 4. 6.]]", "True"][index]
+
+
+def test_grpc_infer_requests_count_in_the_request_metrics() -> None:
+    pytest.importorskip("prometheus_client")
+    from ..support.asgi import request
+
+    app = KServeApp([identity_model("FP32")], metrics=True)
+
+    async def scenario() -> str:
+        async with open_grpc_server(app) as server:
+            client = grpc_aio_client.InferenceServerClient(server.address)
+            try:
+                await client.infer("id_fp32", [fp32(1)])
+                with pytest.raises(InferenceServerException):
+                    await client.infer("id_fp32", [fp32(1, 4)])
+            finally:
+                await client.close()
+            return (await request(app, "GET", "/metrics")).body.decode()
+
+    text = asyncio.run(scenario())
+    for status in ("200", "400"):
+        pattern = (
+            r'^batchkit_http_requests_total\{(?=[^}]*model="id_fp32")'
+            rf'(?=[^}}]*status="{status}")[^}}]*\}} 1\.0$'
+        )
+        assert re.search(pattern, text, re.MULTILINE), text
