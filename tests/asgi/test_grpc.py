@@ -828,3 +828,91 @@ def test_grpc_infer_requests_count_in_the_request_metrics() -> None:
             rf'(?=[^}}]*status="{status}")[^}}]*\}} 1\.0$'
         )
         assert re.search(pattern, text, re.MULTILINE), text
+
+
+def test_a_model_repository_folder_over_grpc(tmp_path: Path) -> None:
+    from batchkit.asgi import ModelRepository
+
+    from ..support import model_files as mf
+
+    root = tmp_path / "repo"
+    mf.python_model(root / "custom", offset=1.0)
+    mf.write_config(root / "custom", "pbtxt", mf.PYTHON_CONFIG, "custom")
+    app = KServeApp(ModelRepository(root), metrics=False, admin_token=TOKEN)
+
+    def inputs() -> list[Any]:
+        text = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"abc"]], dtype=object))
+        value = grpcclient.InferInput("VALUE", [1, 2], "FP32")
+        value.set_data_from_numpy(np.full((1, 2), 2.0, np.float32))
+        return [text, value]
+
+    async def scenario() -> None:
+        async with open_grpc_server(app) as server:
+            client = grpc_aio_client.InferenceServerClient(server.address)
+            try:
+                result = await client.infer("custom", inputs())
+                assert result.as_numpy("LENGTH").tolist() == [[3]]
+                assert result.as_numpy("SHIFTED").tolist() == [[3.0, 3.0]]
+                index = await client.get_model_repository_index(headers=AUTH, as_json=True)
+                assert {"name": "custom", "version": "1", "state": "READY"} in [
+                    {k: m.get(k) for k in ("name", "version", "state")} for m in index["models"]
+                ]
+                await client.unload_model("custom", headers=AUTH)
+                assert not await client.is_model_ready("custom")
+                with pytest.raises(InferenceServerException) as info:
+                    await client.infer("custom", inputs())
+                assert info.value.status() == "StatusCode.NOT_FOUND"
+                await client.load_model("custom", headers=AUTH)
+                assert await client.is_model_ready("custom")
+                result = await client.infer("custom", inputs())
+                assert result.as_numpy("SHIFTED").tolist() == [[3.0, 3.0]]
+            finally:
+                await client.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_deployment_over_grpc_routing_key_pinned_version_and_statistics() -> None:
+    from batchkit import BatchedModel, Deployment
+    from batchkit.asgi import ServedModel, Tensor
+
+    def plus(offset: float) -> Any:
+        return lambda items: [np.asarray(x, np.float32) + offset for x in items]
+
+    versions = {
+        "1": BatchedModel(plus(0), name="clf", version="1"),
+        "2": BatchedModel(plus(100), name="clf", version="2"),
+    }
+    deployment = Deployment(versions, weights={"1": 0.5, "2": 0.5}, seed=5)
+    signature = {"inputs": [Tensor("X", "FP32", (3,))], "outputs": [Tensor("Y", "FP32", (3,))]}
+    app = KServeApp([ServedModel(deployment, **signature)], metrics=False)
+
+    async def scenario() -> None:
+        async with open_grpc_server(app) as server:
+            client = grpc_aio_client.InferenceServerClient(server.address)
+            try:
+
+                async def version(key: str | None = None, pinned: str = "") -> str:
+                    headers = None if key is None else {"batchkit-routing-key": key}
+                    result = await client.infer(
+                        "clf", [fp32(1)], model_version=pinned, headers=headers
+                    )
+                    response = result.get_response()
+                    offset = result.as_numpy("Y")[0, 0]
+                    assert offset == (100.0 if response.model_version == "2" else 0.0)
+                    return str(response.model_version)
+
+                for user in range(12):  # a key sticks to one version
+                    seen = {await version(f"user-{user}") for _ in range(4)}
+                    assert len(seen) == 1, seen
+                assert {await version(pinned="2") for _ in range(5)} == {"2"}
+                with pytest.raises(InferenceServerException, match="batchkit-routing-key"):
+                    await version("k" * 300)
+                stats = await client.get_inference_statistics("clf", as_json=True)
+                (model,) = stats["model_stats"]
+                assert int(model["inference_count"]) == 12 * 4 + 5
+            finally:
+                await client.close()
+
+    asyncio.run(scenario())
