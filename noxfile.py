@@ -95,6 +95,7 @@ def triton(session: nox.Session) -> None:
         "no:cacheprovider",
         "tests",
         "benchmarks/test_triton_throughput.py",
+        "benchmarks/test_grpc_serving.py",
         "--benchmark-json=.benchmarks/triton.json",
         *session.posargs,
     )

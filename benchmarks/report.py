@@ -26,7 +26,7 @@ REPRODUCE = (
     "# or, in a virtualenv with the dev, numpy, torch, server, metrics and bench extras:",
     "pytest benchmarks -p no:cacheprovider --benchmark-json=.benchmarks/latest.json",
     "python benchmarks/report.py .benchmarks/latest.json docs/benchmarks.md",
-    "# scenario 9 (Triton) runs in `nox -s triton`, which writes .benchmarks/triton.json;",
+    "# scenarios 9 and 12b (Triton) run in `nox -s triton`, which writes .benchmarks/triton.json;",
     "# `nox -s bench` merges that file into this page when it exists",
 )
 
@@ -109,6 +109,14 @@ HEADLINES = {
         ("mlp_speedup", "HTTP server, MLP: batched vs unbatched requests/s"),
     ],
     "triton": [("vs_direct", "64 callers to Triton: through batchkit vs one request per row")],
+    "grpc": [
+        ("grpc_rps", "gRPC server, trivial model, 32 in flight: requests/s"),
+        ("grpc_vs_http", "gRPC vs HTTP requests/s, same server, same run"),
+    ],
+    "grpc_triton": [
+        ("grpc_vs_triton", "batchkit gRPC vs Triton's gRPC requests/s, same run"),
+        ("p99_vs_triton", "batchkit gRPC p99 vs Triton's gRPC p99"),
+    ],
     "bench_compare": [
         ("speedup_32", "`batchkit bench --compare`, 32 in flight: batched vs unbatched"),
         ("batched_p99_32", "`batchkit bench --compare`, 32 in flight: batched p99"),

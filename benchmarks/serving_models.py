@@ -45,3 +45,15 @@ def models() -> list[ServedModel]:
         ServedModel(BatchedModel(run_mlp, name="mlp", max_batch_size=64), **wide),
         ServedModel(BatchedModel(run_mlp, name="mlp_unbatched", max_batch_size=1), **wide),
     ]
+
+
+def grpc_models() -> list[ServedModel]:
+    """The gRPC benchmark's model: ``id_fp32``, the identity on FP32[3] rows, batched up to 64,
+    named and shaped as the Triton test model it is compared with (no torch)."""
+    return [
+        ServedModel(
+            BatchedModel(_identity, name="id_fp32", max_batch_size=64),
+            inputs=[Tensor("X", "FP32", [3])],
+            outputs=[Tensor("Y", "FP32", [3])],
+        )
+    ]

@@ -27,10 +27,10 @@ def add_parser(subparsers: Any) -> None:
     """Add the ``bench`` subcommand to ``subparsers``."""
     parser = subparsers.add_parser(
         "bench",
-        help="load-test a KServe v2 HTTP server (batchkit's, Triton's, ...)",
-        description="Drive a KServe v2 HTTP server with the asyncio tritonclient, step by "
-        "step, and report throughput, latency percentiles, errors and (for batchkit servers) "
-        "the server-side batch size. Exits 1 when any request failed.",
+        help="load-test a KServe v2 server over HTTP or gRPC (batchkit's, Triton's, ...)",
+        description="Drive a KServe v2 server (HTTP or gRPC) with the asyncio tritonclient, "
+        "step by step, and report throughput, latency percentiles, errors and (for batchkit "
+        "servers) the server-side batch size. Exits 1 when any request failed.",
     )
     parser.add_argument("url", nargs="?", help="the server's host:port (no scheme)")
     parser.add_argument("--model", "-m", help="the model to call")
@@ -49,6 +49,17 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--input-file", help="inputs (.npz or .json) instead of random data")
     parser.add_argument("--batch", type=int, default=1, help="rows per request (default: 1)")
     parser.add_argument("--json-tensors", action="store_true", help="JSON tensors, not binary")
+    parser.add_argument(
+        "--protocol",
+        choices=("http", "grpc"),
+        default="http",
+        help="KServe v2 over HTTP (the default) or gRPC (URL is then the gRPC host:port)",
+    )
+    parser.add_argument(
+        "--metrics-url",
+        help="host:port serving batchkit's /metrics, for the server-side batch size "
+        "(default: URL over HTTP; over gRPC, none unless given)",
+    )
     parser.add_argument("--timeout", type=_positive, default=30.0, help="seconds per request")
     parser.add_argument("--json", dest="json_file", help="write every figure to this file")
     parser.add_argument("--plot", help="draw throughput and latency to this .png (matplotlib)")
@@ -109,6 +120,16 @@ def run(args: argparse.Namespace) -> int:
         args.concurrency = list(DEFAULT_CONCURRENCY)
     if not args.compare and (args.url is None or args.model is None):
         _usage_error("give URL and --model (or --compare)")
+    if args.protocol == "grpc" and args.json_tensors:
+        _usage_error("--json-tensors is for HTTP: gRPC sends raw tensor contents")
+    if args.protocol == "grpc":
+        try:
+            _loadgen.client_module("grpc")
+        except ImportError as exc:
+            raise SystemExit(
+                f"batchkit bench --protocol grpc needs tritonclient[grpc] ({exc}): "
+                "pip install 'batchkit[bench,triton]'"
+            ) from None
     console = _Console(quiet=args.quiet)
     try:
         if args.compare:
@@ -180,7 +201,10 @@ async def _run_steps(
         connections = max(100, int(max(args.rate) * 0.05))
     else:
         connections = max(args.concurrency)
-    client = loadgen.aio.InferenceServerClient(url, conn_limit=connections)
+    if args.protocol == "grpc":
+        client = loadgen.client_module("grpc").InferenceServerClient(url)
+    else:
+        client = loadgen.aio.InferenceServerClient(url, conn_limit=connections)
     try:
         targets = [await _target(client, url, model, args, loadgen) for model in models]
         results: dict[str, list[Any]] = {model: [] for model in models}
@@ -199,7 +223,10 @@ async def _run_steps(
 
 async def _target(client: Any, url: str, model: str, args: argparse.Namespace, loadgen: Any) -> Any:
     try:
-        metadata = await client.get_model_metadata(model, args.model_version)
+        if args.protocol == "grpc":
+            metadata = await client.get_model_metadata(model, args.model_version, as_json=True)
+        else:
+            metadata = await client.get_model_metadata(model, args.model_version)
     except Exception as exc:
         raise _Unreachable(f"cannot read the metadata of model {model!r} at {url}: {exc}") from exc
     if args.input_file:
@@ -217,6 +244,8 @@ async def _target(client: Any, url: str, model: str, args: argparse.Namespace, l
         outputs,
         binary=not args.json_tensors,
         timeout=args.timeout,
+        protocol=args.protocol,
+        metrics_url=args.metrics_url,
     )
 
 
@@ -238,7 +267,11 @@ def _compare(args: argparse.Namespace, console: _Console, loadgen: Any) -> dict[
     from ..asgi._demo import demo_models
 
     app = KServeApp(demo_models(unbatched=True))
-    with serving(app) as url:
+    grpc_port = 0 if args.protocol == "grpc" else None
+    with serving(app, grpc_port=grpc_port) as address:
+        url = str(address)
+        if address.grpc is not None:
+            url, args.metrics_url = address.grpc, url
         models = ["demo", "demo_unbatched"]
         steps = asyncio.run(_run_steps(args, url, models, console, loadgen))
     batched, unbatched = steps["demo"], steps["demo_unbatched"]

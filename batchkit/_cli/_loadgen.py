@@ -1,14 +1,16 @@
-"""Load generation for ``batchkit bench``: drive a KServe v2 HTTP server, measure each step.
+"""Load generation for ``batchkit bench``: drive a KServe v2 server, measure each step.
 
-Needs ``tritonclient[http]`` (and numpy). Two ways to load a server:
+Needs ``tritonclient[http]`` (and numpy), and ``tritonclient[grpc]`` for ``--protocol grpc``.
+Two ways to load a server:
 
 - closed loop: N workers, each sending its next request when the last one is answered;
 - open loop: requests sent on a fixed schedule (a target rate), whether or not earlier ones
   were answered; latency counts from the scheduled send time, so a slow server cannot hide
   its queueing (no coordinated omission).
 
-Every request ends as ok or as an error of one kind: ``reject`` (503: the queue was full),
-``timeout`` (504, 408, or the client's own timeout) or ``other``.
+Every request ends as ok or as an error of one kind: ``reject`` (503, gRPC UNAVAILABLE: the
+queue was full), ``timeout`` (504, 408, gRPC DEADLINE_EXCEEDED, or the client's own timeout)
+or ``other``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import math
 import re
 import time
+import urllib.request
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +39,7 @@ __all__ = (
     "load_inputs",
     "open_loop",
     "random_inputs",
+    "client_module",
 )
 
 ERROR_KINDS = ("reject", "timeout", "other")
@@ -95,13 +99,22 @@ class Step:
         return data
 
 
+def client_module(protocol: str) -> Any:
+    """Return tritonclient's asyncio module for ``protocol`` ("http" or "grpc")."""
+    if protocol == "grpc":
+        import tritonclient.grpc.aio as grpc_aio
+
+        return grpc_aio
+    return aio
+
+
 def classify(exc: BaseException) -> str:
     """Return the error kind of a failed request: reject, timeout or other."""
     if isinstance(exc, InferenceServerException):
         status = str(exc.status() or "")
-        if status == "503":
+        if status in ("503", "StatusCode.UNAVAILABLE", "StatusCode.RESOURCE_EXHAUSTED"):
             return "reject"
-        if status in ("504", "408"):
+        if status in ("504", "408", "StatusCode.DEADLINE_EXCEEDED"):
             return "timeout"
         return "other"
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
@@ -128,11 +141,16 @@ def _summary(latencies: list[float]) -> dict[str, float]:
 
 
 class Target:
-    """One model on one server: its inputs and outputs, and one inference request."""
+    """One model on one server: its inputs and outputs, and one inference request.
+
+    ``protocol`` is "http" or "grpc" (``client`` is tritonclient's asyncio client of that
+    protocol); ``metrics_url`` is the ``host:port`` serving batchkit's ``/metrics`` (default:
+    ``url`` over HTTP, none over gRPC).
+    """
 
     def __init__(
         self,
-        client: aio.InferenceServerClient,
+        client: Any,
         url: str,
         model: str,
         version: str,
@@ -142,8 +160,13 @@ class Target:
         *,
         binary: bool = True,
         timeout: float | None = None,
+        protocol: str = "http",
+        metrics_url: str | None = None,
     ) -> None:
         self.client = client
+        self.protocol = protocol
+        self._module = client_module(protocol)
+        self.metrics_url = url if metrics_url is None and protocol == "http" else metrics_url
         self.url = url
         self.model = model
         self.version = version
@@ -155,12 +178,20 @@ class Target:
 
     async def infer(self) -> None:
         """Send one request; raise on any error."""
-        inputs = []
+        module, inputs = self._module, []
         for name, array in self.inputs.items():
-            inp = aio.InferInput(name, list(array.shape), self.datatypes[name])
-            inp.set_data_from_numpy(array, binary_data=self.binary)
+            inp = module.InferInput(name, list(array.shape), self.datatypes[name])
+            if self.protocol == "grpc":  # always raw contents
+                inp.set_data_from_numpy(array)
+            else:
+                inp.set_data_from_numpy(array, binary_data=self.binary)
             inputs.append(inp)
-        outputs = [aio.InferRequestedOutput(n, binary_data=self.binary) for n in self.outputs]
+        if self.protocol == "grpc":
+            outputs = [module.InferRequestedOutput(n) for n in self.outputs]
+        else:
+            outputs = [
+                module.InferRequestedOutput(n, binary_data=self.binary) for n in self.outputs
+            ]
         call = self.client.infer(self.model, inputs, model_version=self.version, outputs=outputs)
         if self.timeout is None:
             await call
@@ -177,13 +208,8 @@ class Target:
 
         None when the server exposes no batchkit metrics for it.
         """
-        try:
-            session = self.client._stub  # tritonclient's aiohttp session: same connections
-            async with session.get(f"http://{self.url}/metrics") as response:
-                if response.status != 200:
-                    return None
-                text = await response.text()
-        except Exception:
+        text = await _metrics_text(self)
+        if text is None:
             return None
         label = re.escape(json.dumps(self.model))
         # One series per version serving (label "version"); without a version, all of them.
@@ -199,14 +225,24 @@ class Target:
 
 
 async def _metrics_text(target: Target) -> str | None:
+    """Return the text of the server's ``/metrics`` at ``target.metrics_url`` (None: none)."""
+    if target.metrics_url is None:
+        return None
     try:
+        if target.protocol == "grpc":
+            return await asyncio.to_thread(_read_metrics, target.metrics_url)
         session = target.client._stub  # tritonclient's aiohttp session: same connections
-        async with session.get(f"http://{target.url}/metrics") as response:
+        async with session.get(f"http://{target.metrics_url}/metrics") as response:
             if response.status != 200:
                 return None
             return str(await response.text())
     except Exception:
         return None
+
+
+def _read_metrics(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        return str(response.read().decode())
 
 
 async def _routing_counts(target: Target) -> tuple[dict[str, int], dict[str, int]] | None:

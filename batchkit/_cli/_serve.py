@@ -1,12 +1,13 @@
-"""``batchkit serve``: run a ``KServeApp`` (or any ASGI app) with uvicorn."""
+"""``batchkit serve``: run a ``KServeApp`` (or any ASGI app) with uvicorn, and gRPC beside it."""
 
 from __future__ import annotations
 
 import argparse
 import inspect
 import os
+import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from .._core import BatchedModel, ConfigurationError
 from .._target import import_target, routed_models_of
@@ -65,6 +66,17 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--weights-dir", help="directory the repository load endpoint may read weights from"
+    )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also serve KServe v2 gRPC (tritonclient.grpc) on this port of --host, in the same "
+        "process and event loop (0: a free port, logged)",
+    )
+    parser.add_argument(
+        "--grpc-max-message-size",
+        type=int,
+        help="largest gRPC request or response in bytes (default: --max-body-size)",
     )
     parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
@@ -142,6 +154,14 @@ def _is_asgi_app(obj: Any) -> bool:
     return len(positional) == 3
 
 
+def _announce(server: Any) -> None:
+    print(
+        f"INFO:     batchkit gRPC running on {server.address} (KServe v2, tritonclient.grpc)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Serve until interrupted; return the exit status."""
     try:
@@ -162,7 +182,19 @@ def run(args: argparse.Namespace) -> int:
             app = repository_app(args.model_repository, args.load, args.poll_repository, options)
         else:
             app = app_for(args.target, **options)
+        if args.grpc_port is not None:
+            from ..asgi._grpc import GRPCBeside
+
+            app = GRPCBeside(
+                app,
+                host=args.host,
+                port=args.grpc_port,
+                max_message_size=args.grpc_max_message_size,
+                on_start=_announce,
+            )
     except ConfigurationError as exc:
         raise SystemExit(f"batchkit serve: {exc}") from None
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="auto")
+    # gRPC starts in the lifespan: "on" makes a failure to start it stop the server
+    lifespan: Literal["auto", "on"] = "auto" if args.grpc_port is None else "on"
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan=lifespan)
     return 0

@@ -2,7 +2,9 @@
 
 ``KServeApp`` is a plain ASGI app: run it with any ASGI server (``batchkit serve`` uses
 uvicorn) or mount it in your own Starlette/FastAPI app. Stock ``tritonclient.http`` clients
-and Triton's perf_analyzer talk to it unchanged. See docs/serving.md.
+and Triton's perf_analyzer talk to it unchanged. ``open_grpc_server`` (or ``serving(...,
+grpc_port=...)``, ``batchkit serve --grpc-port``) serves the same models over KServe v2 gRPC
+for ``tritonclient.grpc``. See docs/serving.md and docs/grpc.md.
 
 This module imports numpy; ``import batchkit`` does not.
 """
@@ -21,6 +23,8 @@ from ._app import Scope as Scope
 from ._app import Send as Send
 from ._model_repository import ModelRepository as ModelRepository
 from ._served import ServedModel as ServedModel
+from ._serving import ServingAddress as ServingAddress
+from ._serving import open_grpc_server as open_grpc_server
 from ._serving import serving as serving
 from ._tensors import DATATYPES as _DATATYPES
 from ._tensors import Tensor as Tensor
@@ -37,6 +41,8 @@ __all__ = (
     "Scope",
     "Send",
     "ServedModel",
+    "ServingAddress",
     "Tensor",
+    "open_grpc_server",
     "serving",
 )

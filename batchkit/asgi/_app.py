@@ -181,11 +181,13 @@ class KServeApp:
                 self._stopping = True
                 self._running = False
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
+    async def _lifespan(self, receive: Receive, send: Send, context: Any = None) -> None:
+        """Answer the ASGI lifespan protocol by entering ``context`` (default: ``lifespan()``)."""
         message = await receive()
         assert message["type"] == "lifespan.startup"
         try:
-            context = self.lifespan()
+            if context is None:
+                context = self.lifespan()
             await context.__aenter__()
         except Exception as exc:
             logger.exception("batchkit: the models failed to start")

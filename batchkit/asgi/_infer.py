@@ -26,7 +26,7 @@ from ._http import JSON, OCTETS, Receive, Response, Scope, accepted_encoding, he
 from ._protocol import InferRequest, encode_response, parse_request
 from ._served import ServedModel
 
-__all__ = ("COMPRESS_BYTES", "OFFLOAD_BYTES", "infer", "remote_error")
+__all__ = ("COMPRESS_BYTES", "OFFLOAD_BYTES", "infer", "remote_error", "run_request")
 
 logger = logging.getLogger("batchkit.asgi")
 
@@ -71,6 +71,30 @@ async def _infer(
     if claim is not None:  # parsed: keep charged only what stays alive until the answer
         claim.refund(claim.size - retained_bytes(len(received), request.arrays))
     del received  # parsed; binary inputs are views of it
+    arrays, version, mixed = await run_request(served, request)
+    size = _output_bytes(arrays)
+    encoding = accepted_encoding(headers.get("accept-encoding"), small=size < COMPRESS_BYTES)
+    job = (served.name, version, request, arrays, mixed, encoding)
+    if size > OFFLOAD_BYTES:
+        body, header_size = await anyio.to_thread.run_sync(encode_outputs, *job)
+    else:
+        body, header_size = encode_outputs(*job)
+    response_headers = list(JSON if header_size is None else OCTETS)
+    if header_size is not None:
+        response_headers.append((b"inference-header-content-length", str(header_size).encode()))
+    if encoding is not None:
+        response_headers.append((b"content-encoding", encoding.encode()))
+    return Response(200, response_headers, body, served.name, version)
+
+
+async def run_request(
+    served: ServedModel, request: InferRequest
+) -> tuple[dict[str, Any], str, list[str] | None]:
+    """Run a parsed request's rows through ``served``'s model; return its output arrays, the
+    version that answered, and every row's version when they differ (``HTTPError`` for errors).
+
+    Shared by HTTP and gRPC, which map the ``HTTPError`` to their own status.
+    """
     model = served.model
     items = served.items(request.arrays, request.rows)
     try:
@@ -119,19 +143,7 @@ async def _infer(
     version = results[0].version
     versions = [r.version for r in results]
     mixed = versions if any(v != version for v in versions) else None
-    size = _output_bytes(arrays)
-    encoding = accepted_encoding(headers.get("accept-encoding"), small=size < COMPRESS_BYTES)
-    job = (served.name, version, request, arrays, mixed, encoding)
-    if size > OFFLOAD_BYTES:
-        body, header_size = await anyio.to_thread.run_sync(encode_outputs, *job)
-    else:
-        body, header_size = encode_outputs(*job)
-    response_headers = list(JSON if header_size is None else OCTETS)
-    if header_size is not None:
-        response_headers.append((b"inference-header-content-length", str(header_size).encode()))
-    if encoding is not None:
-        response_headers.append((b"content-encoding", encoding.encode()))
-    return Response(200, response_headers, body, served.name, version)
+    return arrays, version, mixed
 
 
 def remote_error(name: str, exc: RemoteError) -> HTTPError:

@@ -76,25 +76,34 @@ class Repository:
         else:
             with self._budget.claim() as claim:
                 request = await self._request(receive, headers, claim)
+        answer = await self.answer(parts, request)
+        return Response(200, JSON, b"") if answer is None else json_response(200, answer)
+
+    async def answer(self, parts: list[str], request: dict[str, Any]) -> list[Any] | None:
+        """Answer an authorized repository request: ``["index"]`` (the index, a list) or
+        ``["models", name, "load" | "unload"]`` (None); raise ``HTTPError`` for errors.
+
+        Shared by HTTP and gRPC (whose request is turned into the same JSON object).
+        """
         if self._folder is not None:
-            return await self._folder_route(self._folder, parts, request)
+            return await self._folder_answer(self._folder, parts, request)
         if parts == ["index"]:
-            return json_response(200, self._index(request))
+            return self._index(request)
         name = parts[1]
         if name not in self._served:
             raise HTTPError(f"unknown model {name!r}; serving {sorted(self._served)}", status=404)
         if parts[2] == "unload":
             self.unloaded.add(name)
             logger.info("batchkit: model %r unloaded", name)
-            return Response(200, JSON, b"")
+            return None
         await self._load(name, request)
-        return Response(200, JSON, b"")
+        return None
 
-    async def _folder_route(
+    async def _folder_answer(
         self, folder: ModelRepository, parts: list[str], request: dict[str, Any]
-    ) -> Response:
+    ) -> list[Any] | None:
         if parts == ["index"]:
-            return json_response(200, folder.index(ready=request.get("ready", False) is True))
+            return folder.index(ready=request.get("ready", False) is True)
         name, action = parts[1], parts[2]
         params = request.get("parameters", {})
         if not isinstance(params, dict) or params:
@@ -106,7 +115,7 @@ class Repository:
             if action == "unload":
                 await folder.unload_model(name)
                 logger.info("batchkit: model %r unloaded", name)
-                return Response(200, JSON, b"")
+                return None
             await folder.load_model(name)
         except ConfigurationError as exc:
             raise HTTPError(str(exc), status=404) from None
@@ -115,7 +124,7 @@ class Repository:
             reasons = "; ".join(e["reason"] for e in failed)
             raise HTTPError(f"loading model {name!r} failed: {reasons}", status=400)
         logger.info("batchkit: model %r loaded from the repository", name)
-        return Response(200, JSON, b"")
+        return None
 
     async def _request(
         self, receive: Receive, headers: Mapping[str, str], claim: Claim | None

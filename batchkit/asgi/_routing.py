@@ -30,7 +30,14 @@ from ._http import (
 from ._served import ServedModel
 from ._tensors import describe
 
-__all__ = ("ROUTING_KEY_HEADER", "RoutingAdmin", "pinned", "routed_versions", "with_key")
+__all__ = (
+    "ROUTING_KEY_HEADER",
+    "RoutingAdmin",
+    "pinned",
+    "routed_by_key",
+    "routed_versions",
+    "with_key",
+)
 
 logger = logging.getLogger("batchkit.asgi")
 
@@ -58,8 +65,13 @@ def with_key(served: ServedModel, scope: Scope) -> ServedModel:
     """Return ``served`` routed by the request's routing key, when it is a deployment."""
     if not isinstance(served.model, Deployment):
         return served
-    key = headers_of(scope).get(ROUTING_KEY_HEADER)
-    if key is None:
+    return routed_by_key(served, headers_of(scope).get(ROUTING_KEY_HEADER))
+
+
+def routed_by_key(served: ServedModel, key: str | None) -> ServedModel:
+    """Return ``served`` routed by the routing ``key`` (a header over HTTP, call metadata over
+    gRPC; None: no key), when it is a deployment."""
+    if key is None or not isinstance(served.model, Deployment):
         return served
     if not key or len(key) > _MAX_KEY:
         raise BadRequest(

@@ -21,13 +21,16 @@ __all__ = ("BackgroundServer", "serve")
 class BackgroundServer:
     """An ASGI app served by uvicorn on a background thread; see ``serve()``."""
 
-    def __init__(self, app: Any, *, host: str) -> None:
+    def __init__(self, app: Any, *, host: str, grpc_port: int | None = None) -> None:
         self.app = app
         self._stack = contextlib.ExitStack()
         from ..asgi import serving  # imports numpy: only once a server starts
 
-        self.address: str = self._stack.enter_context(serving(app, host=host))
+        address = self._stack.enter_context(serving(app, host=host, grpc_port=grpc_port))
+        self.address: str = str(address)
         """``host:port``, as ``tritonclient`` clients take it."""
+        self.grpc_address: str | None = address.grpc
+        """The gRPC server's ``host:port`` (for ``tritonclient.grpc``), or None without one."""
         self.host, _, port = self.address.rpartition(":")
         self.port = int(port)
         self._running = True
@@ -63,7 +66,7 @@ class BackgroundServer:
         return f"<BackgroundServer {self.url} {state}>"
 
 
-def serve(app: Any, *, host: str = "127.0.0.1") -> BackgroundServer:
+def serve(app: Any, *, host: str = "127.0.0.1", grpc_port: int | None = None) -> BackgroundServer:
     """Serve ``app`` over HTTP on a background thread and return the running server.
 
     ``app`` is any ASGI app (a ``batchkit.asgi.KServeApp``, your own), or what ``KServeApp``
@@ -72,7 +75,8 @@ def serve(app: Any, *, host: str = "127.0.0.1") -> BackgroundServer:
     before this returns: read ``server.address`` (``host:port``, for tritonclient),
     ``server.url`` or ``server.port``. Safe from a notebook cell: uvicorn runs its own event
     loop on its own thread (``batchkit-http``). Stop it with ``server.stop()`` or a ``with``
-    block.
+    block. ``grpc_port`` (0: a free one) also serves KServe v2 gRPC in that loop, over the
+    same models: read ``server.grpc_address``.
 
     Raises ``ConfigurationError`` for something that is neither an app nor models,
     ``ImportError`` without uvicorn (``pip install 'batchkit[server]'``).
@@ -83,7 +87,7 @@ def serve(app: Any, *, host: str = "127.0.0.1") -> BackgroundServer:
         app = KServeApp(app)
     elif not callable(app):
         raise ConfigurationError(f"expected an ASGI app or models to serve, got {app!r}")
-    return BackgroundServer(app, host=host)
+    return BackgroundServer(app, host=host, grpc_port=grpc_port)
 
 
 def _is_models(obj: Any) -> bool:

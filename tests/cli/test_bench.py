@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,11 @@ SERVED = textwrap.dedent(
 )
 
 
+def pythonpath(where: Path) -> str:
+    """``where`` first, then the caller's PYTHONPATH (a checkout run without installing)."""
+    return os.pathsep.join(p for p in (str(where), os.environ.get("PYTHONPATH", "")) if p)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -57,31 +63,46 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Run ``batchkit serve`` on a free loopback port; yield ``host:port``."""
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """Run ``batchkit serve --grpc-port 0`` on free loopback ports; yield the HTTP and gRPC
+    ``host:port``."""
     where = tmp_path_factory.mktemp("served")
     (where / "bench_models.py").write_text(SERVED)
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "batchkit", "serve", "bench_models:models", "--port", str(port)],
+        [sys.executable, "-m", "batchkit", "serve", "bench_models:models", "--port", str(port),
+         "--grpc-port", "0"],
         cwd=where,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(where)},
-    )
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": pythonpath(where)},
+    )  # fmt: skip
     assert proc.stderr is not None
     try:
-        for line in proc.stderr:  # uvicorn logs this line once it listens
+        grpc = ""
+        for line in proc.stderr:  # the gRPC line, then uvicorn's once HTTP listens
+            if "batchkit gRPC running on" in line:
+                grpc = line.split("running on ")[1].split()[0]
             if "Uvicorn running on" in line:
                 break
         else:
             pytest.fail(f"the server exited: {proc.wait()}")
-        yield f"127.0.0.1:{port}"
+        # drain the rest (access log lines), so the server never blocks writing it
+        drain = threading.Thread(target=proc.stderr.read, name="stderr-drain")
+        drain.start()
+        yield f"127.0.0.1:{port}", grpc
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        drain.join(10)
         proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def server(served: tuple[str, str]) -> str:
+    """The HTTP ``host:port`` of the served models."""
+    return served[0]
 
 
 def bench(tmp_path: Path, *args: str, timeout: float = 90) -> tuple[int, dict[str, Any], str]:
@@ -242,3 +263,63 @@ def test_plot(server: str, tmp_path: Path) -> None:
     )  # fmt: skip
     assert status == 0, output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grpc_closed_loop_with_the_batch_size_from_metrics(
+    served: tuple[str, str], tmp_path: Path
+) -> None:
+    pytest.importorskip("tritonclient.grpc")
+    http, grpc = served
+    status, report, output = bench(
+        tmp_path, grpc, "--protocol", "grpc", "-m", "double", "--concurrency", "1,8",
+        "--requests", "200", "--warmup", "0", "--metrics-url", http,
+    )  # fmt: skip
+    assert status == 0, output
+    for step in report["steps"]:
+        check_step(step)
+        assert step["ok"] == 200 and step["failed"] == 0
+        assert step["server_batch_size"] >= 1
+    status, report, output = bench(
+        tmp_path, grpc, "--protocol", "grpc", "-m", "mixed", "--concurrency", "2",
+        "--requests", "20", "--warmup", "0",
+    )  # fmt: skip
+    assert status == 0, output
+    assert report["steps"][0]["ok"] == 20
+    assert report["steps"][0]["server_batch_size"] is None  # no --metrics-url
+
+
+def test_grpc_rejections_are_counted(served: tuple[str, str], tmp_path: Path) -> None:
+    pytest.importorskip("tritonclient.grpc")
+    status, report, output = bench(
+        tmp_path, served[1], "--protocol", "grpc", "-m", "tight", "--concurrency", "16",
+        "--duration", "1", "--warmup", "0",
+    )  # fmt: skip
+    assert status == 1, output
+    (step,) = report["steps"]
+    check_step(step)
+    assert step["errors"]["reject"] > 0
+    assert step["errors"]["other"] == 0
+    assert "UNAVAILABLE" in step["error_samples"]["reject"]
+
+
+def test_grpc_refuses_json_tensors(tmp_path: Path) -> None:
+    status, _, output = bench(
+        tmp_path, "127.0.0.1:1", "--protocol", "grpc", "-m", "x", "--json-tensors"
+    )
+    assert status == 2
+    assert "--json-tensors is for HTTP" in output
+
+
+def test_compare_over_grpc(tmp_path: Path) -> None:
+    pytest.importorskip("tritonclient.grpc")
+    status, report, output = bench(
+        tmp_path, "--compare", "--protocol", "grpc", "--concurrency", "16", "--duration", "1",
+        "--warmup", "0.2",
+    )  # fmt: skip
+    assert status == 0, output
+    (batched,), (unbatched,) = report["compare"]["batched"], report["compare"]["unbatched"]
+    for step in (batched, unbatched):
+        check_step(step)
+        assert step["failed"] == 0
+    assert unbatched["server_batch_size"] == 1.0
+    assert batched["server_batch_size"] > 1

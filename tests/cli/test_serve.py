@@ -122,3 +122,66 @@ def test_served_model_refuses_a_non_model() -> None:
     model = BatchedModel(lambda xs: xs, name="m")
     with pytest.raises(ConfigurationError, match="'/'"):
         ServedModel(model, name="a/b")
+
+
+def test_grpc_port_needs_a_kserve_app(target_module: str) -> None:
+    with pytest.raises(SystemExit, match="gRPC serves a KServeApp"):
+        main(["serve", f"{target_module}:raw_app", "--port", "1", "--grpc-port", "0"])
+
+
+@pytest.mark.timeout(60)
+def test_a_grpc_port_in_use_stops_the_server_with_the_reason() -> None:
+    pytest.importorskip("grpc_health")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        grpc_port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-W", "error", "-m", "batchkit", "serve", "--port",
+             str(free_port()), "--grpc-port", str(grpc_port)],
+            capture_output=True, text=True, timeout=50,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+    assert proc.returncode != 0
+    assert f"cannot serve gRPC on 127.0.0.1:{grpc_port}" in proc.stderr
+    assert "Application startup failed" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_batchkit_serve_grpc_port_serves_the_demo_model_over_grpc() -> None:
+    import numpy as np
+
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    grpc_port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-W", "error", "-m", "batchkit", "serve", "--port", str(free_port()),
+         "--grpc-port", str(grpc_port), "--grpc-max-message-size", "1000"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "Uvicorn running on" in line:
+                break
+            if "batchkit gRPC running on" in line:
+                assert f"127.0.0.1:{grpc_port}" in line
+        else:
+            pytest.fail(f"the server exited: {proc.wait()}")
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        try:
+            assert client.is_server_ready()
+            inp = grpcclient.InferInput("INPUT0", [1, 16], "FP32")
+            inp.set_data_from_numpy(np.ones((1, 16), np.float32))
+            assert client.infer("demo", [inp]).as_numpy("OUTPUT0").tolist() == [[3.0] * 16]
+            big = grpcclient.InferInput("INPUT0", [1, 300], "FP32")  # 1,200 bytes > 1,000
+            big.set_data_from_numpy(np.ones((1, 300), np.float32))
+            with pytest.raises(grpcclient.InferenceServerException, match="larger than max"):
+                client.infer("demo", [big])
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        if proc.stderr is not None:
+            proc.stderr.read()
+            proc.stderr.close()

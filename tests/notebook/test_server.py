@@ -86,3 +86,25 @@ def test_serve_refuses_what_is_neither_an_app_nor_models() -> None:
     with pytest.raises(ConfigurationError, match="expected an ASGI app or models to serve, got 42"):
         serve(42)
     assert server_threads() == []
+
+
+def test_serve_with_grpc_beside_http() -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    pytest.importorskip("grpc_health")
+    model = BatchedModel(double_rows)
+    with serve(model, grpc_port=0) as server:
+        assert server.grpc_address is not None
+        assert server.grpc_address != server.address
+        client = grpcclient.InferenceServerClient(server.grpc_address)
+        try:
+            inp = grpcclient.InferInput("INPUT0", [1, 2], "FP32")
+            inp.set_data_from_numpy(np.array([[1.0, 2.5]], np.float32))
+            result = client.infer("double_rows", [inp])
+            assert result.as_numpy("OUTPUT0").tolist() == [[2.0, 5.0]]
+        finally:
+            client.close()
+        assert infer(server.url, [3.0]) == [6.0]  # the same model, over HTTP
+        assert model.statistics().completed == 2
+    assert server_threads() == []
+    with serve(model) as plain:
+        assert plain.grpc_address is None
