@@ -302,7 +302,7 @@ class KServeApp:
         if not infer:
             return Admitted(key, {}), scope
         if gateway.rows:  # the infer code spends the rows once it has parsed them
-            return None, {**scope, "batchkit.admit": partial(gateway.admit, key)}
+            return None, {**scope, "batchkit_admit": partial(gateway.admit, key)}
         return await gateway.admit(key), scope
 
     async def _gateway_route(self, scope: Scope, receive: Receive, parts: list[str]) -> Response:
