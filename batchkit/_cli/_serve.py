@@ -18,7 +18,7 @@ __all__ = ("add_parser", "app_for", "repository_app", "run")
 
 ADMIN_TOKEN_ENV = "BATCHKIT_ADMIN_TOKEN"
 
-logger = logging.getLogger("batchkit.gateway")
+logger = logging.getLogger("batchkit.asgi")
 
 
 def add_parser(subparsers: Any) -> None:

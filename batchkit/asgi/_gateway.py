@@ -44,7 +44,7 @@ __all__ = (
     "parse_rate",
 )
 
-logger = logging.getLogger("batchkit.gateway")
+logger = logging.getLogger("batchkit.asgi")
 
 _UNITS = {
     "s": 1.0,
