@@ -287,11 +287,10 @@ class KServeApp:
         (None for open routes) and the scope to route with."""
         gateway = self.gateway
         assert gateway is not None
-        open_route = (
+        open_route = (  # health checks, and the admin endpoints (the admin token guards those)
             parts[:2] == ["v2", "health"]
             or (parts[:2] == ["v2", "models"] and parts[-1] == "ready")
-            or parts[:2] == ["v2", "repository"]  # the admin token guards it
-            or parts[:2] == ["v2", "gateway"]
+            or parts[:2] in (["v2", "repository"], ["v2", "routing"], ["v2", "gateway"])
         )
         infer = parts[:2] == ["v2", "models"] and parts[-1] == "infer" and len(parts) >= 4
         if open_route or (not infer and not gateway.protect_metadata):
