@@ -138,7 +138,9 @@ def measure(servers: dict[str, tuple[str, subprocess.Popen[Any]]]) -> Findings:
         f"{REQUESTS_PER_ROUND} per round, {ROUNDS} rounds in rotated order"
     )
     for name in servers:
-        f.figure(f"{name}_rps", f"{name}: requests/s (median of rounds)", median(rps[name]), "req/s")
+        f.figure(
+            f"{name}_rps", f"{name}: requests/s (median of rounds)", median(rps[name]), "req/s"
+        )
         ms = [1e3 * v for v in lat[name]]
         f.figure(f"{name}_p50", f"{name}: latency p50", percentile(ms, 0.5), "ms")
         f.figure(f"{name}_p99", f"{name}: latency p99", percentile(ms, 0.99), "ms")
