@@ -6,8 +6,8 @@ import argparse
 import inspect
 import logging
 import os
-import sys
 import signal
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
