@@ -326,3 +326,50 @@ async def test_keys_never_reach_the_log(tmp_path: Path, caplog: pytest.LogCaptur
             await infer(app, {"x-api-key": "wrong-secret"})
             await anyio.lowlevel.checkpoint()
     assert "bob-secret" not in caplog.text and "wrong-secret" not in caplog.text
+
+
+# -- gRPC: the same keys and limits, from call metadata ------------------------------------------
+
+
+def test_grpc_calls_carry_their_key_in_metadata(tmp_path: Path) -> None:
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    from batchkit.asgi import serving
+
+    app = make_app(tmp_path, protect_metadata=True)
+    with serving(app, grpc_port=0) as address:
+        client = grpcclient.InferenceServerClient(address.grpc)
+        try:
+            assert client.is_server_live() and client.is_server_ready()  # health: no key
+            assert client.is_model_ready("m")
+            inp = grpcclient.InferInput("X", [1, 3], "FP32")
+            inp.set_data_from_numpy(np.array([ROW], np.float32))
+
+            def status_of(**kwargs: Any) -> str:
+                with pytest.raises(InferenceServerException) as info:
+                    client.infer("m", [inp], **kwargs)
+                return str(info.value.status())
+
+            assert status_of() == "StatusCode.UNAUTHENTICATED"
+            assert status_of(headers={"authorization": "Bearer nope"}) == (
+                "StatusCode.UNAUTHENTICATED"
+            )
+            assert status_of(headers={"x-api-key": "mallory-secret"}) == (
+                "StatusCode.PERMISSION_DENIED"
+            )
+            alice = {"authorization": "Bearer alice-secret"}
+            assert client.infer("m", [inp], headers=alice).as_numpy("Y").tolist() == [ROW]
+            with pytest.raises(InferenceServerException, match="API key"):
+                client.get_model_metadata("m")  # protected by the option
+            assert client.get_model_metadata("m", headers=alice).name == "m"
+            bob = {"x-api-key": "bob-secret"}  # 2/min
+            client.infer("m", [inp], headers=bob)
+            client.infer("m", [inp], headers=bob)
+            assert status_of(headers=bob) == "StatusCode.RESOURCE_EXHAUSTED"
+        finally:
+            client.close()
+    counts = app.gateway.counts if app.gateway is not None else {}
+    assert counts[("bob", "limited")] == 1 and counts[("bob", "allowed")] == 2
+    assert counts[("mallory", "forbidden")] == 1
