@@ -236,6 +236,11 @@ class ServerMetrics:
             registry=self.registry,
         )
 
+    def add_gateway(self, counts: Callable[[], tuple[dict[tuple[str, str], int], int]]) -> None:
+        """Export the gateway's counts, read per scrape from ``counts()``: requests by key name
+        and outcome (allowed, limited, unauthorized, forbidden), and rate-limit store errors."""
+        self.registry.register(_GatewayCollector(counts))
+
     def observe_request(self, model: str, version: str | None, status: int, seconds: float) -> None:
         """Count one inference request for ``model`` answered with ``status`` after ``seconds``."""
         version = "" if version is None else version
@@ -245,3 +250,25 @@ class ServerMetrics:
     def render(self) -> tuple[bytes, str]:
         """Return the exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _GatewayCollector(Collector):
+    def __init__(self, counts: Callable[[], tuple[dict[tuple[str, str], int], int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        counts, store_errors = self._counts()
+        requests = CounterMetricFamily(
+            "batchkit_gateway_requests",
+            "Requests the gateway saw, by API key name and outcome.",
+            labels=["key", "outcome"],
+        )
+        for (key, outcome), n in sorted(counts.items()):
+            requests.add_metric([key, outcome], n)
+        yield requests
+        errors = CounterMetricFamily(
+            "batchkit_gateway_store_errors",
+            "Rate-limit store calls that failed or timed out.",
+        )
+        errors.add_metric([], store_errors)
+        yield errors

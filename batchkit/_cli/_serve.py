@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import os
+import signal
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -15,6 +17,8 @@ from .._target import import_target, routed_models_of
 __all__ = ("add_parser", "app_for", "repository_app", "run")
 
 ADMIN_TOKEN_ENV = "BATCHKIT_ADMIN_TOKEN"
+
+logger = logging.getLogger("batchkit.asgi")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -79,6 +83,34 @@ def add_parser(subparsers: Any) -> None:
         help="largest gRPC request or response in bytes (default: --max-body-size)",
     )
     parser.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    gate = parser.add_argument_group("gateway (API keys and rate limits; docs/security.md)")
+    gate.add_argument("--api-keys", metavar="FILE", help="JSON file of API keys; SIGHUP reloads")
+    gate.add_argument(
+        "--rate-limit", metavar="RATE", help="default limit per key, e.g. 100/s or 6000/min"
+    )
+    gate.add_argument(
+        "--rate-limit-burst", type=float, metavar="N", help="units at once (default: the rate)"
+    )
+    gate.add_argument(
+        "--rate-limit-rows", action="store_true", help="count rows (items), not requests"
+    )
+    gate.add_argument(
+        "--rate-limit-store",
+        default="memory",
+        metavar="STORE",
+        help="'memory' (default, this process) or redis://host:port/db (shared by replicas)",
+    )
+    gate.add_argument(
+        "--rate-limit-on-error",
+        choices=("open", "closed"),
+        default="open",
+        help="when the store fails: let requests through (open, default) or refuse them (503)",
+    )
+    gate.add_argument(
+        "--protect-metadata",
+        action="store_true",
+        help="metadata, config and /metrics need a key too (health never does)",
+    )
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
     parser.set_defaults(command=run)
 
@@ -175,6 +207,17 @@ def run(args: argparse.Namespace) -> int:
         "admin_token": os.environ.get(ADMIN_TOKEN_ENV) or None,
         "weights_dir": args.weights_dir,
     }
+    gateway = {
+        "api_keys": args.api_keys,
+        "rate_limit": args.rate_limit,
+        "rate_limit_burst": args.rate_limit_burst,
+        "rate_limit_rows": args.rate_limit_rows,
+        "rate_limit_store": args.rate_limit_store,
+        "rate_limit_on_error": args.rate_limit_on_error,
+        "protect_metadata": args.protect_metadata,
+    }
+    if args.api_keys is not None or args.rate_limit is not None:
+        options.update(gateway)
     try:
         if args.model_repository is not None:
             if args.target is not None:
@@ -194,7 +237,32 @@ def run(args: argparse.Namespace) -> int:
             )
     except ConfigurationError as exc:
         raise SystemExit(f"batchkit serve: {exc}") from None
+    if (args.api_keys is not None or args.rate_limit is not None) and getattr(
+        app, "gateway", None
+    ) is None:
+        raise SystemExit(
+            "batchkit serve: the gateway options need a model target (the app given builds "
+            "its own KServeApp: pass it api_keys=/rate_limit=)"
+        )
+    _reload_keys_on_sighup(app)
     # gRPC starts in the lifespan: "on" makes a failure to start it stop the server
     lifespan: Literal["auto", "on"] = "auto" if args.grpc_port is None else "on"
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan=lifespan)
     return 0
+
+
+def _reload_keys_on_sighup(app: Any) -> None:
+    """Reload the app's keys file on SIGHUP (where the platform has it)."""
+    gateway = getattr(app, "gateway", None)
+    hup = getattr(signal, "SIGHUP", None)
+    if gateway is None or gateway.keys is None or hup is None:
+        return
+    keys = gateway.keys
+
+    def reload(signum: int, frame: Any) -> None:
+        try:
+            keys.reload()
+        except ConfigurationError as exc:
+            logger.error("batchkit: the keys file was not reloaded: %s", exc)
+
+    signal.signal(hup, reload)

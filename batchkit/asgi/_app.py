@@ -8,12 +8,14 @@ import os
 import time
 from collections.abc import Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 from typing import Any
 
 from .._core import BatchedModel, ConfigurationError, Deployment
 from .._version import __version__
 from ._budget import MemoryBudget
 from ._errors import HTTPError
+from ._gateway import Admitted, Gateway, OnStoreError, build_gateway, credential_of
 from ._http import (
     JSON,
     ASGIApp,
@@ -23,6 +25,7 @@ from ._http import (
     Send,
     allow,
     error_response,
+    headers_of,
     json_response,
 )
 from ._infer import infer
@@ -71,6 +74,14 @@ class KServeApp:
       which then require ``Authorization: Bearer <admin_token>``.
     - ``weights_dir``: the directory that weight paths given to the load endpoint are
       relative to, and must stay inside.
+    - ``api_keys``: a keys file (see docs/security.md): every request but the health checks
+      then needs a key, as ``Authorization: Bearer <key>`` or ``X-API-Key``; metadata,
+      config and ``/metrics`` too with ``protect_metadata``. ``rate_limit`` (``"100/s"``) is
+      the default limit per key (keys may set their own; ``rate_limit_burst`` sets the
+      burst), counted in rows with ``rate_limit_rows``, kept in ``rate_limit_store``
+      (``"memory"``, the default, or a ``redis://`` URL shared by replicas); when that store
+      fails, ``rate_limit_on_error`` lets requests through (``"open"``) or refuses them
+      (``"closed"``). Or pass a ready ``gateway``.
 
     The app's lifespan runs every model's engine in the server's event loop (``async with``).
     When it is mounted in another app that does not forward lifespan events, enter
@@ -91,6 +102,14 @@ class KServeApp:
         metrics: bool | None = None,
         admin_token: str | None = None,
         weights_dir: str | os.PathLike[str] | None = None,
+        api_keys: str | os.PathLike[str] | None = None,
+        rate_limit: str | None = None,
+        rate_limit_burst: float | None = None,
+        rate_limit_rows: bool = False,
+        rate_limit_store: str = "memory",
+        rate_limit_on_error: OnStoreError = "open",
+        protect_metadata: bool = False,
+        gateway: Gateway | None = None,
     ) -> None:
         self._model_repository = models if isinstance(models, ModelRepository) else None
         if isinstance(models, (ServedModel, BatchedModel, Deployment)):
@@ -138,6 +157,17 @@ class KServeApp:
         self._routing = RoutingAdmin(
             self._served, self._repository._authorize, max_body_size, self.budget
         )
+        self.gateway = gateway
+        if gateway is None and (api_keys is not None or rate_limit is not None):
+            self.gateway = build_gateway(
+                api_keys=api_keys,
+                rate_limit=rate_limit,
+                burst=rate_limit_burst,
+                rows=rate_limit_rows,
+                store=rate_limit_store,
+                on_store_error=rate_limit_on_error,
+                protect_metadata=protect_metadata,
+            )
         self._running = False
         self._stopping = False
         self._metrics: Any = None
@@ -150,6 +180,9 @@ class KServeApp:
                 self._metrics = ServerMetrics([(m.name, m.model) for m in served])
             else:  # its models come and go: read them per scrape
                 self._metrics = ServerMetrics(lambda: [(m.name, m.model) for m in self.models])
+            if self.gateway is not None:
+                gate = self.gateway
+                self._metrics.add_gateway(lambda: (dict(gate.counts), gate.store_errors))
 
     @property
     def models(self) -> list[ServedModel]:
@@ -174,6 +207,8 @@ class KServeApp:
                 await stack.enter_async_context(self._model_repository.running())
             for served in self.models if self._model_repository is None else ():
                 await stack.enter_async_context(served.model)
+            if self.gateway is not None:
+                stack.push_async_callback(self.gateway.aclose)
             self._running, self._stopping = True, False
             try:
                 yield self
@@ -226,19 +261,62 @@ class KServeApp:
         if root and (path == root or path.startswith(root + "/")):
             path = path[len(root) :]
         start = time.perf_counter()
+        parts = path.strip("/").split("/")
+        admitted = None
         try:
-            response = await self._route(scope, receive, path.strip("/").split("/"))
+            if self.gateway is not None:
+                admitted, scope = await self._gate(scope, parts)
+            response = await self._route(scope, receive, parts)
         except HTTPError as exc:
             response = error_response(exc.status, exc.message, exc.headers)
             response.model, response.version = exc.model, exc.version
         except Exception:
             logger.exception("batchkit: internal error serving %s %s", scope["method"], path)
             response = error_response(500, "internal server error; the server log has the details")
+        if admitted is not None and admitted.headers and response.status < 400:
+            extra = [(k.encode(), v.encode()) for k, v in admitted.headers.items()]
+            response.headers = [*response.headers, *extra]
         await response.send(send)
         if self._metrics is not None and response.model is not None:
             self._metrics.observe_request(
                 response.model, response.version, response.status, time.perf_counter() - start
             )
+
+    async def _gate(self, scope: Scope, parts: list[str]) -> tuple[Admitted | None, Scope]:
+        """Check the caller's key and limit for the route ``parts``; return what was admitted
+        (None for open routes) and the scope to route with."""
+        gateway = self.gateway
+        assert gateway is not None
+        open_route = (  # health checks, and the admin endpoints (the admin token guards those)
+            parts[:2] == ["v2", "health"]
+            or (parts[:2] == ["v2", "models"] and parts[-1] == "ready")
+            or parts[:2] in (["v2", "repository"], ["v2", "routing"], ["v2", "gateway"])
+        )
+        infer = parts[:2] == ["v2", "models"] and parts[-1] == "infer" and len(parts) >= 4
+        if open_route or (not infer and not gateway.protect_metadata):
+            return None, scope
+        headers = headers_of(scope)
+        credential = credential_of(headers.get("authorization"), headers.get("x-api-key"))
+        key = gateway.authenticate(credential)
+        if not infer:
+            return Admitted(key, {}), scope
+        if gateway.rows:  # the infer code spends the rows once it has parsed them
+            return None, {**scope, "batchkit_admit": partial(gateway.admit, key)}
+        return await gateway.admit(key), scope
+
+    async def _gateway_route(self, scope: Scope, receive: Receive, parts: list[str]) -> Response:
+        if parts != ["reload"]:
+            raise HTTPError(f"no route {scope['path']!r}", status=404)
+        allow(scope["method"], "POST")
+        self._repository._authorize(headers_of(scope))
+        gateway = self.gateway
+        if gateway is None or gateway.keys is None:
+            raise HTTPError("no API keys file is configured", status=404)
+        try:
+            count = gateway.keys.reload()
+        except ConfigurationError as exc:
+            raise HTTPError(f"the keys file was not reloaded: {exc}", status=400) from None
+        return json_response(200, {"keys": count})
 
     async def _route(self, scope: Scope, receive: Receive, parts: list[str]) -> Response:
         method = scope["method"]
@@ -262,6 +340,8 @@ class KServeApp:
             return await self._repository.route(scope, receive, rest[1:])
         if rest[0] == "routing":
             return await self._routing.route(scope, receive, rest[1:])
+        if rest[0] == "gateway":
+            return await self._gateway_route(scope, receive, rest[1:])
         raise HTTPError(f"no route {scope['path']!r}", status=404)
 
     async def _model_route(self, scope: Scope, receive: Receive, parts: list[str]) -> Response:

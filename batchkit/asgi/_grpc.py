@@ -38,6 +38,7 @@ import anyio.to_thread
 
 from .._core import ConfigurationError, DeploymentStatistics
 from ._errors import HTTPError
+from ._gateway import credential_of
 from ._grpc_tensors import encode_infer_response, parse_infer_request
 from ._infer import OFFLOAD_BYTES, run_request
 from ._routing import ROUTING_KEY_HEADER, routed_by_key
@@ -58,6 +59,7 @@ GRPC_CODES: Mapping[int, grpc.StatusCode] = {
     405: grpc.StatusCode.UNIMPLEMENTED,
     409: grpc.StatusCode.ALREADY_EXISTS,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     500: grpc.StatusCode.INTERNAL,
     502: grpc.StatusCode.UNAVAILABLE,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -160,8 +162,8 @@ class _Abort(Exception):
 
 def _abort_of(exc: HTTPError) -> _Abort:
     code = GRPC_CODES.get(exc.status, grpc.StatusCode.INTERNAL)
-    retry = exc.headers.get("retry-after")
-    return _Abort(code, exc.message, (("retry-after", retry),) if retry else ())
+    # Its headers (Retry-After, the gateway's RateLimit-*) go as trailing metadata.
+    return _Abort(code, exc.message, tuple((k.lower(), v) for k, v in exc.headers.items()))
 
 
 class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -207,7 +209,11 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: Any, context: Any) -> Any:
-        return json_format.ParseDict(self._app._server_metadata(), pb.ServerMetadataResponse())
+        async def job() -> Any:
+            self._check_metadata_access(context)
+            return json_format.ParseDict(self._app._server_metadata(), pb.ServerMetadataResponse())
+
+        return await self._run(context, "ServerMetadata", job())
 
     def _loaded(self, name: str, version: str) -> ServedModel:
         served: ServedModel = self._app._find(name, version)
@@ -217,6 +223,7 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
 
     async def ModelMetadata(self, request: Any, context: Any) -> Any:
         async def job() -> Any:
+            self._check_metadata_access(context)
             served = self._loaded(request.name, request.version)
             metadata = served.metadata(self._app._versions(served.name))
             return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
@@ -225,6 +232,7 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
 
     async def ModelConfig(self, request: Any, context: Any) -> Any:
         async def job() -> Any:
+            self._check_metadata_access(context)
             served = self._loaded(request.name, request.version)
             config = served.config()
             if not served.version.isdigit():  # Triton's versions are numbers (int64)
@@ -237,6 +245,7 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
 
     async def ModelStatistics(self, request: Any, context: Any) -> Any:
         async def job() -> Any:
+            self._check_metadata_access(context)
             if request.name:
                 models = [self._app._find(request.name, request.version)]
             else:
@@ -247,12 +256,30 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
 
     # -- inference -----------------------------------------------------------------------------
 
-    async def _infer(self, request: Any, key: str | None) -> Any:
-        """Answer one infer request; ``key`` is the call's routing key (for a deployment)."""
+    def _caller(self, meta: Mapping[str, str]) -> Any:
+        """Return the caller's API key (None without a gateway or keys); raise the gateway's
+        ``GatewayError`` (UNAUTHENTICATED, PERMISSION_DENIED) for a missing or bad one."""
+        gateway = self._app.gateway
+        if gateway is None:
+            return None
+        return gateway.authenticate(credential_of(meta.get("authorization"), meta.get("x-api-key")))
+
+    def _check_metadata_access(self, context: Any) -> None:
+        gateway = self._app.gateway
+        if gateway is not None and gateway.protect_metadata:
+            self._caller(_metadata(context))
+
+    async def _infer(self, request: Any, key: str | None, meta: Mapping[str, str]) -> Any:
+        """Answer one infer request; ``key`` is the call's routing key (for a deployment),
+        ``meta`` its metadata (the gateway reads the API key there)."""
         app = self._app
         start = time.perf_counter()
         served: ServedModel | None = None
+        gateway = app.gateway
         try:
+            caller = self._caller(meta)
+            if gateway is not None and not gateway.rows:  # before any parsing
+                await gateway.admit(caller)
             served = routed_by_key(app._find(request.model_name, request.model_version), key)
             if served.name in app._repository.unloaded:
                 raise HTTPError(f"model {served.name!r} is unloaded", status=404)
@@ -261,6 +288,8 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
                 parsed = await anyio.to_thread.run_sync(parse_infer_request, served, request)
             else:
                 parsed = parse_infer_request(served, request)
+            if gateway is not None and gateway.rows:  # the rows, before any is queued
+                await gateway.admit(caller, parsed.rows)
             arrays, version, mixed = await run_request(served, parsed)
             job = (pb, served.name, version, parsed, arrays, mixed)
             if big or sum(a.nbytes for a in arrays.values()) > OFFLOAD_BYTES:
@@ -288,19 +317,22 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
             metrics.observe_request(model, version, status, time.perf_counter() - start)
 
     async def ModelInfer(self, request: Any, context: Any) -> Any:
-        key = _metadata(context).get(ROUTING_KEY_HEADER)
-        return await self._run(context, "ModelInfer", self._infer(request, key))
+        meta = _metadata(context)
+        key = meta.get(ROUTING_KEY_HEADER)
+        return await self._run(context, "ModelInfer", self._infer(request, key, meta))
 
     async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
         """Answer each request on the stream with one response, in the order they finish;
         a failed request gets a response with its ``error_message`` and the stream goes on."""
         answers: asyncio.Queue[Any] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
-        key = _metadata(context).get(ROUTING_KEY_HEADER)
+        meta = _metadata(context)
+        key = meta.get(ROUTING_KEY_HEADER)
 
         async def answer(request: Any) -> None:
             try:
-                reply = pb.ModelStreamInferResponse(infer_response=await self._infer(request, key))
+                response = await self._infer(request, key, meta)
+                reply = pb.ModelStreamInferResponse(infer_response=response)
             except HTTPError as exc:
                 reply = _stream_error(request, exc.message)
             except Exception:

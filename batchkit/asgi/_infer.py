@@ -71,6 +71,9 @@ async def _infer(
     if claim is not None:  # parsed: keep charged only what stays alive until the answer
         claim.refund(claim.size - retained_bytes(len(received), request.arrays))
     del received  # parsed; binary inputs are views of it
+    admit = scope.get("batchkit_admit")
+    if admit is not None:  # the gateway counts rows: spend them before any is queued
+        await admit(request.rows)
     arrays, version, mixed = await run_request(served, request)
     size = _output_bytes(arrays)
     encoding = accepted_encoding(headers.get("accept-encoding"), small=size < COMPRESS_BYTES)
