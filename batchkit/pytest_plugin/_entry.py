@@ -26,5 +26,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     """Register the plugin when the switch is on (it may be registered already: a no-op)."""
-    if config.getini("batchkit_benchmark"):
-        config.pluginmanager.import_plugin(PLUGIN)
+    if config.getini("batchkit_benchmark") and config.pluginmanager.get_plugin(PLUGIN) is None:
+        # Registered, not imported by name: importing this module imported the package, and
+        # pytest warns when asked to import (to rewrite) a module that is imported already.
+        from batchkit import pytest_plugin
+
+        config.pluginmanager.register(pytest_plugin, PLUGIN)
