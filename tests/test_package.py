@@ -74,10 +74,10 @@ def layer_of(name: str) -> tuple[int, str]:
         return ADAPTERS, head
     if head in ("_cli", "__main__"):
         return CLI, "_cli"
-    if head == "pytest_plugin":
+    if head in ("pytest_plugin", "_pytest_plugin"):
         # A front end like the command: it drives models through the adapters (the pipe
         # client) and the notebook profiler's sweep, so it sits beside the CLI, not below it.
-        return CLI, head
+        return CLI, "pytest_plugin"
     raise AssertionError(f"{name}: no layer for this path; add it to tests/test_package.py")
 
 

@@ -10,15 +10,16 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from batchkit import BatchedModel, ConfigurationError
+from batchkit._pytest_plugin._load import load_of
 from batchkit.notebook import aprofile
 from batchkit.pytest_plugin import PipeTarget, SweepPoint, sweep
-from batchkit.pytest_plugin._load import load_of
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ("-p", "batchkit.pytest_plugin")
@@ -399,10 +400,13 @@ def test_a_pipe_target_is_driven_through_its_child_process(suite: pytest.Pyteste
     suite.runpytest_subprocess(*PLUGIN).assert_outcomes(passed=1)
 
 
-@pytest.mark.timeout(120)
-def test_an_http_target_is_compared_with_another_on_the_same_server(
-    suite: pytest.Pytester,
-) -> None:
+@pytest.fixture
+def demo_server() -> Iterator[str]:
+    """The demo models (batched and not) on a real uvicorn server.
+
+    Request it before ``suite``: numpy and tritonclient must be imported before ``pytester``
+    snapshots ``sys.modules`` (it drops what the test imported, and numpy cannot load twice).
+    """
     pytest.importorskip("tritonclient.http")
     pytest.importorskip("uvicorn")
     from batchkit.asgi import KServeApp
@@ -411,23 +415,31 @@ def test_an_http_target_is_compared_with_another_on_the_same_server(
     from ..support.asgi import running_server
 
     with running_server(KServeApp(demo_models(unbatched=True))) as url:
-        suite.makepyfile(
-            test_http=f"""
-            from batchkit.pytest_plugin import HttpTarget
+        yield url
 
-            def test_http(batchkit_benchmark):
-                figures = batchkit_benchmark(
-                    HttpTarget({url!r}, "demo"), concurrency=8, requests=64, rounds=1,
-                    baseline=HttpTarget({url!r}, "demo_unbatched"),
-                )
-                assert figures.calls == 64
-                assert figures.failed == 0
-                assert 1.0 <= figures.mean_batch_size <= 8.0
-                assert figures.baseline == "http://{url}/demo_unbatched"
-                assert figures.ratio is not None and figures.ratio > 0
-            """
-        )
-        suite.runpytest_subprocess(*PLUGIN).assert_outcomes(passed=1)
+
+@pytest.mark.timeout(120)
+def test_an_http_target_is_compared_with_another_on_the_same_server(
+    demo_server: str, suite: pytest.Pytester
+) -> None:
+    url = demo_server
+    suite.makepyfile(
+        test_http=f"""
+        from batchkit.pytest_plugin import HttpTarget
+
+        def test_http(batchkit_benchmark):
+            figures = batchkit_benchmark(
+                HttpTarget({url!r}, "demo"), concurrency=8, requests=64, rounds=1,
+                baseline=HttpTarget({url!r}, "demo_unbatched"),
+            )
+            assert figures.calls == 64
+            assert figures.failed == 0
+            assert 1.0 <= figures.mean_batch_size <= 8.0
+            assert figures.baseline == "http://{url}/demo_unbatched"
+            assert figures.ratio is not None and figures.ratio > 0
+        """
+    )
+    suite.runpytest_subprocess(*PLUGIN).assert_outcomes(passed=1)
 
 
 # -- enabling it, and leaving other suites alone ---------------------------------------------
@@ -548,12 +560,26 @@ def test_enabling_it_twice_is_harmless(suite: pytest.Pytester) -> None:
             batchkit_benchmark(lambda xs: xs, [1], concurrency=1, requests=2, rounds=1)
         """
     )
-    result = suite.runpytest_subprocess(*PLUGIN, "-p", "batchkit.pytest_plugin._entry")
+    result = suite.runpytest_subprocess(*PLUGIN, "-p", "batchkit._pytest_plugin._entry")
     result.assert_outcomes(passed=1)
-    # Installed (the entry point), switched on in the ini, and named with -p too.
-    installed = _run(suite.path, _site_with_the_entry_point(suite.path), *PLUGIN, "-q")
-    assert installed.returncode == 0, installed.stdout + installed.stderr
-    assert "1 passed" in installed.stdout
+    # Installed (the entry point), switched on in the ini and the conftest, with -p or not.
+    site = _site_with_the_entry_point(suite.path)
+    for args in (PLUGIN, ()):
+        installed = _run(suite.path, site, *args, "-q")
+        assert installed.returncode == 0, installed.stdout + installed.stderr
+        assert "1 passed" in installed.stdout
+
+
+def test_the_entry_point_imports_nothing_of_the_plugin() -> None:
+    code = (
+        "import sys, batchkit._pytest_plugin._entry\n"
+        "print(sorted(m for m in sys.modules if m.startswith('batchkit.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert "batchkit.pytest_plugin" not in out.stdout
+    assert "batchkit.notebook" not in out.stdout
 
 
 def _entry_point() -> str:
@@ -565,7 +591,7 @@ def _entry_point() -> str:
 
 
 def test_the_entry_point_is_declared() -> None:
-    assert _entry_point() == "batchkit.pytest_plugin._entry"
+    assert _entry_point() == "batchkit._pytest_plugin._entry"
 
 
 # -- misuse gets a clear error ---------------------------------------------------------------

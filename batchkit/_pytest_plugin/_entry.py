@@ -27,8 +27,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     """Register the plugin when the switch is on (it may be registered already: a no-op)."""
     if config.getini("batchkit_benchmark") and config.pluginmanager.get_plugin(PLUGIN) is None:
-        # Registered, not imported by name: importing this module imported the package, and
-        # pytest warns when asked to import (to rewrite) a module that is imported already.
+        # Registered, not imported by name: a conftest may have imported it already (for
+        # `sweep`), and pytest warns when asked to import a module that is imported already.
         from batchkit import pytest_plugin
 
         config.pluginmanager.register(pytest_plugin, PLUGIN)

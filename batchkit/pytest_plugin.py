@@ -17,16 +17,16 @@ docs/pytest-benchmark.md.
 
 from __future__ import annotations
 
-from ._fixture import BatchBenchmark as BatchBenchmark
-from ._fixture import FigureClock as FigureClock
-from ._fixture import batchkit_benchmark as batchkit_benchmark
-from ._load import ERROR_KINDS as ERROR_KINDS
-from ._load import Figures as Figures
-from ._load import HttpTarget as HttpTarget
-from ._load import PipeTarget as PipeTarget
-from ._load import Round as Round
-from ._load import SweepPoint as SweepPoint
-from ._load import sweep as sweep
+from ._pytest_plugin._fixture import BatchBenchmark as BatchBenchmark
+from ._pytest_plugin._fixture import FigureClock as FigureClock
+from ._pytest_plugin._fixture import batchkit_benchmark as batchkit_benchmark
+from ._pytest_plugin._load import ERROR_KINDS as ERROR_KINDS
+from ._pytest_plugin._load import Figures as Figures
+from ._pytest_plugin._load import HttpTarget as HttpTarget
+from ._pytest_plugin._load import PipeTarget as PipeTarget
+from ._pytest_plugin._load import Round as Round
+from ._pytest_plugin._load import SweepPoint as SweepPoint
+from ._pytest_plugin._load import sweep as sweep
 
 __all__ = (
     "ERROR_KINDS",
