@@ -7,6 +7,7 @@ The scripted model takes ``FIXED + PER_ITEM * n`` seconds for a batch of n on tr
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -682,3 +683,38 @@ def test_a_model_names_its_settings_and_a_point_sets_the_load() -> None:
     assert (load.concurrency, load.warmup, load.requests) == (16, 16, 10)
     assert _load(model).requests == 256
     assert _load("tests.support.pipe_targets:double").target.name == "double"
+
+
+# -- the example suite ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_the_example_suite_runs_saves_and_compares(tmp_path: Path) -> None:
+    example = ROOT / "examples" / "pytest_benchmark"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    common = [sys.executable, "-m", "pytest", str(example), "-p", "no:cacheprovider", "-q"]
+    common.append(f"--benchmark-storage=file://{tmp_path / 'runs'}")
+
+    def run(*args: str) -> str:
+        out = subprocess.run(
+            [*common, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=80
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout + out.stderr
+
+    run("--benchmark-autosave", f"--benchmark-json={tmp_path / 'first.json'}")
+    found = benchmarks(tmp_path / "first.json")
+    assert sorted(found) == [
+        "test_embed_settings[bs32-wait0-mc1-c16]", "test_embed_settings[bs4-wait0-mc1-c16]",
+        "test_embed_under_concurrent_callers",
+    ]  # fmt: skip
+    for bench in found.values():
+        info = bench["extra_info"]
+        assert set(info) == KEYS
+        assert info["baseline"] == "unbatched"
+        assert sum(info["errors"].values()) == 0
+        # Every round recorded 1 / its ratio; the ratio reported is their median.
+        ratios = [1 / figure for figure in bench["stats"]["data"]]
+        assert min(ratios) <= info["ratio"] <= max(ratios)
+    compared = run("--benchmark-compare")
+    assert "0001_" in compared  # the saved run, in the comparison table
