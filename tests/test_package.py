@@ -258,6 +258,10 @@ PUBLIC = {
     "batchkit.metrics": (
         "BATCH_SIZE_BUCKETS", "LATENCY_BUCKETS", "ModelCollector", "ServerMetrics",
     ),
+    "batchkit.pytest_plugin": (
+        "ERROR_KINDS", "BatchBenchmark", "FigureClock", "Figures", "HttpTarget", "PipeTarget",
+        "Round", "SweepPoint", "batchkit_benchmark", "sweep",
+    ),
 }  # fmt: skip
 NEEDS = {
     "batchkit.asgi": "numpy",

@@ -549,6 +549,9 @@ def test_the_ini_switch_enables_the_plugin_through_the_entry_point(
     on = _run(suite.path, site, "-q", "--strict-config")
     assert on.returncode == 0, on.stdout + on.stderr
     assert "1 passed" in on.stdout
+    # -p no:batchkit turns the entry point off: the switch is then an unknown option.
+    off = _run(suite.path, site, "-q", "-p", "no:batchkit")
+    assert "Unknown config option: batchkit_benchmark" in off.stdout
 
 
 @pytest.mark.timeout(120)
@@ -718,3 +721,49 @@ def test_the_example_suite_runs_saves_and_compares(tmp_path: Path) -> None:
         assert min(ratios) <= info["ratio"] <= max(ratios)
     compared = run("--benchmark-compare")
     assert "0001_" in compared  # the saved run, in the comparison table
+
+
+# -- the docs -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_the_python_blocks_of_the_docs_page_run_as_a_suite(suite: pytest.Pytester) -> None:
+    page = (ROOT / "docs" / "pytest-benchmark.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert len(blocks) == 3
+    suite.makepyfile(**{f"test_block_{n}": block for n, block in enumerate(blocks)})
+    result = suite.runpytest_subprocess(*PLUGIN)
+    result.assert_outcomes(passed=1 + 6 + 1)
+
+
+def test_a_benchmark_marker_and_extra_info_of_ones_own_are_kept(suite: pytest.Pytester) -> None:
+    suite.makepyfile(
+        test_x="""
+        import pytest
+
+        @pytest.mark.benchmark(group="mine", min_rounds=1)
+        def test_x(batchkit_benchmark):
+            batchkit_benchmark.benchmark.extra_info["note"] = "kept"
+            batchkit_benchmark(lambda xs: xs, [1], concurrency=2, requests=4, rounds=2)
+        """
+    )
+    out = suite.path / "out.json"
+    suite.runpytest_subprocess(*PLUGIN, f"--benchmark-json={out}").assert_outcomes(passed=1)
+    (bench,) = benchmarks(out).values()
+    assert bench["group"] == "mine"
+    assert bench["options"]["timer"] == "batchkit_figure"
+    assert bench["extra_info"]["note"] == "kept"
+    assert bench["stats"]["rounds"] == 2
+
+
+def test_errors_are_classified_by_kind() -> None:
+    from batchkit import ClosedError, DeadlineExceeded, ModelError, QueueFull, RemoteRejected
+    from batchkit._pytest_plugin._load import error_kind
+
+    assert error_kind(QueueFull("full")) == "reject"
+    assert error_kind(RemoteRejected("503", batch_size=4)) == "reject"
+    assert error_kind(DeadlineExceeded("late")) == "timeout"
+    assert error_kind(TimeoutError()) == "timeout"
+    assert error_kind(ModelError("broke")) == "model"
+    assert error_kind(ClosedError("closed")) == "closed"
+    assert error_kind(ValueError("bad item")) == "other"
