@@ -764,6 +764,6 @@ def test_errors_are_classified_by_kind() -> None:
     assert error_kind(RemoteRejected("503", batch_size=4)) == "reject"
     assert error_kind(DeadlineExceeded("late")) == "timeout"
     assert error_kind(TimeoutError()) == "timeout"
-    assert error_kind(ModelError("broke")) == "model"
+    assert error_kind(ModelError("broke", batch_size=1)) == "model"
     assert error_kind(ClosedError("closed")) == "closed"
     assert error_kind(ValueError("bad item")) == "other"
