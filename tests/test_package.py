@@ -313,7 +313,9 @@ def test_every_module_named_in_a_string_exists() -> None:
             assert _is_module(ROOT / "batchkit", name), (path, name)
 
 
-@pytest.mark.parametrize("module", ["batchkit", "batchkit.notebook", "batchkit.pipe"])
+@pytest.mark.parametrize(
+    "module", ["batchkit", "batchkit.notebook", "batchkit.pipe", "batchkit.pytest_plugin"]
+)
 def test_import_is_light(module: str) -> None:
     code = textwrap.dedent(
         f"""

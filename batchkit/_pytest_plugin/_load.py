@@ -464,6 +464,11 @@ async def _http(
         if target.inputs is not None:
             inputs = dict(target.inputs)
             specs = {spec["name"]: spec["datatype"] for spec in metadata.get("inputs", [])}
+            unknown = sorted(set(inputs) - set(specs))
+            if unknown:
+                raise ConfigurationError(
+                    f"{target}: the model has no input(s) {unknown} (it has {sorted(specs)})"
+                )
             datatypes = {name: specs[name] for name in inputs}
         else:
             inputs, datatypes = _loadgen.random_inputs(metadata, batch=target.batch)
