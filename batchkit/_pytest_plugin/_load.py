@@ -253,11 +253,14 @@ def load_of(
         raise ConfigurationError("mode='threads' drives in-process models; use asyncio or trio")
     if any(isinstance(t, HttpTarget) for t in (target, baseline)) and mode != "asyncio":
         raise ConfigurationError(f"an HTTP target runs on asyncio (tritonclient), not {mode!r}")
-    if not remote and not isinstance(target, BatchedModel) and not callable(target):
-        raise ConfigurationError(
-            "the target must be a BatchedModel, a model function, 'MODULE:ATTR', a PipeTarget "
-            f"or an HttpTarget, got {target!r}"
-        )
+    for name, value in (("target", target), ("baseline", baseline)):
+        if name == "baseline" and (value is None or value in BASELINES):
+            continue
+        if not isinstance(value, (PipeTarget, HttpTarget, BatchedModel)) and not callable(value):
+            raise ConfigurationError(
+                f"the {name} must be a BatchedModel, a model function, 'MODULE:ATTR', a "
+                f"PipeTarget or an HttpTarget, got {value!r}"
+            )
     return Load(
         target=target,
         items=_item_source(items, http=isinstance(target, HttpTarget)),

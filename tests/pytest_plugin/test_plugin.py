@@ -668,6 +668,8 @@ def _load(target: Any = None, items: Any = (1, 2), **kwargs: Any) -> Any:
         ({"items": "abc"}, "items must be a sequence"),
         ({"items": None}, "give the items to send"),
         ({"target": 42}, "the target must be a BatchedModel"),
+        ({"baseline": 42}, "the baseline must be a BatchedModel"),
+        ({"baseline": "unbatched", "target": 42}, "the target must be a BatchedModel"),
         ({"target": "no_such_module:x"}, "no module named 'no_such_module'"),
         ({"point": (1, 2)}, "point must be a SweepPoint"),
         ({"target": PipeTarget("m:x"), "settings": {"max_batch_size": 2}}, "own"),
