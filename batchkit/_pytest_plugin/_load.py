@@ -710,6 +710,14 @@ class Figures:
             "baseline": self.baseline,
             "baseline_items_per_s": self.baseline_items_per_s,
             "ratio": self.ratio,
+            "rounds": [
+                {
+                    "items_per_s": r.target.items_per_s,
+                    "baseline_items_per_s": None if r.baseline is None else r.baseline.items_per_s,
+                    "ratio": r.ratio,
+                }
+                for r in self.rounds
+            ],
             "recorded": "baseline items/s / items/s (1 / ratio)"
             if self.baseline is not None
             else "seconds per item (1 / items/s)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -50,7 +51,7 @@ def mock_clock():
 KEYS = {
     "target", "mode", "concurrency", "settings", "calls", "items_per_s", "p50", "p90", "p99",
     "latency_mean", "latency_max", "mean_batch_size", "batch_size_histogram", "errors",
-    "error_samples", "baseline", "baseline_items_per_s", "ratio", "recorded",
+    "error_samples", "baseline", "baseline_items_per_s", "ratio", "rounds", "recorded",
 }  # fmt: skip
 
 
@@ -117,6 +118,17 @@ def test_the_figures_are_exact_on_a_scripted_model(suite: pytest.Pytester) -> No
     assert bench["stats"]["data"] == pytest.approx([cost(8) / (8 * cost(1))] * 3)
     assert bench["stats"]["ops"] == pytest.approx(8 * cost(1) / cost(8))
     assert bench["options"]["timer"] == "batchkit_figure"
+    assert (
+        info["rounds"]
+        == [
+            {
+                "items_per_s": pytest.approx(8 / cost(8)),
+                "baseline_items_per_s": pytest.approx(1 / cost(1)),
+                "ratio": pytest.approx(8 * cost(1) / cost(8)),
+            }
+        ]
+        * 3
+    )
 
 
 def test_a_small_batch_size_caps_the_batches(suite: pytest.Pytester) -> None:
@@ -720,8 +732,11 @@ def test_the_example_suite_runs_saves_and_compares(tmp_path: Path) -> None:
         assert info["baseline"] == "unbatched"
         assert sum(info["errors"].values()) == 0
         # Every round recorded 1 / its ratio; the ratio reported is their median.
-        ratios = [1 / figure for figure in bench["stats"]["data"]]
-        assert min(ratios) <= info["ratio"] <= max(ratios)
+        ratios = [r["ratio"] for r in info["rounds"]]
+        assert sorted(1 / figure for figure in bench["stats"]["data"]) == pytest.approx(
+            sorted(ratios)
+        )
+        assert info["ratio"] == pytest.approx(statistics.median(ratios))
     compared = run("--benchmark-compare")
     assert "0001_" in compared  # the saved run, in the comparison table
 
