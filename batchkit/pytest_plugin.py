@@ -22,6 +22,7 @@ from ._pytest_plugin._fixture import FigureClock as FigureClock
 from ._pytest_plugin._fixture import batchkit_benchmark as batchkit_benchmark
 from ._pytest_plugin._load import ERROR_KINDS as ERROR_KINDS
 from ._pytest_plugin._load import Figures as Figures
+from ._pytest_plugin._load import GrpcTarget as GrpcTarget
 from ._pytest_plugin._load import HttpTarget as HttpTarget
 from ._pytest_plugin._load import PipeTarget as PipeTarget
 from ._pytest_plugin._load import Round as Round
@@ -33,6 +34,7 @@ __all__ = (
     "BatchBenchmark",
     "FigureClock",
     "Figures",
+    "GrpcTarget",
     "HttpTarget",
     "PipeTarget",
     "Round",

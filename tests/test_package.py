@@ -259,8 +259,8 @@ PUBLIC = {
         "BATCH_SIZE_BUCKETS", "LATENCY_BUCKETS", "ModelCollector", "ServerMetrics",
     ),
     "batchkit.pytest_plugin": (
-        "ERROR_KINDS", "BatchBenchmark", "FigureClock", "Figures", "HttpTarget", "PipeTarget",
-        "Round", "SweepPoint", "batchkit_benchmark", "sweep",
+        "ERROR_KINDS", "BatchBenchmark", "FigureClock", "Figures", "GrpcTarget", "HttpTarget",
+        "PipeTarget", "Round", "SweepPoint", "batchkit_benchmark", "sweep",
     ),
 }  # fmt: skip
 NEEDS = {

@@ -35,6 +35,7 @@ from ..notebook._sweep import Measured, grid, measure, statistics_of, warm_up
 __all__ = (
     "ERROR_KINDS",
     "Figures",
+    "GrpcTarget",
     "HttpTarget",
     "Load",
     "Mode",
@@ -111,7 +112,33 @@ class HttpTarget:
         return f"http://{self.url}/{self.model}"
 
 
-Target = BatchedModel[Any, Any] | Callable[..., Any] | str | PipeTarget | HttpTarget
+@dataclass(frozen=True)
+class GrpcTarget:
+    """A model on a KServe v2 gRPC server (``batchkit serve --grpc-port``, Triton's), called
+    with the stock asyncio ``tritonclient.grpc`` (``pip install 'tritonclient[grpc]'``).
+
+    As ``HttpTarget``, every call sends the same request (``inputs``, or random data with
+    ``batch`` rows). ``metrics_url`` is the ``host:port`` of the HTTP side serving batchkit's
+    ``/metrics``, for the mean batch size (none without it). Runs on asyncio only.
+    """
+
+    url: str
+    model: str
+    version: str = ""
+    inputs: Mapping[str, Any] | None = None
+    batch: int = 1
+    timeout: float | None = 30.0
+    metrics_url: str | None = None
+
+    def __str__(self) -> str:
+        return f"grpc://{self.url}/{self.model}"
+
+
+# The targets in another process, reached over a transport, with their own settings.
+REMOTE = (PipeTarget, HttpTarget, GrpcTarget)
+KSERVE = (HttpTarget, GrpcTarget)
+
+Target = BatchedModel[Any, Any] | Callable[..., Any] | str | PipeTarget | HttpTarget | GrpcTarget
 
 
 # -- the load -----------------------------------------------------------------------------------
@@ -235,7 +262,7 @@ def load_of(
         raise ConfigurationError(f"duration must be seconds > 0, got {duration!r}")
     if isinstance(target, str):
         target = _import(target)
-    remote = isinstance(target, (PipeTarget, HttpTarget))
+    remote = isinstance(target, REMOTE)
     if remote and merged:
         raise ConfigurationError(
             f"settings apply to in-process models; {_describe(target)} has its own: {merged}"
@@ -248,22 +275,24 @@ def load_of(
                 f"baseline={baseline!r} needs the model function in this process; for "
                 f"{_describe(target)} give another target as the baseline"
             )
-    remote_baseline = isinstance(baseline, (PipeTarget, HttpTarget))
+    remote_baseline = isinstance(baseline, REMOTE)
     if mode == "threads" and (remote or remote_baseline):
         raise ConfigurationError("mode='threads' drives in-process models; use asyncio or trio")
-    if any(isinstance(t, HttpTarget) for t in (target, baseline)) and mode != "asyncio":
-        raise ConfigurationError(f"an HTTP target runs on asyncio (tritonclient), not {mode!r}")
+    if any(isinstance(t, KSERVE) for t in (target, baseline)) and mode != "asyncio":
+        raise ConfigurationError(
+            f"HTTP and gRPC targets run on asyncio (tritonclient), not {mode!r}"
+        )
     for name, value in (("target", target), ("baseline", baseline)):
         if name == "baseline" and (value is None or value in BASELINES):
             continue
-        if not isinstance(value, (PipeTarget, HttpTarget, BatchedModel)) and not callable(value):
+        if not isinstance(value, (*REMOTE, BatchedModel)) and not callable(value):
             raise ConfigurationError(
                 f"the {name} must be a BatchedModel, a model function, 'MODULE:ATTR', a "
-                f"PipeTarget or an HttpTarget, got {value!r}"
+                f"PipeTarget, an HttpTarget or a GrpcTarget, got {value!r}"
             )
     return Load(
         target=target,
-        items=_item_source(items, http=isinstance(target, HttpTarget)),
+        items=_item_source(items, http=isinstance(target, KSERVE)),
         concurrency=concurrency,
         requests=requests,
         duration=None if duration is None else float(duration),
@@ -313,7 +342,7 @@ def _item_source(items: Sequence[Any] | Callable[[int], Any] | None, *, http: bo
 def _describe(target: object) -> str:
     if isinstance(target, BatchedModel):
         return f"model {target.name!r}"
-    if isinstance(target, (PipeTarget, HttpTarget)):
+    if isinstance(target, REMOTE):
         return str(target)
     return getattr(target, "__qualname__", None) or repr(target)
 
@@ -383,7 +412,7 @@ def _run_side(load: Load, side: str) -> Side:
     else:
         target, overrides = cast("Target", load.baseline), {}
     if load.mode == "threads":
-        assert not isinstance(target, (PipeTarget, HttpTarget, str))
+        assert not isinstance(target, (*REMOTE, str))
         return _threads(load, fresh_model(target, overrides))
     backend = "trio" if load.mode == "trio" else "asyncio"
 
@@ -439,8 +468,8 @@ async def _opened(
                 return (await client.statistics(pick)).batch_sizes
 
             yield call, pipe_sizes
-    elif isinstance(target, HttpTarget):
-        async with _http(target) as opened:
+    elif isinstance(target, KSERVE):
+        async with _kserve(target) as opened:
             yield opened
     else:
         model = fresh_model(target, overrides)
@@ -449,21 +478,25 @@ async def _opened(
 
 
 @asynccontextmanager
-async def _http(
-    target: HttpTarget,
+async def _kserve(
+    target: HttpTarget | GrpcTarget,
 ) -> AsyncIterator[tuple[Callable[[Any], Awaitable[Any]], Counts]]:
+    grpc = isinstance(target, GrpcTarget)
     try:
-        from tritonclient.http import aio
-
         from ..triton import _loadgen
+
+        module = _loadgen.client_module("grpc" if grpc else "http")
     except ImportError as exc:
+        extra = "tritonclient[grpc]" if grpc else "'batchkit[bench]'"
         raise ConfigurationError(
-            f"an HttpTarget needs tritonclient[http] and numpy ({exc}): "
-            "pip install 'batchkit[bench]'"
+            f"{type(target).__name__} needs tritonclient and numpy ({exc}): pip install {extra}"
         ) from None
-    client = aio.InferenceServerClient(target.url)
+    client = module.InferenceServerClient(target.url)
     try:
-        metadata = await client.get_model_metadata(target.model, target.version)
+        if grpc:
+            metadata = await client.get_model_metadata(target.model, target.version, as_json=True)
+        else:
+            metadata = await client.get_model_metadata(target.model, target.version)
         if target.inputs is not None:
             inputs = dict(target.inputs)
             specs = {spec["name"]: spec["datatype"] for spec in metadata.get("inputs", [])}
@@ -483,8 +516,10 @@ async def _http(
             inputs,
             datatypes,
             [spec["name"] for spec in metadata.get("outputs", [])],
-            binary=target.binary,
+            binary=target.binary if isinstance(target, HttpTarget) else True,
             timeout=target.timeout,
+            protocol="grpc" if grpc else "http",
+            metrics_url=target.metrics_url if isinstance(target, GrpcTarget) else None,
         )
 
         async def call(item: Any) -> Any:
@@ -499,7 +534,7 @@ async def _http(
 
 
 class _HttpError(Exception):
-    """A failed HTTP call, with the load generator's kind for it (reject, timeout, other)."""
+    """A failed HTTP or gRPC call, with the load generator's kind (reject, timeout, other)."""
 
     def __init__(self, kind: str, exc: BaseException) -> None:
         super().__init__(f"{type(exc).__name__}: {exc}")

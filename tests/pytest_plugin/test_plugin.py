@@ -21,7 +21,7 @@ import pytest
 from batchkit import BatchedModel, ConfigurationError
 from batchkit._pytest_plugin._load import load_of
 from batchkit.notebook import aprofile
-from batchkit.pytest_plugin import PipeTarget, SweepPoint, sweep
+from batchkit.pytest_plugin import GrpcTarget, PipeTarget, SweepPoint, sweep
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ("-p", "batchkit.pytest_plugin")
@@ -455,6 +455,48 @@ def test_an_http_target_is_compared_with_another_on_the_same_server(
     suite.runpytest_subprocess(*PLUGIN).assert_outcomes(passed=1)
 
 
+@pytest.fixture
+def demo_grpc_server() -> Iterator[tuple[str, str]]:
+    """The demo models on a real server with gRPC beside HTTP: (gRPC address, HTTP address).
+
+    Request it before ``suite``, for the reason ``demo_server`` gives (grpc loads once too).
+    """
+    pytest.importorskip("tritonclient.grpc")
+    pytest.importorskip("grpc")
+    pytest.importorskip("uvicorn")
+    from batchkit.asgi import KServeApp, serving
+    from batchkit.asgi._demo import demo_models
+
+    with serving(KServeApp(demo_models(unbatched=True)), grpc_port=0) as address:
+        assert address.grpc is not None
+        yield address.grpc, str(address)
+
+
+@pytest.mark.timeout(120)
+def test_a_grpc_target_is_compared_with_another_on_the_same_server(
+    demo_grpc_server: tuple[str, str], suite: pytest.Pytester
+) -> None:
+    grpc_url, http_url = demo_grpc_server
+    suite.makepyfile(
+        test_grpc=f"""
+        from batchkit.pytest_plugin import GrpcTarget
+
+        def test_grpc(batchkit_benchmark):
+            figures = batchkit_benchmark(
+                GrpcTarget({grpc_url!r}, "demo", metrics_url={http_url!r}),
+                concurrency=8, requests=64, rounds=1,
+                baseline=GrpcTarget({grpc_url!r}, "demo_unbatched"),
+            )
+            assert figures.calls == 64
+            assert figures.failed == 0
+            assert 1.0 <= figures.mean_batch_size <= 8.0  # from the HTTP side's /metrics
+            assert figures.target == "grpc://{grpc_url}/demo"
+            assert figures.ratio is not None and figures.ratio > 0
+        """
+    )
+    suite.runpytest_subprocess(*PLUGIN).assert_outcomes(passed=1)
+
+
 # -- enabling it, and leaving other suites alone ---------------------------------------------
 
 UNRELATED = {
@@ -687,6 +729,7 @@ def _load(target: Any = None, items: Any = (1, 2), **kwargs: Any) -> Any:
         ({"target": PipeTarget("m:x"), "settings": {"max_batch_size": 2}}, "own"),
         ({"target": PipeTarget("m:x"), "baseline": "unbatched"}, "another target"),
         ({"target": PipeTarget("m:x"), "mode": "threads"}, "mode='threads' drives in-process"),
+        ({"target": GrpcTarget("h:1", "m"), "items": None, "mode": "trio"}, "run on asyncio"),
     ],
 )
 def test_a_bad_load_is_a_configuration_error(kwargs: dict[str, Any], message: str) -> None:
