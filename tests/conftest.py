@@ -7,6 +7,9 @@ import pytest
 
 from .support.triton_server import TritonServer, find_tritonserver
 
+# The pytest plugin's tests (tests/pytest_plugin) write suites and run them with `pytester`.
+pytest_plugins = ("pytester",)
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:

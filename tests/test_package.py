@@ -74,6 +74,10 @@ def layer_of(name: str) -> tuple[int, str]:
         return ADAPTERS, head
     if head in ("_cli", "__main__"):
         return CLI, "_cli"
+    if head in ("pytest_plugin", "_pytest_plugin"):
+        # A front end like the command: it drives models through the adapters (the pipe
+        # client) and the notebook profiler's sweep, so it sits beside the CLI, not below it.
+        return CLI, "pytest_plugin"
     raise AssertionError(f"{name}: no layer for this path; add it to tests/test_package.py")
 
 
@@ -254,6 +258,10 @@ PUBLIC = {
     "batchkit.metrics": (
         "BATCH_SIZE_BUCKETS", "LATENCY_BUCKETS", "ModelCollector", "ServerMetrics",
     ),
+    "batchkit.pytest_plugin": (
+        "ERROR_KINDS", "BatchBenchmark", "FigureClock", "Figures", "GrpcTarget", "HttpTarget",
+        "PipeTarget", "Round", "SweepPoint", "batchkit_benchmark", "sweep",
+    ),
 }  # fmt: skip
 NEEDS = {
     "batchkit.asgi": "numpy",
@@ -305,7 +313,9 @@ def test_every_module_named_in_a_string_exists() -> None:
             assert _is_module(ROOT / "batchkit", name), (path, name)
 
 
-@pytest.mark.parametrize("module", ["batchkit", "batchkit.notebook", "batchkit.pipe"])
+@pytest.mark.parametrize(
+    "module", ["batchkit", "batchkit.notebook", "batchkit.pipe", "batchkit.pytest_plugin"]
+)
 def test_import_is_light(module: str) -> None:
     code = textwrap.dedent(
         f"""

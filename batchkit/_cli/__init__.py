@@ -2,7 +2,8 @@
 
 ``main`` only dispatches: each subcommand adds its parser and does its work in its own module
 (``_serve``, ``_bench``, ``_profile``, ``_pipe``); the load generator ``bench`` drives is
-``_loadgen``. This is the top layer: it may import everything below it.
+``batchkit.triton._loadgen`` (``_loadgen`` here keeps its old import path). This is the top layer:
+it may import everything below it.
 """
 
 from __future__ import annotations

@@ -106,7 +106,7 @@ def _positive(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the arguments describe; return the exit status."""
     try:
-        from . import _loadgen
+        from ..triton import _loadgen
     except ImportError as exc:
         raise SystemExit(
             f"batchkit bench needs tritonclient[http] and numpy ({exc}): "

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -29,7 +29,7 @@ from .._core import BatchedModel, ConfigurationError, LatencySummary
 from ._progress import Progress, auto_progress
 from ._result import Percentile, ProfilePoint, ProfileResult, check_percentile, check_positive
 
-__all__ = ("aprofile", "profile")
+__all__ = ("Measured", "aprofile", "grid", "measure", "profile", "statistics_of", "warm_up")
 
 # Settings of the model a sweep takes over, besides the swept ones.
 _KEPT_SETTINGS = ("size_fn", "max_batch_cost", "collate", "split", "isolate_failures")
@@ -73,17 +73,28 @@ def _sweep(
     items = tuple(inputs)
     if not items:
         raise ConfigurationError("inputs must hold at least one sample item, got none")
-    sizes = _ints("max_batch_size", max_batch_size)
-    waits = _seconds("max_wait", max_wait)
-    slots = _ints("max_concurrency", max_concurrency)
-    loads = _ints("concurrency", concurrency)
+    points = grid(max_batch_size, max_wait, max_concurrency, concurrency)
     _check_count("requests", requests, minimum=1)
     if warmup is not None:
         _check_count("warmup", warmup, minimum=0)
     if latency_target is not None:
         check_positive("latency_target", latency_target)
-    grid = tuple(itertools.product(sizes, waits, slots, loads))
-    return _Sweep(fn, str(name), items, grid, requests, warmup, kept)
+    return _Sweep(fn, str(name), items, points, requests, warmup, kept)
+
+
+def grid(
+    max_batch_size: Sequence[int],
+    max_wait: Sequence[float],
+    max_concurrency: Sequence[int],
+    concurrency: Sequence[int],
+) -> tuple[tuple[int, float, int, int], ...]:
+    """Validate the swept values; return every point, (size, wait, slots, load), in the order
+    the sweep measures them. Raises ``ConfigurationError`` for an invalid value."""
+    sizes = _ints("max_batch_size", max_batch_size)
+    waits = _seconds("max_wait", max_wait)
+    slots = _ints("max_concurrency", max_concurrency)
+    loads = _ints("concurrency", concurrency)
+    return tuple(itertools.product(sizes, waits, slots, loads))
 
 
 async def aprofile(
@@ -138,58 +149,141 @@ async def _measure(sweep: _Sweep, size: int, wait: float, slots: int, load: int)
         name=f"{sweep.name}-profile",
         **sweep.kept,
     )
-    latencies: list[float] = []
-    errors: list[BaseException] = []
+    inputs = sweep.inputs
     async with model:
-        warmup = load if sweep.warmup is None else sweep.warmup
-        await _drive(model, sweep.inputs, load, warmup, [], [])
-        before = model.statistics()
-        start = anyio.current_time()
-        await _drive(model, sweep.inputs, load, sweep.requests, latencies, errors)
-        elapsed = anyio.current_time() - start
-        after = model.statistics()
-    batches = after.batches - before.batches
-    items = sum(k * n for k, n in after.batch_sizes.items())
-    items -= sum(k * n for k, n in before.batch_sizes.items())
+        run = await measure(
+            model.call,
+            lambda i: inputs[i % len(inputs)],
+            load,
+            requests=sweep.requests,
+            warmup=load if sweep.warmup is None else sweep.warmup,
+            batch_sizes=statistics_of(model),
+        )
+    errors = run.errors
     return ProfilePoint(
         max_batch_size=size,
         max_wait=wait,
         max_concurrency=slots,
         concurrency=load,
         requests=sweep.requests,
-        elapsed=elapsed,
-        throughput=len(latencies) / elapsed if elapsed > 0 else math.inf,
-        latency=LatencySummary.of(latencies),
-        mean_batch_size=items / batches if batches else 0.0,
-        batches=batches,
+        elapsed=run.elapsed,
+        throughput=run.throughput,
+        latency=LatencySummary.of(run.latencies),
+        mean_batch_size=run.mean_batch_size,
+        batches=sum(run.batch_sizes.values()),
         errors=len(errors),
         error=None if not errors else f"{type(errors[0]).__name__}: {errors[0]}",
     )
 
 
-async def _drive(
-    model: BatchedModel[Any, Any],
-    inputs: tuple[Any, ...],
+@dataclass(frozen=True)
+class Measured:
+    """What one closed-loop run measured: the calls answered and failed, and the batches.
+
+    ``latencies`` (seconds, one per call answered) and ``elapsed`` are on the event loop's
+    clock; ``batch_sizes`` counts the batches run during the run by size (empty when the
+    target does not report them).
+    """
+
+    latencies: list[float]
+    errors: list[BaseException]
+    elapsed: float
+    batch_sizes: dict[int, int]
+
+    @property
+    def throughput(self) -> float:
+        """Return the calls answered per second."""
+        return len(self.latencies) / self.elapsed if self.elapsed > 0 else math.inf
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Return the mean size of the batches run (0.0 with none)."""
+        batches = sum(self.batch_sizes.values())
+        return sum(k * n for k, n in self.batch_sizes.items()) / batches if batches else 0.0
+
+
+BatchSizes = Callable[[], Awaitable[Mapping[int, int] | None]]
+
+
+def statistics_of(model: BatchedModel[Any, Any]) -> BatchSizes:
+    """Return an async function giving ``model``'s batch-size counts so far."""
+
+    async def batch_sizes() -> Mapping[int, int]:
+        return model.statistics().batch_sizes
+
+    return batch_sizes
+
+
+async def measure(
+    call: Callable[[Any], Awaitable[Any]],
+    item_at: Callable[[int], Any],
     load: int,
-    calls: int,
+    *,
+    requests: int | None = None,
+    duration: float | None = None,
+    warmup: int = 0,
+    batch_sizes: BatchSizes | None = None,
+) -> Measured:
+    """Drive ``call`` with ``load`` callers in a closed loop and measure it.
+
+    First ``warmup`` calls (not measured), then ``requests`` calls in all, or as many as start
+    within ``duration`` seconds (one of the two). ``item_at(i)`` is the item of the i-th call.
+    ``batch_sizes()``, read before and after the measured calls, gives the target's batches
+    by size so far (or None). Used by the profiler's sweep and the pytest plugin.
+    """
+    if (requests is None) == (duration is None):
+        raise ConfigurationError(
+            f"give requests or duration, not both or neither "
+            f"(got requests={requests!r}, duration={duration!r})"
+        )
+    await warm_up(call, item_at, load, warmup)
+    before = dict(await batch_sizes() or {}) if batch_sizes is not None else {}
+    latencies: list[float] = []
+    errors: list[BaseException] = []
+    start = anyio.current_time()
+    until = None if duration is None else start + duration
+    calls = requests if requests is not None else math.inf
+    await _drive(call, item_at, load, calls, until, latencies, errors)
+    elapsed = anyio.current_time() - start
+    after = dict(await batch_sizes() or {}) if batch_sizes is not None else {}
+    delta = {size: n - before.get(size, 0) for size, n in sorted(after.items())}
+    return Measured(latencies, errors, elapsed, {k: n for k, n in delta.items() if n > 0})
+
+
+async def warm_up(
+    call: Callable[[Any], Awaitable[Any]], item_at: Callable[[int], Any], load: int, calls: int
+) -> None:
+    """Make ``calls`` calls from ``load`` callers, unmeasured (their errors are ignored)."""
+    await _drive(call, item_at, load, calls, None, [], [])
+
+
+async def _drive(
+    call: Callable[[Any], Awaitable[Any]],
+    item_at: Callable[[int], Any],
+    load: int,
+    calls: float,
+    until: float | None,
     latencies: list[float],
     errors: list[BaseException],
 ) -> None:
-    """Make ``calls`` calls from ``load`` callers, each calling again once answered."""
+    """Make ``calls`` calls (or as many as start before ``until``) from ``load`` callers, each
+    calling again once answered."""
     counter = itertools.count()
 
     async def caller() -> None:
         while (i := next(counter)) < calls:
             t0 = anyio.current_time()
+            if until is not None and t0 >= until:
+                return
             try:
-                await model.call(inputs[i % len(inputs)])
-            except Exception as exc:  # recorded with the point; the sweep goes on
+                await call(item_at(i))
+            except Exception as exc:  # recorded with the run; the run goes on
                 errors.append(exc)
             else:
                 latencies.append(anyio.current_time() - t0)
 
     async with anyio.create_task_group() as tg:
-        for _ in range(min(load, calls)):
+        for _ in range(int(min(load, calls))):
             tg.start_soon(caller)
 
 
