@@ -115,6 +115,9 @@ class Ledger:
         failed = settled = 0
         mixed = False
         plain_request = self.plain_request
+        # The other callers are answered once the batch is counted: a caller in another thread
+        # wakes the moment it is answered, and its next statistics() must show its call.
+        later: list[tuple[Request, Any]] = []
         for req, out in zip(batch, outputs, strict=True):
             if req.__class__ is plain_request and not req.finished:  # the common case, inlined
                 req.finished = True
@@ -136,6 +139,13 @@ class Ledger:
                 req.timer.cancel()
             if isinstance(out, Exception):
                 failed += 1
+            later.append((req, out))
+        rec = self.rec
+        rec.completed += len(batch) - failed - settled
+        rec.failed += failed
+        rec.record_items(start, end, [req.enqueued_at for req in batch])
+        for req, out in later:
+            if isinstance(out, Exception):
                 req.deliver_error(out)
             elif req.__class__ is FutureRequest:  # the common case, inlined
                 try:
@@ -144,10 +154,6 @@ class Ledger:
                     pass  # its task was cancelled and has yet to withdraw it
             else:
                 req.deliver(out)
-        rec = self.rec
-        rec.completed += len(batch) - failed - settled
-        rec.failed += failed
-        rec.record_items(start, end, [req.enqueued_at for req in batch])
         if self.call_soon is not None:
             # Resume the callers given a value above (those not are skipped: see wake_all).
             plain = [r for r in batch if r.__class__ is plain_request] if mixed else batch

@@ -910,3 +910,22 @@ class TestACallerSeesItsCallCounted:
         assert all(batches >= 1 for _, batches, _ in seen)
         assert (stats.completed, stats.in_flight_batches, stats.queue_depth) == (9, 0, 0)
         assert sum(size * n for size, n in stats.batch_sizes.items()) == 9
+
+    async def test_a_caller_on_another_loop_or_thread_sees_its_call_counted(self) -> None:
+        """Callers in other threads wake the moment they are answered: the batch is counted
+        before that, so their next snapshot shows their call (every time, not by luck)."""
+        model = BatchedModel(lambda items: [item + 1 for item in items], max_wait=0.0001)
+        try:
+            for n in range(1, 101):  # from this loop: the engine runs on its own thread
+                assert await model.call(n) == n + 1
+                stats = model.statistics()
+                assert (stats.completed, stats.in_flight_batches) == (n, 0)
+
+            def sync_calls() -> None:
+                for n in range(101, 201):  # a thread of its own
+                    assert model.call_sync(n) == n + 1
+                    assert model.statistics().completed == n
+
+            await anyio.to_thread.run_sync(sync_calls)
+        finally:
+            await model.aclose()
