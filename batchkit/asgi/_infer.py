@@ -92,8 +92,8 @@ async def _infer(
     if ctx is not None:
         ctx.adopt_id(request.id)
         ctx.notes["rows"] = request.rows
-        if request.id is None:  # the body has a place for the id: give it back there too
-            request = dataclasses.replace(request, id=ctx.request_id)
+        if request.id is None and not ctx.generated:  # the client's X-Request-ID: the body
+            request = dataclasses.replace(request, id=ctx.request_id)  # has a place for it
     admit = scope.get("batchkit_admit")
     if admit is not None:  # the gateway counts rows: spend them before any is queued
         await admit(request.rows)
