@@ -11,12 +11,15 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from .._version import __version__
+
 __all__ = ("main",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default: the process arguments), run the subcommand, return its status."""
     parser = argparse.ArgumentParser(prog="batchkit", description="Dynamic batching for ML.")
+    parser.add_argument("--version", action="version", version=f"batchkit {__version__}")
     subparsers = parser.add_subparsers(title="commands", required=True)
     from . import _bench, _pipe, _profile, _serve
 

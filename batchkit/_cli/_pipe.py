@@ -12,6 +12,8 @@ from typing import Any
 from .._core import ConfigurationError
 from ..pipe._server import DEFAULT_GRACE, DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_LINE_BYTES
 from ..pipe._stdio import run
+from ._logging import FORMATS
+from ._logging import configure as configure_logging
 
 __all__ = ("add_parser", "main")
 
@@ -61,6 +63,12 @@ def add_parser(subparsers: Any) -> None:
         help="what is logged to stderr (default %(default)s)",
     )
     parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=FORMATS,
+        help="text lines, or one JSON object per line (default %(default)s)",
+    )
+    parser.add_argument(
         "--backend", default="asyncio", choices=["asyncio", "trio"], help=argparse.SUPPRESS
     )
     parser.set_defaults(command=main)
@@ -68,11 +76,7 @@ def add_parser(subparsers: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the pipe server as ``args`` say; return the exit status."""
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format)  # each line with its request's id
     try:
         status = run(
             args.target,

@@ -11,12 +11,16 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from .._core import BatchedModel, ConfigurationError
+from .._core import BatchedModel, ConfigurationError, observe_batches
 from .._target import import_target, routed_models_of
+from ._logging import FORMATS, LEVELS, announce
+from ._logging import configure as configure_logging
 
 __all__ = ("add_parser", "app_for", "repository_app", "run")
 
 ADMIN_TOKEN_ENV = "BATCHKIT_ADMIN_TOKEN"
+DEFAULT_DRAIN_DELAY = 5.0
+DEFAULT_SHUTDOWN_TIMEOUT = 20.0  # drain + shutdown fit Kubernetes' default 30 s grace
 
 logger = logging.getLogger("batchkit.asgi")
 
@@ -111,7 +115,43 @@ def add_parser(subparsers: Any) -> None:
         action="store_true",
         help="metadata, config and /metrics need a key too (health never does)",
     )
-    parser.add_argument("--log-level", default="info", help="uvicorn's log level (default: info)")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=LEVELS,
+        help="what is logged to stderr (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=FORMATS,
+        help="text lines, or one JSON object per line (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-access-log", action="store_true", help="do not log a line per request"
+    )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="an OpenTelemetry span per request, on the global tracer provider (needs "
+        "batchkit[otel]; configure the exporter as OpenTelemetry documents)",
+    )
+    parser.add_argument(
+        "--drain-delay",
+        type=float,
+        default=DEFAULT_DRAIN_DELAY,
+        metavar="SECONDS",
+        help="after SIGTERM, answer /v2/health/ready with 503 and keep serving this long "
+        "before closing the listeners (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_TIMEOUT,
+        metavar="SECONDS",
+        help="then give the requests in flight this long; those still waiting for a model get "
+        "503 (default: %(default)s)",
+    )
     parser.set_defaults(command=run)
 
 
@@ -130,6 +170,13 @@ def app_for(target: str | None, **options: Any) -> Any:
     if _is_factory(obj):
         obj = obj()
     if isinstance(obj, KServeApp):
+        if options.get("access_log") is False:
+            obj.access_log = False
+        if options.get("tracing") and obj._tracer is None:
+            from ..asgi._tracing import Tracer
+
+            obj._tracer = Tracer()
+            observe_batches()
         return obj
     served = _served_of(obj, ServedModel)
     if served is not None:
@@ -187,25 +234,32 @@ def _is_asgi_app(obj: Any) -> bool:
 
 
 def _announce(server: Any) -> None:
-    print(
-        f"INFO:     batchkit gRPC running on {server.address} (KServe v2, tritonclient.grpc)",
-        file=sys.stderr,
-        flush=True,
+    # Written whatever the log level (scripts wait for it), in the log's format.
+    announce(
+        f"batchkit gRPC running on {server.address} (KServe v2, tritonclient.grpc)",
+        grpc_address=server.address,
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until interrupted; return the exit status."""
+    """Serve until SIGTERM or SIGINT (then drain and shut down); return the exit status."""
     try:
         import uvicorn
     except ImportError:
         raise SystemExit("batchkit serve needs uvicorn: pip install 'batchkit[server]'") from None
+    for flag in ("drain_delay", "shutdown_timeout"):
+        value = getattr(args, flag)
+        if not value >= 0:  # also refuses nan
+            raise SystemExit(f"batchkit serve: --{flag.replace('_', '-')} must be >= 0")
+    configure_logging(args.log_level, args.log_format, access_stream=sys.stdout)
     options: dict[str, Any] = {
         "max_body_size": args.max_body_size,
         "max_inflight_bytes": args.max_inflight_bytes,
         "metrics": False if args.no_metrics else None,
         "admin_token": os.environ.get(ADMIN_TOKEN_ENV) or None,
         "weights_dir": args.weights_dir,
+        "access_log": not args.no_access_log,
+        "tracing": args.tracing,
     }
     gateway = {
         "api_keys": args.api_keys,
@@ -247,8 +301,26 @@ def run(args: argparse.Namespace) -> int:
     _reload_keys_on_sighup(app)
     # gRPC starts in the lifespan: "on" makes a failure to start it stop the server
     lifespan: Literal["auto", "on"] = "auto" if args.grpc_port is None else "on"
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, lifespan=lifespan)
-    return 0
+    from ._server import Server
+
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_config=None,  # configured above: one handler, one format
+        log_level=None,
+        access_log=False,  # the app logs its own access lines, with request ids
+        lifespan=lifespan,
+    )
+    kserve = getattr(app, "app", app)  # the KServeApp inside GRPCBeside
+    server = Server(
+        config,
+        kserve if hasattr(kserve, "start_draining") else app,
+        drain_delay=args.drain_delay,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    server.run()
+    return 0 if server.started else 3
 
 
 def _reload_keys_on_sighup(app: Any) -> None:

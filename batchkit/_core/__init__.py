@@ -9,6 +9,15 @@ from __future__ import annotations
 
 from ._config import BatchOptions as BatchOptions
 from ._config import Settings as Settings
+from ._context import BatchObserver as BatchObserver
+from ._context import ContextFilter as ContextFilter
+from ._context import FailureLog as FailureLog
+from ._context import RequestContext as RequestContext
+from ._context import current_context as current_context
+from ._context import new_context as new_context
+from ._context import observe_batches as observe_batches
+from ._context import parse_traceparent as parse_traceparent
+from ._context import request_context as request_context
 from ._decorator import AsyncBatched as AsyncBatched
 from ._decorator import SyncBatched as SyncBatched
 from ._decorator import batched as batched
@@ -52,16 +61,19 @@ __all__ = (
     "SAMPLE_WINDOW",
     "AsyncBatched",
     "BatchInfo",
+    "BatchObserver",
     "BatchOptions",
     "BatchSizeMismatch",
     "BatchedModel",
     "BatchkitError",
     "ClosedError",
     "ConfigurationError",
+    "ContextFilter",
     "DeadlineExceeded",
     "Deployment",
     "DeploymentStatistics",
     "Disagreement",
+    "FailureLog",
     "ForbiddenPath",
     "IncompatibleWeights",
     "LatencyHistogram",
@@ -73,6 +85,7 @@ __all__ = (
     "RemoteRejected",
     "RemoteUnavailable",
     "Routing",
+    "RequestContext",
     "Settings",
     "ShadowStatistics",
     "Statistics",
@@ -87,4 +100,9 @@ __all__ = (
     "WrongLoopError",
     "batched",
     "default_compare",
+    "current_context",
+    "new_context",
+    "observe_batches",
+    "parse_traceparent",
+    "request_context",
 )

@@ -21,6 +21,7 @@ import anyio.from_thread
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
+from . import _context
 from ._config import Settings
 from ._errors import (
     ClosedError,
@@ -370,6 +371,8 @@ class Engine:
                     if not return_exceptions:
                         raise
                     reqs.append(exc)
+            if _context.observing:
+                _context.tag_requests([r for r in reqs if isinstance(r, Request)])
             results: list[Any] = []
             for req in reqs:
                 if isinstance(req, QueueFull):
@@ -553,6 +556,8 @@ class Engine:
         if live:
             start, end = batch.began_at, self._clock()
             self._ledger.record_batch(len(live), start, end)
+            if _context.observing:
+                _context.batch_ran(self.settings.name, installed.version, live, start, end)
             self._ledger.deliver_batch(live, outputs, start, end, installed.version, now=True)
 
     def _start_ready(self) -> _Running | None:
@@ -586,6 +591,8 @@ class Engine:
             end = self._clock()
             if n:
                 self._ledger.record_batch(n, start, end)
+                if _context.observing:
+                    _context.batch_ran(self.settings.name, installed.version, live, start, end, exc)
             # Output errors (wrong count, no length) are the model's bug, not a poison item's.
             if self.settings.isolate_failures and n > 1 and not isinstance(exc, ModelError):
                 if ahead is not None:  # a batch runs on one installation: finish that one first
@@ -620,6 +627,8 @@ class Engine:
             live = self._ran(batch)
             if live:
                 self._ledger.record_batch(len(live), start, end)
+                if _context.observing:
+                    _context.batch_ran(self.settings.name, installed.version, live, start, end)
         if ahead is not None:
             ahead = self._begun(ahead, end)
         elif threaded:

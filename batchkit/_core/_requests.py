@@ -38,7 +38,9 @@ __all__ = (
 class Request(QueueEntry):
     """A queue entry that carries the item and delivers its outcome."""
 
-    __slots__ = ("finished", "item", "timer", "version")
+    # ``ctx``: the submitter's request context (``_context``), set only while batches are
+    # observed (never read unset: ``getattr`` with a default).
+    __slots__ = ("ctx", "finished", "item", "timer", "version")
 
     def __init__(
         self,

@@ -21,6 +21,8 @@ from ._app import KServeApp as KServeApp
 from ._app import Receive as Receive
 from ._app import Scope as Scope
 from ._app import Send as Send
+from ._disconnect import ClientDisconnected as ClientDisconnected
+from ._disconnect import call_until_disconnect as call_until_disconnect
 from ._model_repository import ModelRepository as ModelRepository
 from ._served import ServedModel as ServedModel
 from ._serving import ServingAddress as ServingAddress
@@ -35,6 +37,7 @@ DATATYPES = tuple(_DATATYPES)
 __all__ = (
     "ASGIApp",
     "DATATYPES",
+    "ClientDisconnected",
     "KServeApp",
     "ModelRepository",
     "Receive",
@@ -44,5 +47,6 @@ __all__ = (
     "ServingAddress",
     "Tensor",
     "open_grpc_server",
+    "call_until_disconnect",
     "serving",
 )

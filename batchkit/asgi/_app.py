@@ -7,13 +7,24 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, nullcontext
 from functools import partial
 from typing import Any
 
-from .._core import BatchedModel, ConfigurationError, Deployment
+import anyio
+
+from .._core import (
+    BatchedModel,
+    ConfigurationError,
+    Deployment,
+    FailureLog,
+    observe_batches,
+    request_context,
+)
 from .._version import __version__
+from ._access import access_line, context_of, response_headers
 from ._budget import MemoryBudget
+from ._disconnect import ClientDisconnected, Waits
 from ._errors import HTTPError
 from ._gateway import Admitted, Gateway, OnStoreError, build_gateway, credential_of
 from ._http import (
@@ -33,6 +44,8 @@ from ._model_repository import ModelRepository
 from ._repository import Repository
 from ._routing import RoutingAdmin, pinned, routed_versions, with_key
 from ._served import ServedModel
+from ._stats import model_stats, record_histograms
+from ._tracing import Tracer
 
 __all__ = (
     "DEFAULT_MAX_BODY_SIZE",
@@ -48,6 +61,10 @@ DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT_BYTES = 1024 * 1024 * 1024
 
 logger = logging.getLogger("batchkit.asgi")
+
+# The status an access line gives a request whose client went away before its response (the
+# convention nginx set); nothing is sent.
+CLIENT_GONE = 499
 
 
 class KServeApp:
@@ -82,6 +99,13 @@ class KServeApp:
       (``"memory"``, the default, or a ``redis://`` URL shared by replicas); when that store
       fails, ``rate_limit_on_error`` lets requests through (``"open"``) or refuses them
       (``"closed"``). Or pass a ready ``gateway``.
+    - ``access_log``: log one line per request to the ``batchkit.access`` logger (INFO).
+    - ``tracing``: an OpenTelemetry span per request: True for the global tracer provider, or
+      a ``TracerProvider`` (needs ``opentelemetry-api``: ``pip install 'batchkit[otel]'``).
+
+    Each request's id (``X-Request-ID``, else the infer body's ``id``, else generated) and W3C
+    trace context (``traceparent``) are given back in the response and carried by every log
+    line written while it is served (see docs/operations.md).
 
     The app's lifespan runs every model's engine in the server's event loop (``async with``).
     When it is mounted in another app that does not forward lifespan events, enter
@@ -110,6 +134,8 @@ class KServeApp:
         rate_limit_on_error: OnStoreError = "open",
         protect_metadata: bool = False,
         gateway: Gateway | None = None,
+        access_log: bool = True,
+        tracing: Any = False,
     ) -> None:
         self._model_repository = models if isinstance(models, ModelRepository) else None
         if isinstance(models, (ServedModel, BatchedModel, Deployment)):
@@ -170,6 +196,14 @@ class KServeApp:
             )
         self._running = False
         self._stopping = False
+        self._cold: set[ServedModel] = set()  # models whose warm-up has not run yet
+        self.access_log = access_log
+        self._tracer = None if tracing is False else Tracer(None if tracing is True else tracing)
+        if access_log or self._tracer is not None:
+            observe_batches()  # queue and compute times per request, batch spans
+        self._waits = Waits()
+        self._failures = FailureLog(logger)
+        self._last_inference: dict[tuple[str, str], int] = {}
         self._metrics: Any = None
         if metrics is None:
             metrics = importlib.util.find_spec("prometheus_client") is not None
@@ -183,6 +217,8 @@ class KServeApp:
             if self.gateway is not None:
                 gate = self.gateway
                 self._metrics.add_gateway(lambda: (dict(gate.counts), gate.store_errors))
+        for s in served:  # after the metrics, which choose their own bounds
+            record_histograms(s)
 
     @property
     def models(self) -> list[ServedModel]:
@@ -207,14 +243,42 @@ class KServeApp:
                 await stack.enter_async_context(self._model_repository.running())
             for served in self.models if self._model_repository is None else ():
                 await stack.enter_async_context(served.model)
+                record_histograms(served)
             if self.gateway is not None:
                 stack.push_async_callback(self.gateway.aclose)
             self._running, self._stopping = True, False
+            self._waits = Waits()
+            self._cold = {s for s in self.models if s.warmup}
             try:
-                yield self
+                async with anyio.create_task_group() as tg:
+                    for served in self._cold:
+                        tg.start_soon(self._warm_up, served)
+                    try:
+                        yield self
+                    finally:
+                        tg.cancel_scope.cancel()
             finally:
                 self._stopping = True
                 self._running = False
+
+    async def _warm_up(self, served: ServedModel) -> None:
+        start = time.perf_counter()
+        try:
+            await served.model.call_many(served.warmup)
+        except Exception as exc:
+            self._failures.report(served.name, exc, version=served.version)
+            logger.error(
+                "batchkit: model %r failed its warm-up: it stays not ready (503)", served.name
+            )
+            return
+        self._cold.discard(served)
+        logger.info(
+            "batchkit: model %r version %s warmed up (%d items, %.3f s): ready",
+            served.name,
+            served.version,
+            len(served.warmup),
+            time.perf_counter() - start,
+        )
 
     async def _lifespan(self, receive: Receive, send: Send, context: Any = None) -> None:
         """Answer the ASGI lifespan protocol by entering ``context`` (default: ``lifespan()``)."""
@@ -243,6 +307,17 @@ class KServeApp:
             return
         await send({"type": "lifespan.shutdown.complete"})
 
+    def start_draining(self) -> None:
+        """Turn readiness to 503 so that load balancers stop sending; requests are still
+        served (the server's SIGTERM handling calls this before its drain delay)."""
+        self._stopping = True  # only this: a signal handler may call it
+
+    def abort_waits(self) -> int:
+        """Fail every infer request still waiting for the model with 503 (the server's
+        shutdown timeout passed), and those that come later; return how many were waiting."""
+        self._stopping = True
+        return self._waits.abort()
+
     # -- ASGI ----------------------------------------------------------------------------------
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -257,29 +332,57 @@ class KServeApp:
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
+        method: str = scope["method"]
         root = scope.get("root_path", "").rstrip("/")
         if root and (path == root or path.startswith(root + "/")):
             path = path[len(root) :]
         start = time.perf_counter()
         parts = path.strip("/").split("/")
         admitted = None
-        try:
-            if self.gateway is not None:
-                admitted, scope = await self._gate(scope, parts)
-            response = await self._route(scope, receive, parts)
-        except HTTPError as exc:
-            response = error_response(exc.status, exc.message, exc.headers)
-            response.model, response.version = exc.model, exc.version
-        except Exception:
-            logger.exception("batchkit: internal error serving %s %s", scope["method"], path)
-            response = error_response(500, "internal server error; the server log has the details")
-        if admitted is not None and admitted.headers and response.status < 400:
-            extra = [(k.encode(), v.encode()) for k, v in admitted.headers.items()]
-            response.headers = [*response.headers, *extra]
-        await response.send(send)
+        ctx = context_of(headers_of(scope))
+        spanned = nullcontext() if self._tracer is None else self._tracer.span(ctx, method, path)
+        with request_context(ctx), spanned as span:
+            try:
+                if self.gateway is not None:
+                    admitted, scope = await self._gate(scope, parts)
+                response = await self._route(scope, receive, parts)
+            except HTTPError as exc:
+                response = error_response(exc.status, exc.message, exc.headers)
+                response.model, response.version = exc.model, exc.version
+            except ClientDisconnected:
+                response = Response(CLIENT_GONE, [], b"")
+            except Exception:
+                logger.exception("batchkit: internal error serving %s %s", method, path)
+                response = error_response(
+                    500, "internal server error; the server log has the details"
+                )
+            if admitted is not None and admitted.headers and response.status < 400:
+                extra = [(k.encode(), v.encode()) for k, v in admitted.headers.items()]
+                response.headers = [*response.headers, *extra]
+            if response.status != CLIENT_GONE:
+                response.headers = [*response.headers, *response_headers(ctx)]
+                await response.send(send)
+            elapsed = time.perf_counter() - start
+            if span is not None:
+                assert self._tracer is not None
+                self._tracer.finish(span, ctx, response.status, response.model, response.version)
+            if response.model is not None and response.status == 200:
+                self._last_inference[(response.model, response.version or "")] = int(
+                    time.time() * 1000
+                )
+            if self.access_log:
+                access_line(
+                    ctx,
+                    method,
+                    scope["path"],
+                    response.status,
+                    response.model,
+                    response.version,
+                    elapsed,
+                )
         if self._metrics is not None and response.model is not None:
             self._metrics.observe_request(
-                response.model, response.version, response.status, time.perf_counter() - start
+                response.model, response.version, response.status, elapsed
             )
 
     async def _gate(self, scope: Scope, parts: list[str]) -> tuple[Admitted | None, Scope]:
@@ -333,6 +436,9 @@ class KServeApp:
             allow(method, "GET")
             if rest[1] == "ready" and self._stopping:
                 raise HTTPError("the server is shutting down", status=503)
+            if rest[1] == "ready" and self._cold:
+                names = sorted({s.name for s in self._cold})
+                raise HTTPError(f"models {names} are warming up", status=503)
             return Response(200, JSON, b"")
         if rest[0] == "models" and len(rest) >= 2:
             return await self._model_route(scope, receive, rest[1:])
@@ -345,22 +451,39 @@ class KServeApp:
         raise HTTPError(f"no route {scope['path']!r}", status=404)
 
     async def _model_route(self, scope: Scope, receive: Receive, parts: list[str]) -> Response:
+        if parts == ["stats"] and "stats" not in self._served:
+            allow(scope["method"], "GET")
+            return json_response(200, {"model_stats": self._stats(self.models)})
         name, version, action = parts[0], None, ""
         rest = parts[1:]
         if len(rest) >= 2 and rest[0] == "versions":
             version, rest = rest[1], rest[2:]
-        if len(rest) > 1 or (rest and rest[0] not in ("ready", "config", "infer")):
+        if len(rest) > 1 or (rest and rest[0] not in ("ready", "config", "infer", "stats")):
             raise HTTPError(f"no route {scope['path']!r}", status=404)
         action = rest[0] if rest else ""
         method = scope["method"]
         allow(method, "POST" if action == "infer" else "GET")
+        if action == "stats":
+            group = self._served.get(name, [])
+            chosen = group if version is None else [self._find(name, version)]
+            if not chosen:
+                self._find(name, version)  # 404, naming the models served
+            return json_response(200, {"model_stats": self._stats(chosen)})
         served = self._find(name, version)
         if action == "infer":
             served = with_key(served, scope)
             try:
                 if name in self._repository.unloaded:
                     raise HTTPError(f"model {name!r} is unloaded", status=404, headers={})
-                return await infer(served, scope, receive, self.max_body_size, self.budget)
+                return await infer(
+                    served,
+                    scope,
+                    receive,
+                    self.max_body_size,
+                    self.budget,
+                    waits=self._waits,
+                    failures=self._failures,
+                )
             except HTTPError as exc:
                 # counted in the model's request metrics
                 exc.model, exc.version = served.name, served.version
@@ -374,10 +497,20 @@ class KServeApp:
                 raise HTTPError(
                     f"model {name!r} is not ready; the repository index has its error", status=503
                 )
+            if served in self._cold:
+                raise HTTPError(f"model {name!r} is warming up", status=503)
             return Response(200, JSON, b"")
         if action == "config":
             return json_response(200, served.config())
         return json_response(200, served.metadata(self._versions(name)))
+
+    def _stats(self, models: list[ServedModel]) -> list[dict[str, Any]]:
+        for s in models:
+            record_histograms(s)  # a model loaded since: counted from now on
+        return [
+            model_stats(s, self._last_inference.get((s.name, s.version), 0))
+            for s in sorted(models, key=lambda s: (s.name, _version_key(s.version)))
+        ]
 
     def _versions(self, name: str) -> list[str]:
         group = self._served[name]
@@ -405,6 +538,7 @@ class KServeApp:
             "classification",
             "model_configuration",
             "schedule_policy",
+            "statistics",
         ]
         if self._repository.admin_token is not None:
             extensions.append("model_repository")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import logging
 import math
@@ -13,14 +14,17 @@ import anyio.to_thread
 from .._core import (
     ClosedError,
     DeadlineExceeded,
+    FailureLog,
     ModelError,
     QueueFull,
     RemoteError,
     RemoteInvalidInput,
     RemoteRejected,
     RemoteUnavailable,
+    current_context,
 )
 from ._budget import Claim, MemoryBudget, retained_bytes
+from ._disconnect import ClientDisconnected, ShutdownAbort, Waits, call_until_disconnect
 from ._errors import HTTPError
 from ._http import JSON, OCTETS, Receive, Response, Scope, accepted_encoding, headers_of, read_body
 from ._protocol import InferRequest, encode_response, parse_request
@@ -29,6 +33,7 @@ from ._served import ServedModel
 __all__ = ("COMPRESS_BYTES", "OFFLOAD_BYTES", "infer", "remote_error", "run_request")
 
 logger = logging.getLogger("batchkit.asgi")
+_failures = FailureLog(logger)
 
 # Work on a request or response bigger than this (bytes) runs in a worker thread, so that the
 # event loop keeps answering other requests (health checks) meanwhile; smaller work stays on
@@ -44,20 +49,32 @@ async def infer(
     receive: Receive,
     max_body_size: int,
     budget: MemoryBudget | None = None,
+    *,
+    waits: Waits | None = None,
+    failures: FailureLog | None = None,
 ) -> Response:
     """Run one infer request on ``served`` and return its response (``HTTPError`` for errors).
 
     With a ``budget``, reading, decompressing, parsing and decoding the body are charged to it
-    as they go, and given back when the request ends.
+    as they go, and given back when the request ends. While the model works, the connection is
+    watched: ``ClientDisconnected`` is raised when the client went away (its queued rows
+    withdrawn). ``waits`` lets the app fail the wait at the end of its shutdown (503);
+    ``failures`` logs the model's failures (once per batch).
     """
     if budget is None:
-        return await _infer(served, scope, receive, max_body_size, None)
+        return await _infer(served, scope, receive, max_body_size, None, waits, failures)
     with budget.claim() as claim:
-        return await _infer(served, scope, receive, max_body_size, claim)
+        return await _infer(served, scope, receive, max_body_size, claim, waits, failures)
 
 
 async def _infer(
-    served: ServedModel, scope: Scope, receive: Receive, max_body_size: int, claim: Claim | None
+    served: ServedModel,
+    scope: Scope,
+    receive: Receive,
+    max_body_size: int,
+    claim: Claim | None,
+    waits: Waits | None,
+    failures: FailureLog | None,
 ) -> Response:
     headers = headers_of(scope)
     received = await read_body(receive, headers, max_body_size, claim)
@@ -71,10 +88,18 @@ async def _infer(
     if claim is not None:  # parsed: keep charged only what stays alive until the answer
         claim.refund(claim.size - retained_bytes(len(received), request.arrays))
     del received  # parsed; binary inputs are views of it
+    ctx = current_context()
+    if ctx is not None:
+        ctx.adopt_id(request.id)
+        ctx.notes["rows"] = request.rows
+        if request.id is None and not ctx.generated:  # the client's X-Request-ID: the body
+            request = dataclasses.replace(request, id=ctx.request_id)  # has a place for it
     admit = scope.get("batchkit_admit")
     if admit is not None:  # the gateway counts rows: spend them before any is queued
         await admit(request.rows)
-    arrays, version, mixed = await run_request(served, request)
+    arrays, version, mixed = await run_request(
+        served, request, receive=receive, waits=waits, failures=failures
+    )
     size = _output_bytes(arrays)
     encoding = accepted_encoding(headers.get("accept-encoding"), small=size < COMPRESS_BYTES)
     job = (served.name, version, request, arrays, mixed, encoding)
@@ -91,19 +116,43 @@ async def _infer(
 
 
 async def run_request(
-    served: ServedModel, request: InferRequest
+    served: ServedModel,
+    request: InferRequest,
+    *,
+    receive: Receive | None = None,
+    waits: Waits | None = None,
+    failures: FailureLog | None = None,
 ) -> tuple[dict[str, Any], str, list[str] | None]:
     """Run a parsed request's rows through ``served``'s model; return its output arrays, the
     version that answered, and every row's version when they differ (``HTTPError`` for errors).
 
-    Shared by HTTP and gRPC, which map the ``HTTPError`` to their own status.
+    Shared by HTTP and gRPC, which map the ``HTTPError`` to their own status. With ``receive``
+    (HTTP), the client's disconnect cancels the wait (``ClientDisconnected``); ``waits`` and
+    ``failures`` as ``infer``'s.
     """
+    failures = failures if failures is not None else _failures
     model = served.model
     items = served.items(request.arrays, request.rows)
     try:
-        results = await model.call_many_nowait_versioned(
-            items, priority=request.priority, timeout=request.timeout, **served.route
-        )
+        if receive is None:  # gRPC: a cancelled RPC cancels this task itself
+            results = await model.call_many_nowait_versioned(
+                items, priority=request.priority, timeout=request.timeout, **served.route
+            )
+        else:
+            results = await call_until_disconnect(
+                receive,
+                model.call_many_nowait_versioned,
+                items,
+                priority=request.priority,
+                timeout=request.timeout,
+                waits=waits,
+                **served.route,
+            )
+    except ShutdownAbort:
+        raise HTTPError(
+            f"model {served.name!r}: the server shut down before the model answered",
+            status=503,
+        ) from None
     except QueueFull as exc:
         retry = str(max(1, math.ceil(exc.retry_after)))
         raise HTTPError(
@@ -122,14 +171,16 @@ async def run_request(
         raise remote_error(served.name, exc) from None
     except ModelError as exc:
         cause = exc.__cause__ if exc.__cause__ is not None else exc
-        logger.error("batchkit: model %r failed", served.name, exc_info=exc)
+        failures.report(served.name, exc)
         raise HTTPError(
             f"model {served.name!r} failed on this request ({type(cause).__name__}); "
             "the server log has the details",
             status=500,
         ) from None
+    except ClientDisconnected:
+        raise
     except Exception as exc:  # the model's own error for one row
-        logger.error("batchkit: model %r failed on a row", served.name, exc_info=exc)
+        failures.report(served.name, exc, version=served.version)
         raise HTTPError(
             f"model {served.name!r} failed on a row of this request ({type(exc).__name__}); "
             "the server log has the details",

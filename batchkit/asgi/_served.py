@@ -41,8 +41,13 @@ class ServedModel:
     ``max_batch_size``. Default: ``max(max_batch_size, 64)``, so that a small request cannot
     queue millions of items (``shape [1000000, 0]`` holds no data at all).
 
+    ``warmup``: items (rows, as the model receives them) that ``KServeApp`` runs through the
+    model when it starts serving; the model's readiness answers 503 until they ran (see
+    docs/operations.md).
+
     Raises ``ConfigurationError`` for an empty or duplicated tensor list, a tensor of more than
-    31 dimensions (32 with the batch dimension) or a bad ``max_rows``.
+    31 dimensions (32 with the batch dimension), a bad ``max_rows`` or a ``warmup`` that is not
+    a sequence.
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class ServedModel:
         outputs: Sequence[Tensor] = DEFAULT_OUTPUTS,
         name: str | None = None,
         max_rows: int | None = None,
+        warmup: Sequence[Any] = (),
     ) -> None:
         if not isinstance(model, (BatchedModel, Deployment)):
             raise ConfigurationError(f"expected a BatchedModel or a Deployment, got {model!r}")
@@ -61,6 +67,9 @@ class ServedModel:
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ConfigurationError(f"max_rows must be an int >= 1, got {max_rows!r}")
         self.max_rows = max_rows
+        if isinstance(warmup, (str, bytes)) or not isinstance(warmup, Sequence):
+            raise ConfigurationError(f"warmup must be a sequence of items, got {warmup!r}")
+        self.warmup = list(warmup)
         self.model = model
         self.name = model.name if name is None else name
         if not isinstance(self.name, str) or not self.name or "/" in self.name:

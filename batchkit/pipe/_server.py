@@ -22,7 +22,17 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-from .._core import BatchedModel, ConfigurationError, Deployment, WrongLoopError
+from .._core import (
+    BatchedModel,
+    BatchkitError,
+    ConfigurationError,
+    Deployment,
+    FailureLog,
+    ModelError,
+    WrongLoopError,
+    new_context,
+    request_context,
+)
 from .._target import routed_models_of
 from .._version import __version__
 from ._protocol import (
@@ -44,6 +54,8 @@ from ._protocol import (
 __all__ = ("serve",)
 
 log = logging.getLogger("batchkit.pipe")
+# Model failures: logged once per failed batch, with the id of a line it failed, rate-limited.
+_failures = FailureLog(log)
 
 _CHUNK = 1 << 16
 # Writing at most this much once a pipe polls writable never blocks (POSIX: PIPE_BUF is atomic).
@@ -406,7 +418,8 @@ class _PipeServer:
             return  # cancelled before it started: the cancel request answered for it
         line.started = True
         try:
-            response = await self._outcome_line(request, line)
+            with request_context(new_context(request.id)):  # the line's id in its log lines
+                response = await self._outcome_line(request, line)
         except anyio.get_cancelled_exc_class():
             if not line.cancelled:
                 self._emit(error_line(request.id, "Cancelled", "the server stopped first"))
@@ -434,6 +447,8 @@ class _PipeServer:
                 if line.scope.cancelled_caught:
                     return error_line(request.id, "Cancelled", _CANCELLED_BY_REQUEST)
         except Exception as exc:
+            if isinstance(exc, ModelError) or not isinstance(exc, BatchkitError):
+                _failures.report(request.model, exc, version=model.version)
             return exception_line(request.id, exc)
         return output_line(request.id, result.value, result.version, binary=request.binary)
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import anyio
 import numpy as np
 
 from batchkit import BatchedModel
@@ -56,12 +57,20 @@ async def request(
         for i, part in enumerate(parts)
     ]
     sent: list[dict[str, Any]] = []
+    responded = anyio.Event()
 
     async def receive() -> dict[str, Any]:
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
+        if messages:
+            return messages.pop(0)
+        # As servers do: once the body is in, the next message is the disconnect that comes
+        # after the response (a client that waits for its response does not go away).
+        await responded.wait()
+        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            responded.set()
 
     scope = {
         "type": "http",
