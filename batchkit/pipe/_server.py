@@ -29,6 +29,7 @@ from .._core import (
     Deployment,
     FailureLog,
     ModelError,
+    Versioned,
     WrongLoopError,
     new_context,
     request_context,
@@ -404,8 +405,18 @@ class _PipeServer:
             self._protocol_errors += 1
             self._emit(error_line(exc.id, exc.type, exc.message))
             return
+        except Exception:  # a bug here must cost this line its answer, never the server
+            log.exception("a request line could not be handled")
+            self._protocol_errors += 1
+            self._emit(_internal_error(_id_of(line)))
+            return
         if isinstance(request, Control):
-            self._emit(self._control(request))
+            try:
+                response = self._control(request)
+            except Exception:
+                log.exception("the %s request %r could not be answered", request.op, request.id)
+                response = _internal_error(request.id)
+            self._emit(response)
             return
         assert self._requests is not None
         # Registered now, not when the task starts: a cancel request in the same chunk of input
@@ -434,6 +445,21 @@ class _PipeServer:
     async def _outcome_line(self, request: Infer, line: _Line) -> bytes:
         model = self._models[request.model]
         try:
+            outcome = await self._outcome(model, request, line)
+        except Exception as exc:
+            return _exception_line(request.id, exc)
+        if isinstance(outcome, bytes):
+            return outcome
+        try:
+            return output_line(request.id, outcome.value, outcome.version, binary=request.binary)
+        except Exception:
+            log.exception("the output of line %r could not be written", request.id)
+            return _internal_error(request.id)
+
+    async def _outcome(
+        self, model: BatchedModel[Any, Any] | Deployment[Any, Any], request: Infer, line: _Line
+    ) -> Versioned[Any] | bytes:
+        try:
             route = _route(request, model)
             if line.task is not None:  # a cancel request cancels the task itself
                 result = await model.call_versioned(
@@ -449,8 +475,8 @@ class _PipeServer:
         except Exception as exc:
             if isinstance(exc, ModelError) or not isinstance(exc, BatchkitError):
                 _failures.report(request.model, exc, version=model.version)
-            return exception_line(request.id, exc)
-        return output_line(request.id, result.value, result.version, binary=request.binary)
+            return _exception_line(request.id, exc)
+        return result
 
     def _control(self, request: Control) -> bytes:
         if request.op == "cancel":
@@ -549,8 +575,22 @@ def _id_of(line: bytes | TooLong) -> Any:
     try:
         return parse_line(line, ()).id
     except RequestError as exc:
-        return (
-            exc.id
-            if exc.id is not None
-            else recover_id(line.prefix if isinstance(line, TooLong) else line)
-        )
+        if exc.id is not None:
+            return exc.id
+    except Exception:  # the id is all we want here: fall back to the leading one
+        pass
+    return recover_id(line.prefix if isinstance(line, TooLong) else line)
+
+
+def _exception_line(id_: Any, exc: BaseException) -> bytes:
+    try:
+        return exception_line(id_, exc)
+    except Exception:  # the exception's own __str__ failed, say
+        log.exception("the error of line %r could not be written", id_)
+        return _internal_error(id_)
+
+
+def _internal_error(id_: Any) -> bytes:
+    return error_line(
+        id_, "InternalError", "the server failed to handle this line (its log says why)"
+    )
