@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Literal
 
 from .._core import Statistics
+from .._target import Tensor, item_problem
 
 __all__ = (
     "DTYPES",
@@ -28,6 +29,7 @@ __all__ = (
     "RequestError",
     "TooLong",
     "as_tensor",
+    "check_declared",
     "decode_tensor",
     "encode_tensor",
     "error_line",
@@ -103,6 +105,7 @@ class Infer:
     binary: bool  # a tensor input sent base64: a tensor output goes back the same way
     version: str | None = None  # pin the item to this version of a deployment
     key: str | None = None  # route it sticky by this key (a deployment)
+    from_tensor: bool = False  # the item came as a tensor (a numpy array), not as JSON
 
 
 @dataclass(frozen=True)
@@ -311,7 +314,34 @@ def _parse_infer(obj: dict[str, Any], id_: Id, model: str | None, models: Collec
         exc.id = id_
         raise
     binary = isinstance(tensor, dict) and isinstance(tensor.get("data"), str)
-    return Infer(id_, model, item, priority, timeout, binary, version, key)
+    return Infer(id_, model, item, priority, timeout, binary, version, key, True)
+
+
+def check_declared(request: Infer, inputs: tuple[Tensor, ...]) -> None:
+    """Raise ``RequestError`` unless the item of ``request`` fits the model's declared inputs.
+
+    Checked as each line is read, so that an item of the wrong dtype or shape is answered on
+    its own and never joins (and fails) a batch of good ones.
+    """
+    model = request.model
+    if len(inputs) != 1:
+        names = ", ".join(repr(t.name) for t in inputs)
+        raise RequestError(
+            "InvalidRequest",
+            f"model {model!r} declares {len(inputs)} inputs ({names}); a line carries one tensor",
+            request.id,
+        )
+    (tensor,) = inputs
+    if not request.from_tensor:
+        raise RequestError(
+            "InvalidRequest",
+            f"model {model!r} declares the tensor input {tensor.name!r} ({tensor.datatype} "
+            f"{list(tensor.shape)}): send the item under 'tensor'",
+            request.id,
+        )
+    problem = item_problem(tensor, request.item.dtype.name, request.item.shape)
+    if problem is not None:
+        raise RequestError("InvalidTensor", f"model {model!r}: {problem}", request.id)
 
 
 def recover_id(raw: bytes) -> Id:

@@ -34,7 +34,7 @@ from .._core import (
     new_context,
     request_context,
 )
-from .._target import routed_models_of
+from .._target import Tensor, routed_models_of
 from .._version import __version__
 from ._protocol import (
     PROTOCOL_VERSION,
@@ -43,6 +43,7 @@ from ._protocol import (
     LineSplitter,
     RequestError,
     TooLong,
+    check_declared,
     error_line,
     exception_line,
     output_line,
@@ -99,8 +100,10 @@ async def serve(
     _check_positive_int("max_line_bytes", max_line_bytes)
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
         raise ConfigurationError(f"grace must be a number of seconds >= 0, got {grace!r}")
+    inputs: dict[str, tuple[Tensor, ...]] = {}
+    served = routed_models_of(models, inputs=inputs)
     server = _PipeServer(
-        routed_models_of(models), input_fd, output_fd, max_in_flight, max_line_bytes, float(grace)
+        served, inputs, input_fd, output_fd, max_in_flight, max_line_bytes, float(grace)
     )
     return await server.run(handle_signals)
 
@@ -220,6 +223,7 @@ class _PipeServer:
     def __init__(
         self,
         models: dict[str, BatchedModel[Any, Any] | Deployment[Any, Any]],
+        inputs: dict[str, tuple[Tensor, ...]],
         input_fd: int,
         output_fd: int,
         max_in_flight: int,
@@ -227,6 +231,7 @@ class _PipeServer:
         grace: float,
     ) -> None:
         self._models = models
+        self._declared = inputs  # the declared inputs of the models that have them, by name
         self._input = _Fd(input_fd, select.POLLIN)
         self._output = _Fd(output_fd, select.POLLOUT)
         self._max_in_flight = max_in_flight
@@ -401,6 +406,8 @@ class _PipeServer:
         self._count_line()
         try:
             request = parse_line(line, self._models)
+            if isinstance(request, Infer) and request.model in self._declared:
+                check_declared(request, self._declared[request.model])
         except RequestError as exc:
             self._protocol_errors += 1
             self._emit(error_line(exc.id, exc.type, exc.message))

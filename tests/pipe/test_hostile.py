@@ -239,3 +239,43 @@ def test_an_answer_that_cannot_be_built_is_an_internal_error_for_that_line_only(
     answers = by_id([json.loads(line) for line in _serve_file(lines, backend, model)])
     assert answers[1]["error"]["type"] == "InternalError"
     assert answers[2] == {"id": 2, "output": "fine", "version": "1"}
+
+
+# -- items checked against what the model declares ----------------------------------------------
+
+
+def test_a_bad_item_is_refused_alone_and_never_fails_the_batch_it_would_have_joined(
+    start: Any,
+) -> None:
+    pytest.importorskip("numpy")
+    server = start("declared", "--log-level", "debug")
+    bad = {
+        "int": ({"dtype": "int64", "shape": [3], "data": [1, 2, 3]}, "is FP32 (numpy float32)"),
+        "long": ({"dtype": "float32", "shape": [4], "data": [1, 2, 3, 4]}, "shape [4]"),
+        "deep": ({"dtype": "float32", "shape": [1, 3], "data": [1, 2, 3]}, "shape [1, 3]"),
+        "empty": ({"dtype": "float32", "shape": [0], "data": []}, "expected [3]"),
+    }
+    lines = []
+    for n in range(200):  # read together, so the good ones batch with each other
+        lines.append(
+            _line({"id": n, "tensor": {"dtype": "float32", "shape": [3], "data": [n] * 3}})
+        )
+        if n % 50 == 0:
+            for key, (tensor, _) in bad.items():
+                lines.append(_line({"id": f"{key}{n}", "tensor": tensor}))
+            lines.append(_line({"id": f"json{n}", "input": [1.0, 2.0, 3.0]}))
+    server.send_in_thread(lines)
+    answers = by_id(server.responses(len(lines)))
+    assert server.rest_of_output() == b""
+    assert server.wait() == 0
+    for n in range(200):
+        assert answers.pop(n)["tensor"] == {"dtype": "float32", "shape": [3], "data": [2 * n] * 3}
+    for n in range(0, 200, 50):
+        json_error = answers.pop(f"json{n}")["error"]
+        assert json_error["type"] == "InvalidRequest"
+        assert "send the item under 'tensor'" in json_error["message"]
+        for key, (_, words) in bad.items():
+            error = answers.pop(f"{key}{n}")["error"]
+            assert error["type"] == "InvalidTensor"
+            assert words in error["message"], error
+    assert answers == {}
