@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchkit import BatchedModel
+from batchkit import BatchedModel, Deployment
 from batchkit.pipe import serve
 
 from . import test_server
@@ -156,12 +156,14 @@ _fields = st.fixed_dictionaries(
     {},
     optional={
         "op": st.one_of(st.sampled_from(["infer", "ping", "stats", "cancel"]), _json),
-        "model": st.one_of(st.sampled_from(["echo", "other"]), _json),
+        "model": st.one_of(st.sampled_from(["echo", "other", "routed"]), _json),
         "input": _json,
         "tensor": _tensors,
         "priority": st.one_of(_numbers, _json),
         "timeout": st.one_of(st.floats(min_value=0, max_value=5), _numbers, _json),
         "target": st.one_of(st.integers(min_value=0, max_value=30), _json),
+        "version": st.one_of(st.sampled_from(["1", "2"]), _json),
+        "key": st.one_of(_strings, _json),
         "bogus": _json,
     },
 )
@@ -174,9 +176,11 @@ def _echo(items: list[Any]) -> list[Any]:
 def _serve_file(lines: list[bytes], backend: str, models: Any = None) -> list[bytes]:
     """Serve ``lines`` from a file to a file, in this process; return the response lines."""
     if models is None:
+        versions = {v: BatchedModel(_echo, name="routed", version=v) for v in ("1", "2")}
         models = {
             "echo": BatchedModel(_echo, name="echo", max_batch_size=8),
             "other": BatchedModel(_echo, name="other"),
+            "routed": Deployment(versions, weights={"1": 1, "2": 1}, seed=0),
         }
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp, "in"), Path(tmp, "out")
