@@ -11,7 +11,6 @@ import asyncio
 import datetime
 import importlib
 import json
-import os
 import re
 import sys
 import urllib.parse
@@ -455,7 +454,7 @@ class _Console:
             self._rich: Any = None
         else:
             # Not a terminal (a pipe, a CI log): wide enough for the tables anyway.
-            width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160
+            width = None if sys.stdout.isatty() else 160
             self._rich = rich.console.Console(width=width)
 
     def progress(self, total: int) -> _Progress:
