@@ -481,7 +481,10 @@ class _PipeServer:
                     return error_line(request.id, "Cancelled", _CANCELLED_BY_REQUEST)
         except Exception as exc:
             if isinstance(exc, ModelError) or not isinstance(exc, BatchkitError):
-                _failures.report(request.model, exc, version=model.version)
+                try:
+                    _failures.report(request.model, exc, version=model.version)
+                except Exception:  # an exception that cannot be printed, say: log, go on
+                    log.exception("the failure of line %r could not be logged", request.id)
             return _exception_line(request.id, exc)
         return result
 
