@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 __all__ = (
     "Table",
     "batch_size_rows",
+    "fit_headers",
     "format_count",
     "format_ms",
     "format_rate",
@@ -317,6 +318,25 @@ def _table_rich(table: Table) -> Any:
             cells.append("\u2588" * max(1, round(12 * table.bars[i])) if i in table.bars else "")
         out.add_row(*cells, style="bold green" if i == table.highlight else None)
     return out
+
+
+def fit_headers(headers: Sequence[str], rows: Sequence[Sequence[str]], width: int) -> list[str]:
+    """Return ``headers``, one word per line if the table is wider than ``width`` in one line.
+
+    For tables drawn without borders, two spaces between columns (the CLI's): on an 80-column
+    terminal every header then shows whole, over two lines, where rich would cut it short.
+    """
+
+    def table_width(names: Sequence[str]) -> int:
+        widths = [
+            max(len(line) for text in [name, *(r[i] for r in rows)] for line in text.split("\n"))
+            for i, name in enumerate(names)
+        ]
+        return sum(widths) + 2 * (len(widths) - 1)
+
+    if table_width(headers) <= width:
+        return list(headers)
+    return ["\n".join(name.split()) for name in headers]
 
 
 def tables_rich(tables: Sequence[Table], *, title: str = "") -> Any:

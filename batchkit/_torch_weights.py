@@ -26,6 +26,7 @@ __all__ = (
     "check_fits",
     "copy_into",
     "device_of",
+    "inference",
     "load_state",
     "place",
     "snapshot",
@@ -126,9 +127,7 @@ def stage(state: State, device: torch.device) -> State:
     """Return ``state`` ready to copy to ``device``: in pinned host memory for CUDA."""
     if device.type != "cuda":
         return state
-    return {
-        key: t if t.is_cuda or t.is_pinned() else t.pin_memory() for key, t in state.items()
-    }
+    return {key: t if t.is_cuda or t.is_pinned() else t.pin_memory() for key, t in state.items()}
 
 
 def build(
@@ -212,7 +211,10 @@ def copy_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Non
         module.load_state_dict(state, strict=True)
         return
     streams = _side_streams(targets.values())
-    with torch.no_grad():
+    # A tensor the module created while serving (a lazy parameter, a cache) is an inference
+    # tensor, which only inference mode may update in place; no_grad suffices for the others.
+    inplace = torch.inference_mode() if _any_inference(targets.values()) else torch.no_grad()
+    with inplace:
         for key, tensor in targets.items():
             if tensor.is_cuda:
                 with torch.cuda.stream(streams[tensor.device]):
@@ -221,6 +223,16 @@ def copy_into(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> Non
                 tensor.copy_(state[key])
     for side in streams.values():
         side.synchronize()
+
+
+def inference() -> Any:
+    """Return the context a torch module's batches run in: ``torch.inference_mode()``.
+
+    Outputs then carry no autograd graph (no ``grad_fn``), so they convert to numpy, and no
+    memory is kept for a backward pass that never comes. Entered in the thread that calls the
+    model: autograd's mode is per thread.
+    """
+    return torch.inference_mode()
 
 
 def _side_streams(tensors: Iterable[torch.Tensor]) -> dict[torch.device, torch.cuda.Stream]:
@@ -236,6 +248,10 @@ def _side_streams(tensors: Iterable[torch.Tensor]) -> dict[torch.device, torch.c
             side.wait_stream(torch.cuda.current_stream(tensor.device))
             streams[tensor.device] = side
     return streams
+
+
+def _any_inference(tensors: Iterable[torch.Tensor]) -> bool:
+    return any(t.is_inference() for t in tensors)
 
 
 def _normalized(device: torch.device | str) -> torch.device:
@@ -257,6 +273,7 @@ class _TorchWeightOps:
     place = staticmethod(place)
     snapshot = staticmethod(snapshot)
     copy_into = staticmethod(copy_into)
+    inference = staticmethod(inference)
 
 
 WEIGHT_OPS: WeightOps = _TorchWeightOps()

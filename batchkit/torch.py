@@ -149,7 +149,8 @@ def split(
 
     ``output`` may be:
 
-    - a tensor: its rows along the first dim (views, not copies);
+    - a tensor: its rows along the first dim (views, not copies, detached from autograd: no
+      caller gets a ``grad_fn``);
     - a ``Padded`` (see ``Padded.with_values``): its rows, each narrowed to its item's length;
     - a tuple or named tuple of these: one tuple of the same type per item;
     - a dict (any mapping) of these: one dict per item, with the same keys;
@@ -240,7 +241,7 @@ def _int_list(lengths: Sequence[int] | torch.Tensor) -> list[int]:
 def _tensor_rows(tensor: torch.Tensor) -> list[torch.Tensor]:
     if tensor.dim() == 0:
         raise ConfigurationError(f"split needs a batch dim, got a 0-d tensor {tensor!r}")
-    return list(tensor.unbind(0))
+    return list(tensor.detach().unbind(0))  # no autograd graph reaches the callers
 
 
 def _shape(tensor: torch.Tensor) -> tuple[int, ...]:

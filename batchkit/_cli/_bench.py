@@ -9,12 +9,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import importlib
 import json
+import re
 import sys
+import urllib.parse
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
+from .._render import fit_headers
 from .._version import __version__
 
 __all__ = ("add_parser", "run")
@@ -32,7 +36,9 @@ def add_parser(subparsers: Any) -> None:
         "step by step, and report throughput, latency percentiles, errors and (for batchkit "
         "servers) the server-side batch size. Exits 1 when any request failed.",
     )
-    parser.add_argument("url", nargs="?", help="the server's host:port (no scheme)")
+    parser.add_argument(
+        "url", nargs="?", help="the server: host:port, http://host:port or https://host:port"
+    )
     parser.add_argument("--model", "-m", help="the model to call")
     parser.add_argument("--model-version", default="", help="the model version (default: any)")
     load = parser.add_mutually_exclusive_group()
@@ -130,12 +136,18 @@ def run(args: argparse.Namespace) -> int:
                 f"batchkit bench --protocol grpc needs tritonclient[grpc] ({exc}): "
                 "pip install 'batchkit[bench,triton]'"
             ) from None
+    server = None if args.compare else _server(args.url)
+    if args.plot and not _can_import("matplotlib"):  # before the sweep, not after it
+        _usage_error("--plot needs matplotlib: pip install matplotlib")
+    if server is not None and server.https and args.protocol == "grpc":
+        _usage_error("https:// is for HTTP: give --protocol grpc a host:port")
     console = _Console(quiet=args.quiet)
     try:
         if args.compare:
             report = _compare(args, console, _loadgen)
         else:
-            report = asyncio.run(_sweep(args, args.url, args.model, console, _loadgen))
+            assert server is not None
+            report = asyncio.run(_sweep(args, server, args.model, console, _loadgen))
     except _Unreachable as exc:
         console.error(str(exc))
         return 2
@@ -151,6 +163,14 @@ def run(args: argparse.Namespace) -> int:
             console.error(f"first {kind} error: {sample}")
         console.error(f"{failed} request(s) failed: see the error columns")
     return 1 if failed else 0
+
+
+def _can_import(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
 
 
 def _usage_error(message: str) -> NoReturn:
@@ -172,10 +192,50 @@ class _Unreachable(Exception):
     """The server or the model could not be reached before the run started."""
 
 
+class _Server(NamedTuple):
+    """Where the server is: ``host:port`` as tritonclient takes it, and whether over TLS."""
+
+    address: str
+    https: bool
+    given: str  # the URL as the user wrote it
+
+    @property
+    def base(self) -> str:
+        return f"{'https' if self.https else 'http'}://{self.address}"
+
+
+_HOST = re.compile(r"\A(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])\Z")
+
+
+def _server(url: str) -> _Server:
+    """Parse ``host:port``, ``http://host:port`` or ``https://host:port`` (a usage error if bad)."""
+    parsed = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    host = parsed.hostname or ""
+    if ":" in host:  # an IPv6 address, given in brackets
+        host = f"[{host}]"
+    try:
+        port = parsed.port
+    except ValueError as exc:
+        _usage_error(f"bad URL {url!r}: {exc}")
+    if parsed.scheme not in ("http", "https"):
+        problem = f"the scheme must be http or https, got {parsed.scheme!r}"
+    elif parsed.username is not None or parsed.password is not None:
+        problem = "credentials in the URL are not supported"
+    elif parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        problem = "give the server only (host:port), without a path, query or fragment"
+    elif not _HOST.match(host):
+        problem = "no valid host name or address in it"
+    else:
+        address = host if port is None else f"{host}:{port}"
+        return _Server(address, parsed.scheme == "https", url)
+    _usage_error(f"bad URL {url!r}: {problem}")
+
+
 async def _sweep(
-    args: argparse.Namespace, url: str, model: str, console: _Console, loadgen: Any
+    args: argparse.Namespace, server: _Server, model: str, console: _Console, loadgen: Any
 ) -> dict[str, Any]:
-    steps = await _run_steps(args, url, [model], console, loadgen)
+    url = server.given
+    steps = await _run_steps(args, server, [model], console, loadgen)
     table = [step.as_dict() for step in steps[model]]
     console.table(_step_rows(steps[model], closed=args.rate is None), title=f"{model} at {url}")
     if any(step.versions for step in steps[model]):
@@ -193,7 +253,7 @@ async def _sweep(
 
 
 async def _run_steps(
-    args: argparse.Namespace, url: str, models: list[str], console: _Console, loadgen: Any
+    args: argparse.Namespace, server: _Server, models: list[str], console: _Console, loadgen: Any
 ) -> dict[str, list[Any]]:
     """Run every step against every model (interleaved: step 1 of each, then step 2, ...)."""
     loads = args.rate if args.rate is not None else args.concurrency
@@ -202,11 +262,13 @@ async def _run_steps(
     else:
         connections = max(args.concurrency)
     if args.protocol == "grpc":
-        client = loadgen.client_module("grpc").InferenceServerClient(url)
+        client = loadgen.client_module("grpc").InferenceServerClient(server.address)
     else:
-        client = loadgen.aio.InferenceServerClient(url, conn_limit=connections)
+        client = loadgen.aio.InferenceServerClient(
+            server.address, conn_limit=connections, ssl=server.https
+        )
     try:
-        targets = [await _target(client, url, model, args, loadgen) for model in models]
+        targets = [await _target(client, server, model, args, loadgen) for model in models]
         results: dict[str, list[Any]] = {model: [] for model in models}
         with console.progress(len(loads) * len(targets)) as advance:
             for load in loads:
@@ -221,14 +283,19 @@ async def _run_steps(
         await client.close()
 
 
-async def _target(client: Any, url: str, model: str, args: argparse.Namespace, loadgen: Any) -> Any:
+async def _target(
+    client: Any, server: _Server, model: str, args: argparse.Namespace, loadgen: Any
+) -> Any:
     try:
         if args.protocol == "grpc":
             metadata = await client.get_model_metadata(model, args.model_version, as_json=True)
         else:
             metadata = await client.get_model_metadata(model, args.model_version)
     except Exception as exc:
-        raise _Unreachable(f"cannot read the metadata of model {model!r} at {url}: {exc}") from exc
+        message = " ".join(str(exc).split()) or type(exc).__name__  # one line
+        raise _Unreachable(
+            f"cannot read the metadata of model {model!r} at {server.given}: {message}"
+        ) from exc
     if args.input_file:
         inputs, datatypes = loadgen.load_inputs(args.input_file, metadata)
     else:
@@ -236,7 +303,7 @@ async def _target(client: Any, url: str, model: str, args: argparse.Namespace, l
     outputs = [spec["name"] for spec in metadata.get("outputs", [])]
     return loadgen.Target(
         client,
-        url,
+        server.address,
         model,
         args.model_version,
         inputs,
@@ -246,6 +313,7 @@ async def _target(client: Any, url: str, model: str, args: argparse.Namespace, l
         timeout=args.timeout,
         protocol=args.protocol,
         metrics_url=args.metrics_url,
+        https=server.https,
     )
 
 
@@ -273,7 +341,8 @@ def _compare(args: argparse.Namespace, console: _Console, loadgen: Any) -> dict[
         if address.grpc is not None:
             url, args.metrics_url = address.grpc, url
         models = ["demo", "demo_unbatched"]
-        steps = asyncio.run(_run_steps(args, url, models, console, loadgen))
+        server = _Server(url, https=False, given=url)
+        steps = asyncio.run(_run_steps(args, server, models, console, loadgen))
     batched, unbatched = steps["demo"], steps["demo_unbatched"]
     console.table(
         _compare_rows(batched, unbatched, closed=args.rate is None),
@@ -395,9 +464,9 @@ class _Console:
         if self._rich is not None:
             from rich.table import Table
 
-            table = Table(title=title)
-            for i, name in enumerate(rows[0]):
-                table.add_column(name, justify="left" if i == 0 else "right")
+            table = Table(title=title, box=None, pad_edge=False, header_style="bold")
+            for i, name in enumerate(fit_headers(rows[0], rows[1:], self._rich.width)):
+                table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
             for row in rows[1:]:
                 table.add_row(*row)
             self._rich.print(table)

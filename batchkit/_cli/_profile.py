@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import re
 import sys
@@ -105,6 +107,13 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the sweep, print the table (or JSON), write the exports; return the exit status."""
+    if args.plot:  # checked before the sweep, not after it
+        try:
+            importlib.import_module("matplotlib")
+        except ImportError:
+            need = "--plot needs matplotlib: pip install 'batchkit[notebook]'"
+            print(f"batchkit profile: error: {need}", file=sys.stderr)
+            return 2
     try:
         fn = _model_of(import_target(args.target), args.model)
         inputs = _inputs(args)
@@ -130,10 +139,7 @@ def run(args: argparse.Namespace) -> int:
     if args.csv:
         result.to_csv(args.csv)
     if args.plot:
-        try:
-            result.plot().savefig(args.plot)
-        except ImportError as exc:  # matplotlib missing: the table still prints
-            print(f"batchkit profile: {exc}", file=sys.stderr)
+        result.plot().savefig(args.plot)
     if args.json:
         print(json.dumps(result.to_dicts(), indent=2))
     else:
@@ -245,7 +251,11 @@ def _print(result: ProfileResult) -> None:
     except ImportError:
         print(_plain(result.table()))
         return
-    Console().print(result)
+    console = Console()
+    table = result.table()
+    headers = _render.fit_headers(table.headers, table.rows, console.width)
+    table = dataclasses.replace(table, headers=headers)  # whole words on a narrow terminal
+    console.print(_render.tables_rich([table], title=f"batchkit profile of {result.name!r}"))
 
 
 def _plain(table: _render.Table) -> str:

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import anyio
@@ -105,8 +106,26 @@ def batch_error(settings: Settings, exc: Exception, n: int, version: str) -> Mod
     return error
 
 
-def run_sync_batch(settings: Settings, fn: Callable[[Any], Any], items: list[Any]) -> Sequence[Any]:
-    """Run the sync model ``fn`` on ``items`` (collated) and return one output per item."""
+def run_sync_batch(
+    settings: Settings,
+    fn: Callable[[Any], Any],
+    items: list[Any],
+    inference: Callable[[], AbstractContextManager[Any]] | None = None,
+) -> Sequence[Any]:
+    """Run the sync model ``fn`` on ``items`` (collated) and return one output per item.
+
+    ``inference``: the context the model's library runs a batch in (``Installed.inference``),
+    entered here, in the thread that calls the model, around collate, call and split.
+    """
+    if inference is None:
+        return _run_sync_batch(settings, fn, items)
+    with inference():
+        return _run_sync_batch(settings, fn, items)
+
+
+def _run_sync_batch(
+    settings: Settings, fn: Callable[[Any], Any], items: list[Any]
+) -> Sequence[Any]:
     collate = settings.collate
     try:
         out = fn(collate(items) if collate is not None else items)
@@ -202,10 +221,12 @@ class Invoker:
         self.in_model.active = True
         try:
             if info is None:
-                return run_sync_batch(self.settings, installed.model, items)
+                return run_sync_batch(self.settings, installed.model, items, installed.inference)
             with_info = installed.with_info
             assert with_info is not None
-            return run_sync_batch(self.settings, lambda batch: with_info(batch, info), items)
+            return run_sync_batch(
+                self.settings, lambda batch: with_info(batch, info), items, installed.inference
+            )
         finally:
             self.in_model.active = False
 

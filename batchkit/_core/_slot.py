@@ -8,6 +8,7 @@ keep the installation they started with, and every later batch gets the new one.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -39,7 +40,9 @@ class Installed:
     ``weights`` is set only for an installation replaced in place (the same module object
     serves several versions): the weights to copy back in to make ``model`` this version again.
     ``with_info`` is the model's ``call_with_info`` when it opts in to receiving a ``BatchInfo``
-    (looked up once, here, so ordinary models cost nothing per batch).
+    (looked up once, here, so ordinary models cost nothing per batch). ``inference`` is the
+    context its batches run in, entered in the thread that calls it, for a model whose library
+    has one (a ``torch.nn.Module``: ``torch.inference_mode``); None for any other model.
     """
 
     model: Callable[..., Any]
@@ -47,9 +50,14 @@ class Installed:
     version: str
     weights: Any = None
     with_info: Callable[[Any, BatchInfo], Any] | None = field(init=False, repr=False)
+    inference: Callable[[], AbstractContextManager[Any]] | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        from ._swap import weight_ops_for  # _swap imports this module; never imports torch
+
         object.__setattr__(self, "with_info", info_method(self.model))
+        ops = weight_ops_for(self.model)
+        object.__setattr__(self, "inference", None if ops is None else ops.inference)
 
 
 class ModelSlot:

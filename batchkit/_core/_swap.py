@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Protocol, TypeVar
 
 import anyio.from_thread
@@ -80,6 +80,11 @@ class WeightOps(Protocol):
 
     def copy_into(self, model: Any, state: Any) -> None:
         """Copy ``state`` into ``model``'s own tensors, and return once the copies are done."""
+        ...
+
+    def inference(self) -> AbstractContextManager[Any]:
+        """Return the context a batch runs in, entered in the thread that calls the model
+        (torch: no autograd, so outputs carry no graph and convert to numpy)."""
         ...
 
 
@@ -270,7 +275,8 @@ class Swapper:
                     ) from out
         if validate is not None:
             try:
-                verdict = runner.call(validate, installed.model, old)
+                with (installed.inference or nullcontext)():  # a sync callback, in this thread
+                    verdict = runner.call(validate, installed.model, old)
             except Exception as exc:
                 raise ValidationFailed(
                     f"validating model {name!r} version {version!r} raised "
@@ -349,7 +355,7 @@ class _Runner:
 
     def run_batch(self, settings: Settings, installed: Installed, items: list[Any]) -> Any:
         if not installed.is_async:
-            return run_sync_batch(settings, installed.model, items)
+            return run_sync_batch(settings, installed.model, items, installed.inference)
         collate = settings.collate
         out = self.call(installed.model, collate(items) if collate is not None else items)
         return split_outputs(settings, out, len(items))

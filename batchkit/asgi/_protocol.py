@@ -283,8 +283,9 @@ def _input_header(
         )
     if shape[0] > served.max_rows:
         raise BadRequest(
-            f"input {name!r} has {shape[0]} rows (its batch dimension), more than the "
-            f"{served.max_rows} that model {served.name!r} accepts in one request"
+            f"input {name!r} has {shape[0]} rows (its batch dimension), more than model "
+            f"{served.name!r} accepts in one request: max_rows={served.max_rows} "
+            "(a setting of its ServedModel)"
         )
     return tensor, tuple(shape)
 

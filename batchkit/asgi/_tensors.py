@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .._core import ConfigurationError
+from .._target import Tensor
 from ._errors import BadRequest
 
 __all__ = (
@@ -64,67 +64,6 @@ DATATYPES: dict[str, _Datatype] = {
         _dt("BYTES", "object", None, "TYPE_STRING", "U"),
     )
 }
-
-
-@dataclass(frozen=True)
-class Tensor:
-    """One declared input or output of a served model.
-
-    ``shape`` is the shape of one item, without the batch dimension (as in Triton's model
-    configuration); -1 marks a dimension of any size. ``datatype`` is a KServe v2 datatype:
-    BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, FP32, FP64, BF16 or
-    BYTES. The model sees numpy arrays of the matching dtype (BF16 as float32, BYTES as an
-    object array of ``bytes``). Raises ``ConfigurationError`` for a bad name, datatype or shape.
-    """
-
-    name: str
-    datatype: str
-    shape: Sequence[int]
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ConfigurationError(f"a tensor name must be a non-empty string, got {self.name!r}")
-        if self.datatype not in DATATYPES:
-            raise ConfigurationError(
-                f"tensor {self.name!r}: datatype must be one of {', '.join(DATATYPES)}, "
-                f"got {self.datatype!r}"
-            )
-        shape = tuple(self.shape) if isinstance(self.shape, Sequence) else None
-        if shape is None or not all(
-            isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape
-        ):
-            raise ConfigurationError(
-                f"tensor {self.name!r}: shape must be a sequence of ints >= -1, got {self.shape!r}"
-            )
-        object.__setattr__(self, "shape", shape)
-
-    def metadata(self) -> dict[str, Any]:
-        """Return the tensor as model metadata lists it (with the batch dimension, -1)."""
-        return {"name": self.name, "datatype": self.datatype, "shape": [-1, *self.shape]}
-
-    def config(self) -> dict[str, Any]:
-        """Return the tensor as Triton's model configuration lists it (no batch dimension).
-
-        A scalar (shape ``[]``) is ``dims: [1]`` with ``reshape: {shape: []}``, as Triton
-        writes it: clients may send ``[B, 1]`` or ``[B]``.
-        """
-        config: dict[str, Any] = {
-            "name": self.name,
-            "data_type": DATATYPES[self.datatype].config,
-            "format": "FORMAT_NONE",
-            "dims": list(self.shape) or [1],
-            "is_shape_tensor": False,
-        }
-        if not self.shape:
-            config["reshape"] = {"shape": []}
-        return config
-
-    def matches(self, shape: Sequence[int]) -> bool:
-        """Return whether one item's ``shape`` fits the declared shape."""
-        declared = self.shape
-        return len(shape) == len(declared) and all(
-            d == -1 or d == s for d, s in zip(declared, shape, strict=True)
-        )
 
 
 def element_count(shape: Sequence[int]) -> int:

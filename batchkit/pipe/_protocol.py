@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Literal
 
 from .._core import Statistics
+from .._target import Tensor, item_problem
 
 __all__ = (
     "DTYPES",
@@ -28,6 +29,7 @@ __all__ = (
     "RequestError",
     "TooLong",
     "as_tensor",
+    "check_declared",
     "decode_tensor",
     "encode_tensor",
     "error_line",
@@ -103,6 +105,7 @@ class Infer:
     binary: bool  # a tensor input sent base64: a tensor output goes back the same way
     version: str | None = None  # pin the item to this version of a deployment
     key: str | None = None  # route it sticky by this key (a deployment)
+    from_tensor: bool = False  # the item came as a tensor (a numpy array), not as JSON
 
 
 @dataclass(frozen=True)
@@ -206,24 +209,25 @@ class LineSplitter:
 def parse_line(line: bytes | TooLong, models: Collection[str]) -> Infer | Control:
     """Parse one request line for a server of ``models``; raise ``RequestError`` if bad."""
     if isinstance(line, TooLong):
+        id_, problem = _leading_id(line.prefix)
+        note = "" if problem is None else f"; {problem}"
         raise RequestError(
-            "LineTooLong",
-            f"the line is longer than the limit of {line.limit} bytes",
-            recover_id(line.prefix),
+            "LineTooLong", f"the line is longer than the limit of {line.limit} bytes{note}", id_
         )
     try:
         obj = json.loads(line.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        raise RequestError(
-            "InvalidJSON", f"the line is not JSON: {exc}", recover_id(line)
-        ) from None
+        id_, problem = _leading_id(line)
+        note = "" if problem is None else f"; {problem}"
+        raise RequestError("InvalidJSON", f"the line is not JSON: {exc}{note}", id_) from None
     if not isinstance(obj, dict):
         raise RequestError("InvalidRequest", f"a request must be a JSON object, got {_kind(obj)}")
     if "id" not in obj:
         raise RequestError("InvalidRequest", "the request has no 'id'")
     id_ = obj["id"]
-    if not _is_id(id_):
-        raise RequestError("InvalidRequest", f"'id' must be a string or a number, got {id_!r}")
+    problem = _id_problem(id_)
+    if problem is not None:
+        raise RequestError("InvalidRequest", f"'id' must be {problem}, got {_show(id_)}")
     unknown = sorted(set(obj) - _REQUEST_FIELDS)
     if unknown:
         raise RequestError(
@@ -233,24 +237,25 @@ def parse_line(line: bytes | TooLong, models: Collection[str]) -> Infer | Contro
             id_,
         )
     op = obj.get("op", "infer")
-    if op not in _OPS:
-        raise RequestError("InvalidRequest", f"'op' must be one of {_OPS}, got {op!r}", id_)
+    if op not in _OPS:  # a tuple: compared by ==, so any JSON value may be tested
+        raise RequestError("InvalidRequest", f"'op' must be one of {_OPS}, got {_show(op)}", id_)
     model = obj.get("model")
     if model is not None and not isinstance(model, str):
-        raise RequestError("InvalidRequest", f"'model' must be a string, got {model!r}", id_)
+        raise RequestError("InvalidRequest", f"'model' must be a string, got {_show(model)}", id_)
     if model is not None and model not in models:
         raise RequestError(
             "UnknownModel",
-            f"no model named {model!r}; served: {', '.join(map(repr, sorted(models)))}",
+            f"no model named {_show(model)}; served: {', '.join(map(repr, sorted(models)))}",
             id_,
         )
     if (op == "cancel") != ("target" in obj):
         raise RequestError("InvalidRequest", "'target' goes with op 'cancel', always", id_)
     if op == "cancel":
         target = obj["target"]
-        if not _is_id(target):
+        problem = _id_problem(target)
+        if problem is not None:
             raise RequestError(
-                "InvalidRequest", f"'target' must be a string or a number, got {target!r}", id_
+                "InvalidRequest", f"'target' must be {problem}, got {_show(target)}", id_
             )
         return Control(id_, op, model, target)
     if op != "infer":
@@ -274,19 +279,27 @@ def _parse_infer(obj: dict[str, Any], id_: Id, model: str | None, models: Collec
             "InvalidRequest", "give exactly one of 'input' (a JSON value) or 'tensor'", id_
         )
     priority = obj.get("priority", 0)
-    if not _is_number(priority) or math.isnan(priority):
-        raise RequestError("InvalidRequest", f"'priority' must be a number, got {priority!r}", id_)
-    timeout = obj.get("timeout")
-    if timeout is not None and (
-        not _is_number(timeout) or not math.isfinite(timeout) or timeout < 0
-    ):
+    as_float = _as_float(priority)
+    if as_float is None or math.isnan(as_float):
         raise RequestError(
-            "InvalidRequest", f"'timeout' must be a number >= 0 or null, got {timeout!r}", id_
+            "InvalidRequest",
+            f"'priority' must be a number ({_FLOAT_RANGE}), got {_show(priority)}",
+            id_,
         )
+    timeout = obj.get("timeout")
+    if timeout is not None:
+        as_float = _as_float(timeout)
+        if as_float is None or not math.isfinite(as_float) or as_float < 0:
+            raise RequestError(
+                "InvalidRequest",
+                f"'timeout' must be a number >= 0 ({_FLOAT_RANGE}) or null, got {_show(timeout)}",
+                id_,
+            )
+        timeout = as_float
     version, key = obj.get("version"), obj.get("key")
     if version is not None and (not isinstance(version, str) or not version):
         raise RequestError(
-            "InvalidRequest", f"'version' must be a non-empty string, got {version!r}", id_
+            "InvalidRequest", f"'version' must be a non-empty string, got {_show(version)}", id_
         )
     if key is not None and (not isinstance(key, str) or not 0 < len(key) <= _MAX_KEY):
         raise RequestError(
@@ -301,27 +314,90 @@ def _parse_infer(obj: dict[str, Any], id_: Id, model: str | None, models: Collec
         exc.id = id_
         raise
     binary = isinstance(tensor, dict) and isinstance(tensor.get("data"), str)
-    return Infer(id_, model, item, priority, timeout, binary, version, key)
+    return Infer(id_, model, item, priority, timeout, binary, version, key, True)
+
+
+def check_declared(request: Infer, inputs: tuple[Tensor, ...]) -> None:
+    """Raise ``RequestError`` unless the item of ``request`` fits the model's declared inputs.
+
+    Checked as each line is read, so that an item of the wrong dtype or shape is answered on
+    its own and never joins (and fails) a batch of good ones.
+    """
+    model = request.model
+    if len(inputs) != 1:
+        names = ", ".join(repr(t.name) for t in inputs)
+        raise RequestError(
+            "InvalidRequest",
+            f"model {model!r} declares {len(inputs)} inputs ({names}); a line carries one tensor",
+            request.id,
+        )
+    (tensor,) = inputs
+    if not request.from_tensor:
+        raise RequestError(
+            "InvalidRequest",
+            f"model {model!r} declares the tensor input {tensor.name!r} ({tensor.datatype} "
+            f"{list(tensor.shape)}): send the item under 'tensor'",
+            request.id,
+        )
+    problem = item_problem(tensor, request.item.dtype.name, request.item.shape)
+    if problem is not None:
+        raise RequestError("InvalidTensor", f"model {model!r}: {problem}", request.id)
 
 
 def recover_id(raw: bytes) -> Id:
     """Return the id of a damaged line when it is the line's first member, else None."""
+    return _leading_id(raw)[0]
+
+
+def _leading_id(raw: bytes) -> tuple[Id, str | None]:
+    # The id of a damaged line, and why a leading id found there cannot be used (or None).
     match = _LEADING_ID.match(raw)
     if match is None:
-        return None
+        return None, None
     try:
         value = json.loads(match.group(1))
-    except ValueError:
+    except ValueError as exc:  # an integer of more digits than Python converts
+        return None, f"its 'id' cannot be read: {exc}"
+    problem = _id_problem(value)
+    if problem is not None:
+        return None, f"its 'id' must be {problem}, got {_show(value)}"
+    return value, None
+
+
+# Every number the protocol reads is used as a float (an int id is echoed as it came).
+_FLOAT_RANGE = "within float range (about 1.8e308)"
+
+
+def _id_problem(value: object) -> str | None:
+    """Return what an id (or a cancel target) must be when ``value`` is not one, else None."""
+    if isinstance(value, str):
         return None
-    return value if _is_id(value) else None
+    as_float = _as_float(value)
+    if as_float is None or not math.isfinite(as_float):
+        return f"a string or a number (finite, {_FLOAT_RANGE})"
+    return None
 
 
-def _is_id(value: object) -> bool:
-    return isinstance(value, str) or (_is_number(value) and math.isfinite(value))  # type: ignore[arg-type]
+def _as_float(value: object) -> float | None:
+    """Return ``value`` as a float if it is a JSON number that fits one, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return None
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _show(value: object, limit: int = 100) -> str:
+    """Return a short repr of a value from a request, whatever its size or depth."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        digits = len(str(abs(value)))  # below the int-to-str limit: json.loads parsed it
+        return f"an integer of {digits} digits"
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):
+        return f"{_kind(value)} nested too deeply to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _kind(value: object) -> str:
@@ -342,19 +418,16 @@ def decode_tensor(obj: object) -> Any:
     """
     if not isinstance(obj, dict) or set(obj) != {"dtype", "shape", "data"}:
         raise RequestError(
-            "InvalidTensor", f"a tensor is an object with dtype, shape and data, got {obj!r:.200}"
+            "InvalidTensor",
+            f"a tensor is an object with dtype, shape and data, got {_show(obj, 200)}",
         )
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise RequestError(
-            "InvalidTensor", f"dtype must be one of {', '.join(sorted(DTYPES))}, got {dtype!r}"
+            "InvalidTensor",
+            f"dtype must be one of {', '.join(sorted(DTYPES))}, got {_show(dtype)}",
         )
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise RequestError(
-            "InvalidTensor", f"shape must be a list of ints >= 0, got {shape!r:.200}"
-        )
+    _check_shape(shape)
     np = _numpy()
     size = math.prod(shape)
     if isinstance(data, str):
@@ -365,6 +438,8 @@ def decode_tensor(obj: object) -> Any:
         )
     try:
         array = np.asarray(data, dtype=dtype)
+    except RecursionError:
+        raise RequestError("InvalidTensor", "data is nested too deeply") from None
     except (ValueError, TypeError, OverflowError) as exc:
         raise RequestError("InvalidTensor", f"data does not fit dtype {dtype}: {exc}") from None
     if array.ndim > 1 and list(array.shape) != shape:
@@ -375,7 +450,38 @@ def decode_tensor(obj: object) -> Any:
         raise RequestError(
             "InvalidTensor", f"data holds {array.size} values, shape {shape} needs {size}"
         )
-    return array.reshape(shape)
+    return _reshape(array, shape)
+
+
+# numpy's limits: dimensions (NPY_MAXDIMS) and the bytes of one array, counted without zeros.
+_MAX_DIMS = 64
+_MAX_BYTES = 2**63 - 1
+
+
+def _check_shape(shape: object) -> None:
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in shape
+    ):
+        raise RequestError(
+            "InvalidTensor",
+            f"shape must be a list of ints >= 0 and below 2**63, got {_show(shape, 200)}",
+        )
+    if len(shape) > _MAX_DIMS:
+        raise RequestError(
+            "InvalidTensor", f"shape has {len(shape)} dimensions, more than the {_MAX_DIMS} allowed"
+        )
+    # numpy refuses an array whose nonzero dimensions overflow, even when a zero makes it empty.
+    if math.prod(d for d in shape if d) * 8 > _MAX_BYTES:
+        raise RequestError(
+            "InvalidTensor", f"shape {_show(shape, 200)} is too big for an array (even empty)"
+        )
+
+
+def _reshape(array: Any, shape: list[int]) -> Any:
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:  # a limit of this numpy that the checks above do not know
+        raise RequestError("InvalidTensor", f"shape {shape} cannot be built: {exc}") from None
 
 
 def _from_base64(np: Any, dtype: str, shape: list[int], size: int, data: str) -> Any:
@@ -389,7 +495,7 @@ def _from_base64(np: Any, dtype: str, shape: list[int], size: int, data: str) ->
             "InvalidTensor",
             f"data holds {len(raw)} bytes, shape {shape} of {dtype} needs {size * wire.itemsize}",
         )
-    return np.frombuffer(bytearray(raw), dtype=wire).astype(dtype, copy=False).reshape(shape)
+    return _reshape(np.frombuffer(bytearray(raw), dtype=wire).astype(dtype, copy=False), shape)
 
 
 def encode_tensor(array: Any, *, binary: bool) -> dict[str, Any]:
@@ -444,11 +550,21 @@ def _json_default(value: Any) -> Any:
 
 
 def response_line(obj: Mapping[str, Any]) -> bytes:
-    """Encode one response object as a line; raise ``ValueError``/``TypeError`` if it cannot."""
+    """Encode one response object as a line; raise ``ValueError``/``TypeError`` if it cannot.
+
+    Text goes out as UTF-8. A string UTF-8 cannot carry (a lone surrogate such as ``"\\ud800"``,
+    which JSON input may hold) is written as JSON escapes instead, so it reads back as it came.
+    """
     text = json.dumps(
         obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default
     )
-    return text.encode("utf-8") + b"\n"
+    try:
+        return text.encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        text = json.dumps(
+            obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False, default=_json_default
+        )
+        return text.encode("ascii") + b"\n"
 
 
 def output_line(id_: Id, value: Any, version: str, *, binary: bool) -> bytes:
@@ -479,7 +595,9 @@ def exception_line(id_: Id, exc: BaseException) -> bytes:
     extra: dict[str, Any] = {}
     for attr in ("version", "batch_size", "retry_after"):
         value = getattr(exc, attr, None)
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if isinstance(value, str) or (
+            _as_float(value) is not None and math.isfinite(value)  # type: ignore[arg-type]
+        ):
             extra[attr] = value
     message = str(exc) or type(exc).__name__
     return error_line(id_, type(exc).__name__, message, **extra)

@@ -29,11 +29,12 @@ from .._core import (
     Deployment,
     FailureLog,
     ModelError,
+    Versioned,
     WrongLoopError,
     new_context,
     request_context,
 )
-from .._target import routed_models_of
+from .._target import Tensor, routed_models_of
 from .._version import __version__
 from ._protocol import (
     PROTOCOL_VERSION,
@@ -42,6 +43,7 @@ from ._protocol import (
     LineSplitter,
     RequestError,
     TooLong,
+    check_declared,
     error_line,
     exception_line,
     output_line,
@@ -98,8 +100,10 @@ async def serve(
     _check_positive_int("max_line_bytes", max_line_bytes)
     if isinstance(grace, bool) or not isinstance(grace, (int, float)) or not grace >= 0:
         raise ConfigurationError(f"grace must be a number of seconds >= 0, got {grace!r}")
+    inputs: dict[str, tuple[Tensor, ...]] = {}
+    served = routed_models_of(models, inputs=inputs)
     server = _PipeServer(
-        routed_models_of(models), input_fd, output_fd, max_in_flight, max_line_bytes, float(grace)
+        served, inputs, input_fd, output_fd, max_in_flight, max_line_bytes, float(grace)
     )
     return await server.run(handle_signals)
 
@@ -219,6 +223,7 @@ class _PipeServer:
     def __init__(
         self,
         models: dict[str, BatchedModel[Any, Any] | Deployment[Any, Any]],
+        inputs: dict[str, tuple[Tensor, ...]],
         input_fd: int,
         output_fd: int,
         max_in_flight: int,
@@ -226,6 +231,7 @@ class _PipeServer:
         grace: float,
     ) -> None:
         self._models = models
+        self._declared = inputs  # the declared inputs of the models that have them, by name
         self._input = _Fd(input_fd, select.POLLIN)
         self._output = _Fd(output_fd, select.POLLOUT)
         self._max_in_flight = max_in_flight
@@ -400,12 +406,24 @@ class _PipeServer:
         self._count_line()
         try:
             request = parse_line(line, self._models)
+            if isinstance(request, Infer) and request.model in self._declared:
+                check_declared(request, self._declared[request.model])
         except RequestError as exc:
             self._protocol_errors += 1
             self._emit(error_line(exc.id, exc.type, exc.message))
             return
+        except Exception:  # a bug here must cost this line its answer, never the server
+            log.exception("a request line could not be handled")
+            self._protocol_errors += 1
+            self._emit(_internal_error(_id_of(line)))
+            return
         if isinstance(request, Control):
-            self._emit(self._control(request))
+            try:
+                response = self._control(request)
+            except Exception:
+                log.exception("the %s request %r could not be answered", request.op, request.id)
+                response = _internal_error(request.id)
+            self._emit(response)
             return
         assert self._requests is not None
         # Registered now, not when the task starts: a cancel request in the same chunk of input
@@ -434,6 +452,21 @@ class _PipeServer:
     async def _outcome_line(self, request: Infer, line: _Line) -> bytes:
         model = self._models[request.model]
         try:
+            outcome = await self._outcome(model, request, line)
+        except Exception as exc:
+            return _exception_line(request.id, exc)
+        if isinstance(outcome, bytes):
+            return outcome
+        try:
+            return output_line(request.id, outcome.value, outcome.version, binary=request.binary)
+        except Exception:
+            log.exception("the output of line %r could not be written", request.id)
+            return _internal_error(request.id)
+
+    async def _outcome(
+        self, model: BatchedModel[Any, Any] | Deployment[Any, Any], request: Infer, line: _Line
+    ) -> Versioned[Any] | bytes:
+        try:
             route = _route(request, model)
             if line.task is not None:  # a cancel request cancels the task itself
                 result = await model.call_versioned(
@@ -448,9 +481,12 @@ class _PipeServer:
                     return error_line(request.id, "Cancelled", _CANCELLED_BY_REQUEST)
         except Exception as exc:
             if isinstance(exc, ModelError) or not isinstance(exc, BatchkitError):
-                _failures.report(request.model, exc, version=model.version)
-            return exception_line(request.id, exc)
-        return output_line(request.id, result.value, result.version, binary=request.binary)
+                try:
+                    _failures.report(request.model, exc, version=model.version)
+                except Exception:  # an exception that cannot be printed, say: log, go on
+                    log.exception("the failure of line %r could not be logged", request.id)
+            return _exception_line(request.id, exc)
+        return result
 
     def _control(self, request: Control) -> bytes:
         if request.op == "cancel":
@@ -549,8 +585,22 @@ def _id_of(line: bytes | TooLong) -> Any:
     try:
         return parse_line(line, ()).id
     except RequestError as exc:
-        return (
-            exc.id
-            if exc.id is not None
-            else recover_id(line.prefix if isinstance(line, TooLong) else line)
-        )
+        if exc.id is not None:
+            return exc.id
+    except Exception:  # the id is all we want here: fall back to the leading one
+        pass
+    return recover_id(line.prefix if isinstance(line, TooLong) else line)
+
+
+def _exception_line(id_: Any, exc: BaseException) -> bytes:
+    try:
+        return exception_line(id_, exc)
+    except Exception:  # the exception's own __str__ failed, say
+        log.exception("the error of line %r could not be written", id_)
+        return _internal_error(id_)
+
+
+def _internal_error(id_: Any) -> bytes:
+    return error_line(
+        id_, "InternalError", "the server failed to handle this line (its log says why)"
+    )

@@ -146,7 +146,7 @@ class Target:
 
     ``protocol`` is "http" or "grpc" (``client`` is tritonclient's asyncio client of that
     protocol); ``metrics_url`` is the ``host:port`` serving batchkit's ``/metrics`` (default:
-    ``url`` over HTTP, none over gRPC).
+    ``url`` over HTTP, none over gRPC); ``https``: HTTP over TLS, for the requests and /metrics.
     """
 
     def __init__(
@@ -163,9 +163,11 @@ class Target:
         timeout: float | None = None,
         protocol: str = "http",
         metrics_url: str | None = None,
+        https: bool = False,
     ) -> None:
         self.client = client
         self.protocol = protocol
+        self.https = https  # the HTTP server (and its /metrics) speaks TLS
         self._module = client_module(protocol)
         self.metrics_url = url if metrics_url is None and protocol == "http" else metrics_url
         self.url = url
@@ -233,7 +235,8 @@ async def _metrics_text(target: Target) -> str | None:
         if target.protocol == "grpc":
             return await asyncio.to_thread(_read_metrics, target.metrics_url)
         session = target.client._stub  # tritonclient's aiohttp session: same connections
-        async with session.get(f"http://{target.metrics_url}/metrics") as response:
+        scheme = "https" if target.https else "http"
+        async with session.get(f"{scheme}://{target.metrics_url}/metrics") as response:
             if response.status != 200:
                 return None
             return str(await response.text())

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -323,3 +328,115 @@ def test_compare_over_grpc(tmp_path: Path) -> None:
         assert step["failed"] == 0
     assert unbatched["server_batch_size"] == 1.0
     assert batched["server_batch_size"] > 1
+
+
+# -- the URL, --plot, and the table on a narrow terminal ---------------------------------------
+
+
+def bench_env(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batchkit", "bench", *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        cwd=tmp_path,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_the_url_may_carry_a_scheme(server: str, tmp_path: Path) -> None:
+    status, report, output = bench(
+        tmp_path, f"http://{server}", "--model", "double", "--concurrency", "2",
+        "--requests", "20", "--warmup", "0",
+    )  # fmt: skip
+    assert status == 0, output
+    assert report["steps"][0]["ok"] == 20
+    assert report["steps"][0]["server_batch_size"] is not None  # /metrics, over the same scheme
+
+
+@pytest.mark.parametrize("scheme", ["", "http://", "https://"])
+def test_an_unreachable_server_exits_2_with_one_line(tmp_path: Path, scheme: str) -> None:
+    url = f"{scheme}127.0.0.1:{free_port()}"  # nothing listens there
+    out = bench_env(tmp_path, url, "--model", "double", "--requests", "1", "--warmup", "0")
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"cannot read the metadata of model 'double' at {url}" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("bad url", "no valid host name or address"),
+        ("ftp://127.0.0.1:8000", "the scheme must be http or https, got 'ftp'"),
+        ("http://127.0.0.1:99999", "Port out of range"),
+        ("http://127.0.0.1:8000/v2/models", "without a path"),
+        ("http://user:pw@127.0.0.1:8000", "credentials"),
+        ("http://:8000", "no valid host name"),
+    ],
+)
+def test_an_invalid_url_exits_2_with_one_line(tmp_path: Path, url: str, message: str) -> None:
+    out = bench_env(tmp_path, url, "--model", "double", "--requests", "1")
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], out.stderr
+
+
+def test_plot_without_matplotlib_fails_before_measuring(server: str, tmp_path: Path) -> None:
+    shim = tmp_path / "no_matplotlib"
+    (shim / "matplotlib").mkdir(parents=True)
+    (shim / "matplotlib" / "__init__.py").write_text("raise ImportError('blocked by the test')\n")
+    path = os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])
+    out = bench_env(
+        tmp_path, server, "--model", "double", "--concurrency", "1", "--duration", "20",
+        "--plot", "out.png",
+        "--json", "out.json", env={"PYTHONPATH": path},
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "--plot needs matplotlib" in out.stderr
+    assert not (tmp_path / "out.json").exists()  # no step ran (it would take 20 s)
+
+
+def run_on_a_terminal(tmp_path: Path, *args: str, columns: int) -> str:
+    """Run ``batchkit bench ARGS`` with its stdout on a pseudo-terminal ``columns`` wide."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchkit", "bench", *args],
+        stdout=slave,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env,
+    )
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(master)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    text = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text)  # colours and cursor moves
+
+
+def test_table_headers_fit_an_80_column_terminal(server: str, tmp_path: Path) -> None:
+    pytest.importorskip("rich")
+    out = run_on_a_terminal(
+        tmp_path, server, "--model", "double", "--concurrency", "1,2", "--requests", "10",
+        "--warmup", "0", "--quiet", columns=80,
+    )  # fmt: skip
+    assert all(len(line) <= 80 for line in out.splitlines()), out
+    header = "in flight req/s p50 ms p90 ms p99 ms max ms reject timeout other server batch"
+    assert set(header.split()) <= set(out.split()), out
+    assert "\u2026" not in out  # nothing cut short with an ellipsis

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,17 @@ MODULE = textwrap.dedent(
 
     def make_samples():
         return [1, 2, 3]
+
+    def flaky_all(items):
+        return [ValueError("odd") if i % 2 else 2 * i for i in items]
+
+    flaky = BatchedModel(flaky_all, name="flaky")
+
+    def noted_all(items):
+        open("called", "w").close()
+        return items
+
+    noted = BatchedModel(noted_all, name="noted")
     """
 )
 
@@ -242,3 +254,39 @@ def test_plain_table_without_rich() -> None:
     assert lines[2].startswith("*")  # the recommendation
     assert lines[2].split()[1:] == ["32", "16", "900", "32.0", "15.0", "30.0"]
     assert lines[3].startswith("best throughput: max_batch_size=32")
+
+
+def run_cli(project: Path, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-m", "batchkit", "profile", *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+
+
+def test_the_table_shows_every_header_word_on_80_columns(project: Path) -> None:
+    pytest.importorskip("rich")
+    sweep = ["--max-wait", "0,1ms", "--max-concurrency", "1,2", "--concurrency", "4"]
+    args = ["cli_models:flaky", "--inputs", "cli_models:SAMPLES", "--requests", "8", *sweep]
+    path = os.pathsep.join([str(project), os.environ.get("PYTHONPATH", "")])
+    out = run_cli(project, *args, "--no-progress", env={"COLUMNS": "80", "PYTHONPATH": path})
+    assert out.returncode == 0, out.stderr
+    assert all(len(line) <= 80 for line in out.stdout.splitlines()), out.stdout
+    header = "max batch max wait ms max conc callers items/s mean batch p50 ms p99 ms errors"
+    assert set(header.split()) <= set(out.stdout.split()), out.stdout
+    assert "\u2026" not in out.stdout  # nothing cut short with an ellipsis
+
+
+def test_plot_without_matplotlib_fails_before_measuring(project: Path) -> None:
+    shim = project / "no_matplotlib"
+    (shim / "matplotlib").mkdir(parents=True)
+    (shim / "matplotlib" / "__init__.py").write_text("raise ImportError('blocked by the test')\n")
+    path = os.pathsep.join([str(shim), str(project), os.environ.get("PYTHONPATH", "")])
+    args = ["cli_models:noted", "--inputs", "cli_models:SAMPLES", *FAST, "--plot", "out.png"]
+    out = run_cli(project, *args, env={"PYTHONPATH": path})
+    assert out.returncode == 2
+    assert "--plot needs matplotlib" in out.stderr
+    assert not (project / "called").exists()  # the model never ran: nothing was measured

@@ -1,4 +1,4 @@
-"""The MODULE:ATTR forms shared by the command-line adapters."""
+"""The MODULE:ATTR forms shared by the command-line adapters, and the declared tensors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from collections.abc import Iterator
 import pytest
 
 from batchkit import BatchedModel, ConfigurationError, batched
-from batchkit._target import import_target, models_of
+from batchkit._target import (
+    DATATYPE_DTYPES,
+    Tensor,
+    import_target,
+    item_problem,
+    models_of,
+    routed_models_of,
+)
 
 
 def double(items: list[int]) -> list[int]:
@@ -75,3 +82,59 @@ def test_models_of_refuses_what_is_not_a_model(obj: object, message: str) -> Non
 def test_models_of_refuses_duplicate_names() -> None:
     with pytest.raises(ConfigurationError, match="two models are named 'a'"):
         models_of([BatchedModel(double, name="a"), BatchedModel(double, name="a")])
+
+
+# -- declared tensors, shared by the HTTP and pipe servers --------------------------------------
+
+
+def test_each_datatype_names_the_dtype_and_configuration_the_http_server_uses() -> None:
+    pytest.importorskip("numpy")
+    from batchkit.asgi._tensors import DATATYPES
+
+    assert list(DATATYPE_DTYPES) == list(DATATYPES)
+    for name, spec in DATATYPES.items():
+        tensor = Tensor("t", name, [2])
+        assert tensor.dtype == spec.dtype.name
+        assert tensor.config()["data_type"] == spec.config
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "problem"),
+    [
+        ("float32", (5, 3), None),
+        ("float32", (1, 3), None),
+        ("float64", (5, 3), "input 'x' is FP32 (numpy float32), got float64"),
+        ("float32", (5, 4), "input 'x' has shape [5, 4], expected [-1, 3] (-1 is any size)"),
+        ("float32", (3,), "has shape [3], expected [-1, 3]"),
+        ("float32", (5, 3, 1), "has shape [5, 3, 1]"),
+    ],
+)
+def test_an_item_is_checked_by_its_dtype_and_shape(
+    dtype: str, shape: tuple[int, ...], problem: str | None
+) -> None:
+    got = item_problem(Tensor("x", "FP32", [-1, 3]), dtype, shape)
+    if problem is None:
+        assert got is None
+    else:
+        assert got is not None and problem in got
+
+
+def test_bf16_items_are_float32_and_bytes_items_are_objects() -> None:
+    assert item_problem(Tensor("b", "BF16", []), "float32", ()) is None
+    assert item_problem(Tensor("s", "BYTES", [1]), "object", (1,)) is None
+    assert item_problem(Tensor("s", "BYTES", [1]), "uint8", (1,)) is not None
+
+
+def test_routed_models_of_unwraps_a_declared_model_only_when_asked_for_its_inputs() -> None:
+    pytest.importorskip("numpy")
+    from batchkit.asgi import ServedModel
+
+    tensor = Tensor("x", "INT8", [2])
+    served = ServedModel(BatchedModel(double, name="d"), inputs=[tensor], name="served")
+    inputs: dict[str, tuple[Tensor, ...]] = {}
+    assert routed_models_of([served], inputs=inputs) == {"served": served.model}
+    assert inputs == {"served": (tensor,)}
+    assert routed_models_of({"k": served}, inputs=inputs) == {"k": served.model}
+    assert inputs["k"] == (tensor,)
+    with pytest.raises(ConfigurationError, match="expected a BatchedModel"):
+        routed_models_of(served)  # without `inputs`: a caller that would drop it

@@ -391,3 +391,93 @@ def test_batched_model_with_async_grouped_and_length_buckets() -> None:
         expected = [GRU(item[None])[1][-1, 0] for item in items]
     for out, want in zip(outputs, expected, strict=True):
         assert_close(out, want)
+
+
+# -- a torch.nn.Module as the model: no autograd -------------------------------------------------
+
+
+class _Recorder(torch.nn.Module):
+    """A linear layer that records whether autograd was off in the thread that ran it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+        self.modes: list[tuple[bool, bool]] = []
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        self.modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+        out: torch.Tensor = self.linear(batch)
+        return out
+
+
+def _module_model(**kwargs: Any) -> tuple[BatchedModel[Any, Any], _Recorder]:
+    module = _Recorder()
+    return BatchedModel(module, collate=bt.stack, split=bt.split, **kwargs), module
+
+
+def _check_outputs(outputs: list[Any], module: _Recorder) -> None:
+    for out in outputs:
+        assert out.grad_fn is None and not out.requires_grad
+        assert out.numpy().shape == (2,)  # what an adapter does with it: numpy
+    assert module.modes and all(mode == (True, False) for mode in module.modes), module.modes
+
+
+@pytest.mark.anyio
+async def test_a_module_runs_in_inference_mode_for_async_callers() -> None:
+    model, module = _module_model(max_batch_size=4)
+    async with model:
+        outputs = [await model.call(torch.ones(3)) for _ in range(3)]
+    _check_outputs(outputs, module)
+
+
+@pytest.mark.parametrize("max_concurrency", [1, 2])
+def test_a_module_runs_in_inference_mode_for_sync_callers_in_their_threads(
+    max_concurrency: int,
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, module = _module_model(max_batch_size=4, max_concurrency=max_concurrency)
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            outputs = list(pool.map(lambda _: model.call_sync(torch.ones(3)), range(16)))
+    finally:
+        model.close()
+    _check_outputs(outputs, module)
+
+
+def test_a_module_s_warmup_runs_in_inference_mode() -> None:
+    model, _ = _module_model()
+    try:
+        model.call_sync(torch.ones(3))
+        replacement = _Recorder()
+        model.swap_sync(replacement, version="2", warmup=[torch.zeros(3)])
+        assert replacement.modes == [(True, False)]
+        assert model.call_sync(torch.ones(3)).grad_fn is None
+    finally:
+        model.close()
+
+
+def test_split_detaches_rows_from_autograd() -> None:
+    weight = torch.ones(3, requires_grad=True)
+    batch = torch.stack([weight * 2, weight * 3])
+    assert batch.grad_fn is not None
+    rows = bt.split(batch)
+    assert all(row.grad_fn is None and not row.requires_grad for row in rows)
+    pair = bt.split(Pair(batch, batch + 1))
+    assert all(not part.requires_grad for item in pair for part in item)
+
+
+def test_a_lazy_module_swapped_in_place_after_serving() -> None:
+    # Its parameters are created by the first batch, in inference mode: inference tensors,
+    # which only inference mode may update in place.
+    module = torch.nn.LazyLinear(2)
+    model = BatchedModel(module, collate=bt.stack, split=bt.split)
+    try:
+        model.call_sync(torch.ones(3))
+        state = {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}
+        model.swap_sync(state, version="2", in_place=True)
+        assert model.call_sync(torch.ones(3)).tolist() == [3.0, 3.0]
+        model.rollback_sync()
+        assert model.version == "1"
+    finally:
+        model.close()

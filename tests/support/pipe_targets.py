@@ -78,3 +78,17 @@ def _tensors(arrays: list[Any]) -> list[Any]:
 tensors = BatchedModel(_tensors, name="tensors")
 
 several = {"double": double, "hang": hang, "faulty": faulty}
+
+
+def _stack_double(arrays: list[Any]) -> list[Any]:
+    import numpy as np
+
+    return list(np.stack(arrays) * 2)  # one array per batch: a bad item would fail them all
+
+
+def declared() -> Any:
+    """A model with a declaration (a ServedModel): float32 vectors of 3."""
+    from batchkit.asgi import ServedModel, Tensor
+
+    model = BatchedModel(_stack_double, name="declared", max_batch_size=256)
+    return ServedModel(model, inputs=[Tensor("x", "FP32", [3])])
