@@ -176,3 +176,32 @@ def test_onnx_string_tensors(tmp_path: Path) -> None:
         tensor.set_data_from_numpy(data)
         np.testing.assert_array_equal(client.infer("echo", [tensor]).as_numpy("same"), data)
         client.close()
+
+
+def test_a_repository_over_grpc(tmp_path: Path) -> None:
+    """The same folder over gRPC, beside HTTP: stock tritonclient.grpc sees the model, its
+    configuration and the outputs ONNX Runtime computes; the repository RPCs list and reload it."""
+    grpcclient = pytest.importorskip("tritonclient.grpc")
+    from batchkit.asgi import serving
+
+    root = mlp_repository(tmp_path / "repo")
+    x = np.random.default_rng(1).normal(size=(3, 4)).astype(np.float32)
+    app = KServeApp(ModelRepository(root), metrics=False, admin_token="s3cret")
+    with serving(app, grpc_port=0) as address:
+        client = grpcclient.InferenceServerClient(address.grpc)
+        try:
+            assert client.is_model_ready("mlp")
+            tensor = grpcclient.InferInput("x", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x)
+            result = client.infer("mlp", [tensor])
+            np.testing.assert_allclose(result.as_numpy("y"), mf.mlp_reference(x), rtol=1e-5)
+            assert result.get_response().model_version == "1"
+            assert client.get_model_config("mlp").config.max_batch_size == 16
+            auth = {"authorization": AUTH["Authorization"]}
+            index = client.get_model_repository_index(headers=auth)
+            assert [(m.name, m.state) for m in index.models] == [("mlp", "READY")]
+            mf.onnx_mlp(root / "mlp" / "2" / "model.onnx")  # a new version folder
+            client.load_model("mlp", headers=auth)
+            assert client.infer("mlp", [tensor]).get_response().model_version == "2"
+        finally:
+            client.close()
