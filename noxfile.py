@@ -85,7 +85,11 @@ def typecheck(session: nox.Session) -> None:
 @nox.session(python="3.11")
 def bench(session: nox.Session) -> None:
     """Run the benchmarks and rewrite docs/benchmarks.md from the figures measured."""
-    install(session, "dev", "numpy", "torch", "server", "metrics", "bench", "onnx", torch=True)
+    install(
+        session,
+        *("dev", "numpy", "torch", "server", "metrics", "bench", "onnx", "gateway"),
+        torch=True,
+    )
     session.run(
         "pytest",
         "benchmarks",
