@@ -398,9 +398,13 @@ class KServeApp:
         infer = parts[:2] == ["v2", "models"] and parts[-1] == "infer" and len(parts) >= 4
         if open_route or (not infer and not gateway.protect_metadata):
             return None, scope
-        headers = headers_of(scope)
-        credential = credential_of(headers.get("authorization"), headers.get("x-api-key"))
-        key = gateway.authenticate(credential)
+        authorization = api_key = None
+        for name, value in scope["headers"]:  # the two it reads, not a dict of every header
+            if name == b"authorization":
+                authorization = value.decode("latin-1")
+            elif name == b"x-api-key":
+                api_key = value.decode("latin-1")
+        key = gateway.authenticate(credential_of(authorization, api_key))
         if not infer:
             return Admitted(key, {}), scope
         if gateway.rows:  # the infer code spends the rows once it has parsed them

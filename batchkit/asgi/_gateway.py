@@ -206,7 +206,7 @@ def _read_keys(path: Path) -> tuple[ApiKey, ...]:
     return tuple(keys)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Decision:
     """A rate-limit answer: allowed or not, and what the ``RateLimit-*`` headers say."""
 
@@ -229,11 +229,11 @@ def _decide(rate: Rate, used: float, over: float, allowed: bool) -> Decision:
     interval = rate.interval
     capacity = rate.burst * interval
     return Decision(
-        allowed=allowed,
-        limit=rate.burst,
-        remaining=max(0.0, math.floor((capacity - used) / interval + 1e-9)),
-        reset=max(0.0, used),
-        retry_after=max(0.0, over),
+        allowed,
+        rate.burst,
+        max(0.0, math.floor((capacity - used) / interval + 1e-9)),
+        max(0.0, used),
+        max(0.0, over),
     )
 
 
@@ -342,6 +342,8 @@ class Admitted:
 
 
 _ANONYMOUS = "-"  # the key name of requests when no keys file is used
+# Per rate: its RateLimit-Limit and RateLimit-Policy values.
+_FIXED_HEADERS: dict[Rate, tuple[str, str]] = {}
 OnStoreError = Literal["open", "closed"]
 
 
@@ -436,11 +438,17 @@ class Gateway:
             decision = await self.store.admit(name, rate, cost)
         except Exception as exc:  # the store failed or timed out: the chosen policy
             return self._store_failed(key, name, exc)
+        fixed = _FIXED_HEADERS.get(rate)
+        if fixed is None:  # what never changes for a rate, formatted once
+            fixed = _FIXED_HEADERS[rate] = (
+                f"{rate.burst:g}",
+                f"{rate.burst:g};w={rate.period * rate.burst / rate.count:g}",
+            )
         headers = {
-            "ratelimit-limit": f"{decision.limit:g}",
-            "ratelimit-remaining": f"{decision.remaining:g}",
+            "ratelimit-limit": fixed[0],
+            "ratelimit-remaining": str(int(decision.remaining)),
             "ratelimit-reset": str(math.ceil(decision.reset)),
-            "ratelimit-policy": f"{rate.burst:g};w={rate.period * rate.burst / rate.count:g}",
+            "ratelimit-policy": fixed[1],
         }
         if not decision.allowed:
             self.counts[(name, "limited")] += 1
